@@ -1,0 +1,149 @@
+"""The Python API: one function per step of the flow, and `run` for all of them.
+
+    sketch(inputs, model=..., out=...)          pass 1  -> OUT/sketch.zarr
+    score(inputs, model=..., out=...)           pass 2  -> OUT/scores/
+    select(out=..., keep=0.3)                   select  -> OUT/selection.parquet
+    emit(inputs, out=...)                       emit    -> OUT/shards/, manifest, index, _SUCCESS
+    run(inputs, model=..., out=..., keep=0.3)   all of the above
+
+Every function takes the options of `Config` as keyword arguments (the CLI's flags with `_`
+for `-`) and returns a small result object. The CLI is a thin layer over these.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, make_config
+from .emit import EmitResult, clear_success, run_emit
+from .errors import InputError
+from .passes.context import build_context
+from .passes.scoring import ScoreResult, run_score_pass
+from .passes.sketching import SketchResult, run_sketch_pass
+from .selection import select as select_rows
+from .store import read_sketch
+from .tables import read_scores, scored_shards, write_selection
+from .urls import expand_inputs, filesystem, join
+
+log = logging.getLogger("sage_stream")
+
+
+def _config(inputs: Any = None, /, **options: Any) -> Config:
+    if inputs is not None:
+        options["inputs"] = inputs
+    cfg = make_config(**options)
+    if not cfg.out:
+        raise InputError("no output: pass --out URL")
+    return cfg
+
+
+def sketch(inputs: Any, **options: Any) -> SketchResult:
+    """Pass 1: stream the shards into an FD sketch of per-sample gradients (OUT/sketch.zarr)."""
+    cfg = _config(inputs, **options)
+    clear_success(cfg.out, cfg.storage_options)
+    return run_sketch_pass(build_context(cfg))
+
+
+def _stored_sketch(cfg: Config, identity: dict[str, Any]):  # noqa: ANN202
+    if cfg.scorer != "sage":
+        return None  # the baselines rank by loss, gradient norm or chance: no sketch needed
+    return read_sketch(
+        join(cfg.out, "sketch.zarr"), expected=identity, storage_options=cfg.storage_options
+    )
+
+
+def score(inputs: Any, **options: Any) -> ScoreResult:
+    """Pass 2: a score for every sample against the stored sketch (OUT/scores/)."""
+    cfg = _config(inputs, **options)
+    clear_success(cfg.out, cfg.storage_options)
+    ctx = build_context(cfg)
+    return run_score_pass(ctx, _stored_sketch(cfg, ctx.identity()))
+
+
+@dataclass
+class SelectResult:
+    url: str
+    scored: int
+    kept: int
+    params: dict[str, Any]
+
+
+def select(**options: Any) -> SelectResult:
+    """Choose the kept samples from OUT/scores/ (OUT/selection.parquet)."""
+    cfg = _config(None, **options)
+    if cfg.keep is None and cfg.min_score is None:
+        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
+    clear_success(cfg.out, cfg.storage_options)
+    if cfg.inputs:
+        shards = [r.name for r in expand_inputs(cfg.inputs, cfg.storage_options)]
+    else:
+        shards = scored_shards(cfg.out, cfg.storage_options)
+    table = read_scores(cfg.out, shards, storage_options=cfg.storage_options)
+    if cfg.scorer == "sage" and table.num_rows and table["score"].null_count == table.num_rows:
+        raise InputError(
+            f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` and `score`, or choose another --scorer"
+        )
+    chosen = select_rows(
+        table,
+        keep=cfg.keep,
+        balance=cfg.balance,
+        min_score=cfg.min_score,
+        scorer=cfg.scorer,
+        seed=cfg.seed,
+    )
+    params = {
+        "keep": cfg.keep,
+        "balance": cfg.balance,
+        "min_score": cfg.min_score,
+        "scorer": cfg.scorer,
+        "seed": cfg.seed,
+    }
+    url = write_selection(cfg.out, chosen, params, cfg.storage_options)
+    scored = table.num_rows - table["status"].to_pylist().count("error")
+    return SelectResult(url, scored, chosen.num_rows, params)
+
+
+def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
+    fs, path = filesystem(join(cfg.out, "sketch.zarr"), cfg.storage_options)
+    if cfg.scorer != "sage" or not fs.exists(path):
+        return None
+    stored = read_sketch(join(cfg.out, "sketch.zarr"), storage_options=cfg.storage_options)
+    return {**stored.stats, "identity": stored.identity}
+
+
+def emit(inputs: Any, **options: Any) -> EmitResult:
+    """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS."""
+    cfg = _config(inputs, **options)
+    clear_success(cfg.out, cfg.storage_options)
+    refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    return run_emit(cfg, refs, _sketch_stats(cfg))
+
+
+@dataclass
+class RunResult:
+    sketch: SketchResult | None
+    score: ScoreResult
+    select: SelectResult
+    emit: EmitResult
+
+
+def run(inputs: Any, **options: Any) -> RunResult:
+    """All steps: sketch (for the sage scorer), score, select, emit."""
+    cfg = _config(inputs, **options)
+    if cfg.keep is None and cfg.min_score is None:
+        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
+    clear_success(cfg.out, cfg.storage_options)
+    ctx = build_context(cfg)
+    sketched = run_sketch_pass(ctx) if cfg.scorer == "sage" else None
+    scored = run_score_pass(ctx, _stored_sketch(cfg, ctx.identity()))
+    if scored.scored == 0:
+        raise InputError(
+            f"no sample could be scored ({scored.errored} errors): see the reasons in "
+            f"{join(cfg.out, 'scores')}, or run with --on-error fail to stop at the first"
+        )
+    options = {**options, "inputs": tuple(r.url for r in ctx.refs)}
+    chosen = select(**options)
+    emitted = run_emit(cfg, ctx.refs, _sketch_stats(cfg))
+    return RunResult(sketched, scored, chosen, emitted)

@@ -1,0 +1,104 @@
+"""decode → batch: turns a shard's stream of Samples into model-ready batches.
+
+A sample that cannot be used (a reader's error, a decode failure, a missing or out-of-range
+label, an input of another shape) becomes a `Skipped` record in the same stream, in order, so
+that pass 2 can write it to scores/ with its reason. Under `on_error="fail"` it raises instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import SampleError
+from .sample import Sample
+
+Decoder = Callable[[Sample], tuple[Tensor, int]]
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    indices: list[int]  # positions in the shard
+    x: Tensor  # (B, ...) float32, on the CPU
+    y: Tensor  # (B,) int64
+
+
+@dataclass
+class Skipped:
+    key: str
+    index: int
+    reason: str
+    label: int | None = None
+
+
+def _decode(sample: Sample, decoder: Decoder, num_classes: int) -> tuple[Tensor, int]:
+    if sample.error is not None:
+        raise SampleError(sample.shard, sample.key, sample.error)
+    try:
+        x, label = decoder(sample)
+    except SampleError:
+        raise
+    except Exception as exc:  # a user preprocess may raise anything; it is about this sample
+        raise SampleError(sample.shard, sample.key, f"preprocess failed: {exc}") from None
+    label = int(label)
+    if not 0 <= label < num_classes:
+        raise SampleError(sample.shard, sample.key, f"label {label} outside [0, {num_classes})")
+    x = torch.as_tensor(x, dtype=torch.float32)
+    return x, label
+
+
+class _Pending:
+    """The batch being filled: samples of one input shape, in stream order."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.indices: list[int] = []
+        self.xs: list[Tensor] = []
+        self.ys: list[int] = []
+
+    def add(self, sample: Sample, x: Tensor, y: int) -> None:
+        self.keys.append(sample.key)
+        self.indices.append(sample.index)
+        self.xs.append(x)
+        self.ys.append(y)
+
+    def take(self) -> Batch:
+        batch = Batch(self.keys, self.indices, torch.stack(self.xs), torch.tensor(self.ys))
+        self.__init__()
+        return batch
+
+
+def decoded_batches(
+    samples: Iterable[Sample],
+    decoder: Decoder,
+    *,
+    batch_size: int,
+    num_classes: int,
+    on_error: str = "skip",
+) -> Iterator[Batch | Skipped]:
+    """Batches of up to `batch_size` decoded samples, and a `Skipped` for every unusable one."""
+    pending = _Pending()
+    for sample in samples:
+        try:
+            x, y = _decode(sample, decoder, num_classes)
+            if pending.xs and x.shape != pending.xs[0].shape:
+                raise SampleError(
+                    sample.shard,
+                    sample.key,
+                    f"input shape {tuple(x.shape)} differs from {tuple(pending.xs[0].shape)} "
+                    "of the batch (inputs must share a shape; resize in --preprocess)",
+                )
+        except SampleError as exc:
+            if on_error == "fail":
+                raise
+            yield Skipped(sample.key, sample.index, exc.reason)
+            continue
+        pending.add(sample, x, y)
+        if len(pending.keys) == batch_size:
+            yield pending.take()
+    if pending.keys:
+        yield pending.take()

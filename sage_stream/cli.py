@@ -1,0 +1,263 @@
+"""`sage-stream`: the command line, a thin layer over `sage_stream.api`.
+
+Options come from three places, later ones winning: the defaults of `Config`, a TOML file
+(`--config`), and the flags given. Expected errors (bad input, bad options, a sketch from
+another model) print one line and exit 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import api
+from .config import BALANCES, CONSENSUS, EXECUTORS, GRAD_MODES, ON_ERROR, SCORERS, load_toml
+from .errors import InputError, SageError
+
+DESCRIPTION = """\
+Keep the training samples whose gradients agree with their class, drop the rest.
+
+Reads WebDataset .tar or Parquet shards (local, s3://, gs://, memory://), sketches per-sample
+gradients of your model in one streaming pass, scores every sample in a second pass, and writes
+a smaller shard set that any WebDataset or Parquet reader loads unchanged.
+
+  sage-stream demo                                          try it on real data, ~30 s on CPU
+  sage-stream run 'data/shard-{000..099}.tar' --model mymodels:net --checkpoint net.pt \\
+      --out s3://bucket/selected --keep 0.3                  all steps
+  sage-stream inspect OUT                                   what a run wrote
+"""
+
+
+def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
+    g = p.add_argument_group("input")
+    if inputs:
+        g.add_argument(
+            "inputs",
+            nargs=inputs,
+            metavar="INPUT",
+            help="shard URL, brace pattern (shard-{000..099}.tar), glob, folder, or @list.txt",
+        )
+    g.add_argument(
+        "--input-key",
+        help="member/column holding the input (default: the one "
+        ".npy/.png/.jpg/.webp member, or the list column)",
+    )
+    g.add_argument("--label-key", help="member/column holding the integer label (default cls)")
+    g.add_argument(
+        "--key-column",
+        help="Parquet column with the sample key (default __key__; row numbers if absent)",
+    )
+    g.add_argument(
+        "--preprocess",
+        metavar="MOD:FN",
+        help="function Sample -> (tensor, label) for inputs the built-in decoders do not handle",
+    )
+    g.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        help="skip (default): record a bad sample or "
+        "shard and go on; fail: stop at the first, naming shard and key",
+    )
+    g.add_argument("--max-member-bytes", type=int, help="refuse members larger than this")
+    g.add_argument("--batch-size", type=int, help="samples per model batch (default 64)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and gradients")
+    g.add_argument(
+        "--model",
+        metavar="MOD:FN",
+        help="factory returning the nn.Module (proxy "
+        "model) that judges the samples; the current folder is importable",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="URL",
+        help="state dict for the model (loaded with weights_only=True)",
+    )
+    g.add_argument(
+        "--grad",
+        choices=GRAD_MODES,
+        help="last-layer (default): closed form for "
+        "the final Linear; params: torch.func over --params",
+    )
+    g.add_argument("--head", help="name of the Linear head for last-layer (default: the last)")
+    g.add_argument("--params", metavar="GLOB", help="parameters for --grad params ('*' = all)")
+    g.add_argument("--project-dim", type=int, metavar="K", help="random-project gradients to K")
+    g.add_argument("--ell", type=int, metavar="N", help="sketch size ℓ (default 256)")
+    g.add_argument("--chunk-size", type=int, help="vmap chunk for --grad params (default 64)")
+    g.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
+    g.add_argument("--consensus", choices=CONSENSUS, help="mean-gradient (default) or centroid")
+    g.add_argument("--executor", choices=EXECUTORS, help="local (default) or ray")
+
+
+def _add_select(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("selection")
+    g.add_argument("--keep", type=float, metavar="F", help="fraction of scored samples to keep")
+    g.add_argument("--min-score", type=float, metavar="T", help="keep every sample scoring >= T")
+    g.add_argument(
+        "--balance",
+        choices=BALANCES,
+        help="proportional (default): keep the class "
+        "mix; equal: same count per class; none: global top",
+    )
+
+
+def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=out_required, metavar="URL", help="output folder or URL")
+    g.add_argument("--config", metavar="FILE.toml", help="options from a TOML file; flags win")
+    g.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="K=V",
+        default=[],
+        help="fsspec option, repeatable (e.g. endpoint_url=http://...)",
+    )
+    g.add_argument(
+        "--scorer",
+        choices=SCORERS,
+        help="sage (default), or a baseline: loss, loss-easy, grad-norm, random",
+    )
+    g.add_argument("--seed", type=int, help="seed for projection and random scorer (default 0)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an output made with another configuration",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="log lines instead of progress bars",
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sage-stream",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    steps = {
+        "run": ("all steps: sketch, score, select, emit", "*", True, True),
+        "sketch": ("pass 1: per-sample gradients -> FD sketch (OUT/sketch.zarr)", "*", True, False),
+        "score": ("pass 2: a score for every sample (OUT/scores/)", "*", True, False),
+        "select": ("choose the kept samples (OUT/selection.parquet)", "*", False, True),
+        "emit": ("write kept samples to OUT/shards/, manifest, _SUCCESS", "*", False, False),
+    }
+    for name, (text, nargs, model, selection) in steps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _add_data(p, nargs)
+        if model:
+            _add_model(p)
+        if selection:
+            _add_select(p)
+        _add_common(p)
+    p = sub.add_parser("inspect", help="summary of a sketch, a scores table or a run's output")
+    p.add_argument("url", help="OUT, OUT/sketch.zarr, OUT/scores, or a scores part")
+    p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
+    p = sub.add_parser("demo", help="the whole stage on real handwritten digits, on this machine")
+    p.add_argument("--out", default="sage-demo", help="folder for data and results (sage-demo)")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction to keep (default 0.5)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser
+
+
+def storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def gather_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file first, then every flag that was given."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    given.pop("command", None)
+    given.pop("verbose", None)
+    pairs = given.pop("storage_option", [])
+    config_file = given.pop("config", None)
+    options = load_toml(config_file) if config_file else {}
+    opts = {**options.pop("storage_options", {}), **storage_options(pairs)}
+    if given.get("inputs") == []:
+        given.pop("inputs")
+    options.update(given)
+    options["storage_options"] = opts
+    return options
+
+
+def _summary(result: api.RunResult | api.EmitResult) -> str:
+    emitted = result.emit if isinstance(result, api.RunResult) else result
+    t = emitted.totals
+    lines = [
+        f"seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  "
+        f"kept {t['kept']}  dropped {t['dropped']}",
+        f"output: {emitted.out}  (shards/, selection.parquet, manifest.json, _SUCCESS)",
+    ]
+    return "\n".join(lines)
+
+
+def _run_step(command: str, options: dict[str, Any]) -> str:
+    inputs = options.pop("inputs", None)
+    if command in ("run", "sketch", "score", "emit") and not inputs:
+        raise InputError(
+            f"`sage-stream {command}` needs at least one INPUT (or inputs in --config)"
+        )
+    if command == "run":
+        return _summary(api.run(inputs, **options))
+    if command == "sketch":
+        r = api.sketch(inputs, **options)
+        bound = r.stats["relative_error_bound"]
+        return (
+            f"sketch: {r.samples} gradients, D={r.dim}, ℓ={r.ell}, C={r.classes}, "
+            f"error bound Δ/‖A‖²_F = {bound:.4f} -> {r.url}"
+        )
+    if command == "score":
+        r = api.score(inputs, **options)
+        return f"scores: seen {r.seen}, scored {r.scored}, errored {r.errored} -> {r.url}"
+    if command == "select":
+        r = api.select(inputs=inputs or (), **options)
+        return f"selection: kept {r.kept} of {r.scored} scored -> {r.url}"
+    return _summary(api.emit(inputs, **options))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            print(run_demo(out=args.out, keep=args.keep, device=args.device))
+        elif args.command == "inspect":
+            from .summary import describe
+
+            print(describe(args.url, storage_options(args.storage_option)))
+        else:
+            print(_run_step(args.command, gather_options(args)))
+    except SageError as exc:
+        print(f"sage-stream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sage-stream: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

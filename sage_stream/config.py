@@ -1,0 +1,147 @@
+"""The run's configuration: one frozen dataclass, filled from keyword arguments, a TOML file
+(`--config`) and command-line flags, validated once at the edge.
+
+Fields that change what the sketch means (model, gradient mode, head, params, projection, ℓ,
+seed) are fingerprinted into the sketch store; fields that change what is read (inputs, keys,
+preprocess) into the manifest. Two runs that differ in those are never mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+from .selection import BALANCES, SCORERS
+from .urls import filesystem
+
+GRAD_MODES = ("last-layer", "params")
+CONSENSUS = ("mean-gradient", "centroid")
+ON_ERROR = ("skip", "fail")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Config:
+    inputs: tuple[str, ...] = ()
+    out: str = ""
+    model: Any = None  # "module:function", a callable, or an nn.Module
+    checkpoint: str | None = None
+    input_key: str | None = None
+    label_key: str = "cls"
+    key_column: str = "__key__"  # Parquet: the column holding the sample key, if any
+    preprocess: Any = None  # "module:function" or a callable: Sample -> (tensor, label)
+    grad: str = "last-layer"
+    head: str | None = None
+    params: str | None = None
+    project_dim: int | None = None
+    ell: int = 256
+    batch_size: int = 64
+    chunk_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    on_error: str = "skip"
+    max_member_bytes: int = 256 * 2**20
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    executor: str = "local"
+    scorer: str = "sage"
+    consensus: str = "mean-gradient"
+    keep: float | None = None
+    balance: str = "proportional"
+    min_score: float | None = None
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+
+    def __post_init__(self) -> None:
+        _check_choice("grad", self.grad, GRAD_MODES)
+        _check_choice("consensus", self.consensus, CONSENSUS)
+        _check_choice("on-error", self.on_error, ON_ERROR)
+        _check_choice("executor", self.executor, EXECUTORS)
+        _check_choice("scorer", self.scorer, SCORERS)
+        _check_choice("balance", self.balance, BALANCES)
+        for name in ("ell", "batch_size", "chunk_size", "max_member_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.project_dim is not None and self.project_dim < 1:
+            raise InputError("--project-dim must be a positive integer")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise InputError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.params and self.grad != "params":
+            raise InputError("--params only applies with --grad params")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def sketch_identity(self) -> dict[str, Any]:
+        """What makes two sketches comparable, besides the model's weights and D."""
+        return {
+            "grad": self.grad,
+            "head": self.head,
+            "params": self.params if self.grad == "params" else None,
+            "project_dim": self.project_dim,
+            "seed": self.seed if self.project_dim else None,
+            "ell": self.ell,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able view for the manifest (callables shown by name; no storage secrets).
+
+        `out` is left out: the manifest lives in OUT, and an output stays valid when copied.
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("out", "progress", "overwrite"):
+                continue
+            if f.name == "storage_options":
+                value = sorted(value)  # keys only: values may be credentials
+            elif value is not None and not isinstance(value, str | int | float | bool | tuple):
+                value = getattr(value, "__qualname__", type(value).__name__)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def shard_options(cfg: Config, fmt: str) -> dict[str, Any]:
+    """The reader options of one shard format (for reading and for copying kept samples)."""
+    if fmt == "tar":
+        return {"max_member_bytes": cfg.max_member_bytes}
+    return {"key_column": cfg.key_column}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def make_config(**options: Any) -> Config:
+    """Config from keyword arguments; unknown names are an error, not silently ignored."""
+    unknown = sorted(set(options) - FIELD_NAMES)
+    if unknown:
+        raise InputError(f"unknown option(s): {', '.join(unknown)}")
+    if "inputs" in options and isinstance(options["inputs"], str):
+        options["inputs"] = (options["inputs"],)
+    if "inputs" in options:
+        options["inputs"] = tuple(options["inputs"])
+    return Config(**options)
+
+
+def load_toml(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Options from a TOML file; keys use the CLI's names with - or _ (`label-key`)."""
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise InputError(f"config file {url} does not exist")
+    with fs.open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"config file {url}: {exc}") from None
+    options = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(options) - FIELD_NAMES)
+    if unknown:
+        raise InputError(f"config file {url}: unknown key(s) {', '.join(unknown)}")
+    return options

@@ -1,0 +1,207 @@
+"""Decode: the step between reading a shard and batching for the model.
+
+Turns a ``Sample`` into ``(input tensor, label)``, either with the built-in decoders (``npy``,
+``png``/``jpg``/``jpeg``/``webp`` images, integer ``cls``/``txt`` labels, Parquet list
+columns) or with a user ``preprocess`` function ``module:function``. Every failure is a
+``SampleError`` naming the shard and key, so that ``--on-error skip`` can record it.
+
+Shards are untrusted: ``.npy`` members are loaded with ``allow_pickle=False`` (object arrays
+are refused, never unpickled) and images go through Pillow's decompression-bomb limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import io
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sage_stream.errors import InputError, SampleError
+from sage_stream.sample import Sample
+
+Decoder = Callable[[Sample], tuple[torch.Tensor, int]]
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS | {"npy"}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """An array from ``.npy`` bytes; never unpickles (object arrays are a ValueError)."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray):  # np.load also opens .npz archives
+        raise ValueError("not a single .npy array")
+    if array.dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return array
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image bytes -> float32 tensor (C, H, W) in [0, 1]; L gives 1 channel, all else RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+        array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
+    tensor = torch.from_numpy(array.copy())
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    return tensor.contiguous().float().div_(255.0)
+
+
+def decode_label(value: object) -> int:
+    """An integer class label from an int, or from bytes/str holding one (whitespace allowed)."""
+    if isinstance(value, np.generic | torch.Tensor) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, bool):
+        raise ValueError(f"label must be an integer, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bytes | str):
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        try:
+            return int(text.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"not an integer label: {_short(value)}")
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (attribute paths like ``mod:Class.method`` allowed).
+
+    The current working directory is put on ``sys.path`` first, as ``python -m`` would, so a
+    user's ``preprocess.py`` or ``model.py`` next to where they run is found.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"bad callable {spec!r}: expected MODULE:FUNCTION")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"cannot import {module_name!r} for {spec!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InputError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InputError(f"{spec!r} is not callable")
+    return target
+
+
+def make_decoder(
+    *,
+    input_key: str | None = None,
+    label_key: str | None = "cls",
+    preprocess: str | Callable[[Sample], tuple[Any, Any]] | None = None,
+) -> Decoder:
+    """A function ``Sample -> (input tensor, label)`` raising SampleError on a bad sample.
+
+    With ``preprocess`` (a callable or ``"module:function"``, loaded now so a bad spec fails
+    early) the user function does all the work. Otherwise the input is field ``input_key`` or
+    the single field that looks like one (``*.npy``/image bytes, or a list-valued Parquet
+    column), and the label is field ``label_key`` (``None``: unlabeled, every label 0). The
+    result is picklable when ``preprocess`` is an importable function.
+    """
+    if preprocess is not None:
+        fn = load_callable(preprocess) if isinstance(preprocess, str) else preprocess
+        return functools.partial(_decode_with, fn)
+    return functools.partial(_decode_builtin, input_key=input_key, label_key=label_key)
+
+
+def _decode_with(
+    fn: Callable[[Sample], tuple[Any, Any]], sample: Sample
+) -> tuple[torch.Tensor, int]:
+    try:
+        result = fn(sample)
+    except SampleError:
+        raise
+    except Exception as e:  # user code: any failure is this sample's failure, not the run's
+        raise SampleError(
+            sample.shard, sample.key, f"preprocess failed: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise SampleError(sample.shard, sample.key, "preprocess must return (input, label)")
+    x, label = result
+    try:
+        return torch.as_tensor(x), decode_label(label)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SampleError(sample.shard, sample.key, f"bad preprocess result: {e}") from e
+
+
+def _decode_builtin(
+    sample: Sample, *, input_key: str | None, label_key: str | None
+) -> tuple[torch.Tensor, int]:
+    name = input_key if input_key is not None else _find_input(sample)
+    value = _field(sample.fields, name)
+    if value is None:
+        _fail(sample, f"missing input field {name!r}; fields are {sorted(sample.fields)}")
+    try:
+        x = _decode_value(name, value)
+    except Exception as e:  # decoders raise many types (PIL, numpy, zlib); all mean "bad member"
+        _fail(sample, f"cannot decode {name!r}: {e}")
+    return x, _label(sample, label_key)
+
+
+def _find_input(sample: Sample) -> str:
+    candidates = [
+        name
+        for name, value in sample.fields.items()
+        if (isinstance(value, bytes) and _extension(name) in INPUT_EXTENSIONS)
+        or isinstance(value, list)
+    ]
+    if not candidates:
+        _fail(sample, f"no input member: fields are {sorted(sample.fields)}; pass --input-key")
+    if len(candidates) > 1:
+        _fail(sample, f"ambiguous input: candidates are {sorted(candidates)}; pass --input-key")
+    return candidates[0]
+
+
+def _label(sample: Sample, label_key: str | None) -> int:
+    if label_key is None:
+        return 0
+    value = _field(sample.fields, label_key)
+    if value is None:
+        _fail(sample, f"missing label field {label_key!r}; fields are {sorted(sample.fields)}")
+    try:
+        return decode_label(value)
+    except (ValueError, UnicodeDecodeError) as e:
+        _fail(sample, f"bad label in {label_key!r}: {e}")
+
+
+def _decode_value(name: str, value: object) -> torch.Tensor:
+    """Bytes by extension (or by content when the name has none we know); lists via numpy."""
+    if isinstance(value, bytes):
+        ext = _extension(name)
+        if ext == "npy" or (ext not in IMAGE_EXTENSIONS and value.startswith(_NPY_MAGIC)):
+            return torch.from_numpy(np.asarray(decode_npy(value), dtype=np.float32))
+        return decode_image(value)
+    array = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(array).all():  # a Parquet null inside a list arrives here as NaN
+        raise ValueError("contains null or non-finite values")
+    return torch.from_numpy(array)
+
+
+def _field(fields: Mapping[str, Any], name: str) -> Any:
+    # tar fields are lower-cased by the reader, as in webdataset; accept --input-key PNG too.
+    return fields[name] if name in fields else fields.get(name.lower())
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower()
+
+
+def _fail(sample: Sample, reason: str) -> NoReturn:
+    raise SampleError(sample.shard, sample.key, reason)

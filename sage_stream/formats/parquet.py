@@ -1,0 +1,216 @@
+"""Parquet shards: the reader at the start of the flow and the copier used by emit.
+
+``read_parquet`` streams record batches (never the whole table) and turns each row into a
+``Sample`` whose fields are the row's columns as Python values. The key is the key column
+(``__key__`` by default) as text, or, without one, the row index as ``f"{index:09d}"``, so that
+scores, the selection and the emitted rows refer to the same rows on every run.
+
+``copy_selected_parquet`` re-reads a shard for emit and writes the kept rows with every
+original column and type unchanged, plus ``sage_*`` columns holding each row's score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sage_stream.errors import ShardError
+from sage_stream.sample import Sample, ShardRef
+from sage_stream.urls import filesystem
+
+# Types of the columns emit adds; other names get the type of their first non-null value.
+SAGE_TYPES: dict[str, pa.DataType] = {
+    "score": pa.float64(),
+    "label": pa.int64(),
+    "loss": pa.float64(),
+    "grad_norm": pa.float64(),
+    "energy": pa.float64(),
+    "scorer": pa.string(),
+}
+# Flush kept rows as one row group at whichever limit comes first: large row groups read
+# fast, and the byte limit bounds memory when rows hold images.
+_ROW_GROUP_ROWS = 65536
+_ROW_GROUP_BYTES = 64 * 2**20
+
+
+def _open(ref: ShardRef, f: BinaryIO) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(ref.url, f"not a readable Parquet file: {e}") from e
+
+
+def _open_stream(ref: ShardRef, storage_options: dict | None) -> BinaryIO:
+    fs, path = filesystem(ref.url, storage_options)
+    try:
+        return fs.open(path, "rb")
+    except (OSError, ValueError) as e:
+        raise ShardError(ref.url, f"cannot open: {e}") from e
+
+
+def _row_keys(
+    batch: pa.RecordBatch, key_column: str | None, start: int, seen: set[str]
+) -> tuple[list[str], list[str | None]]:
+    """Keys and reader errors of a batch's rows; ``seen`` carries keys across batches."""
+    values = batch.column(key_column).to_pylist() if key_column else [None] * batch.num_rows
+    keys: list[str] = []
+    errors: list[str | None] = []
+    for offset, value in enumerate(values):
+        index = start + offset
+        if key_column and value is None:
+            key, error = f"{index:09d}", f"null key in column {key_column!r}"
+        else:
+            key = f"{index:09d}" if not key_column else _key_text(value)
+            error = "duplicate key in shard" if key in seen else None
+        seen.add(key)
+        keys.append(key)
+        errors.append(error)
+    return keys, errors
+
+
+def _key_text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _keyed_batches(
+    ref: ShardRef,
+    pf: pq.ParquetFile,
+    key_column: str,
+    batch_rows: int,
+    columns: list[str] | None,
+) -> Iterator[tuple[pa.RecordBatch, list[str], list[str | None]]]:
+    """``(batch, keys, errors)`` in file order; ShardError if the stream breaks."""
+    names = pf.schema_arrow.names
+    key_col = key_column if key_column in names else None
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ShardError(ref.url, f"no column(s) {missing}; its columns are {names}")
+        columns = columns + [key_col] if key_col and key_col not in columns else columns
+    seen: set[str] = set()
+    start = 0
+    last_key: str | None = None
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            keys, errors = _row_keys(batch, key_col, start, seen)
+            yield batch, keys, errors
+            start += batch.num_rows
+            last_key = keys[-1] if keys else last_key
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(ref.url, f"unreadable Parquet data: {e}", key=last_key) from e
+
+
+def read_parquet(
+    ref: ShardRef,
+    storage_options: dict | None = None,
+    *,
+    key_column: str = "__key__",
+    batch_rows: int = 1024,
+    columns: list[str] | None = None,
+) -> Iterator[Sample]:
+    """Stream the rows of a Parquet shard as samples: ``fields`` maps column -> Python value.
+
+    ``columns`` limits what is read (the key column is always read, and never a field). A row
+    whose key appeared earlier comes out with ``error="duplicate key in shard"``, one with a
+    null key with ``"null key in column ..."``. Raises ShardError for a file that cannot be
+    opened or read.
+    """
+    with _open_stream(ref, storage_options) as f:
+        pf = _open(ref, f)
+        start = 0
+        for batch, keys, errors in _keyed_batches(ref, pf, key_column, batch_rows, columns):
+            values = {
+                name: batch.column(i).to_pylist()
+                for i, name in enumerate(batch.schema.names)
+                if name != key_column
+            }
+            for row, (key, error) in enumerate(zip(keys, errors, strict=True)):
+                fields = {name: column[row] for name, column in values.items()}
+                yield Sample(key=key, shard=ref.name, fields=fields, index=start + row, error=error)
+            start += batch.num_rows
+
+
+def sage_fields(keep: Mapping[str, Mapping[str, object]]) -> list[pa.Field]:
+    """The ``sage_<name>`` columns emit appends, sorted by name so every shard agrees.
+
+    Names come from the first value of ``keep`` (all values have the same names); with nothing
+    kept, the standard names, so that an empty output shard has the same schema as the rest.
+    """
+    first = next(iter(keep.values()), None)
+    names = sorted(first) if first is not None else sorted(SAGE_TYPES)
+    return [pa.field(f"sage_{name}", _sage_type(name, keep)) for name in names]
+
+
+def _sage_type(name: str, keep: Mapping[str, Mapping[str, object]]) -> pa.DataType:
+    if name in SAGE_TYPES:
+        return SAGE_TYPES[name]
+    for value in keep.values():
+        if value.get(name) is not None:
+            return pa.array([value[name]]).type
+    return pa.float64()
+
+
+def copy_selected_parquet(
+    ref: ShardRef,
+    out: BinaryIO,
+    keep: Mapping[str, Mapping[str, object]],
+    storage_options: dict | None = None,
+    *,
+    key_column: str = "__key__",
+) -> int:
+    """Write the rows of a shard whose key is in ``keep`` to ``out``; returns rows written.
+
+    Every original column keeps its name, type and position; ``sage_<name>`` columns are
+    appended from ``keep[key]`` (see ``sage_fields``). Existing columns of those names (a shard
+    that is itself an output) are replaced. Rows the reader flags (duplicate or null key) are
+    never copied. With nothing kept the file is still valid, with the full schema. Output is
+    deterministic. Raises ShardError as ``read_parquet`` does.
+    """
+    extra = sage_fields(keep)
+    with _open_stream(ref, storage_options) as f:
+        pf = _open(ref, f)
+        replaced = {fld.name for fld in extra}
+        original = [fld for fld in pf.schema_arrow if fld.name not in replaced]
+        writer = pq.ParquetWriter(
+            out, pa.schema(original + extra, metadata=pf.schema_arrow.metadata)
+        )
+        buffered: list[pa.Table] = []
+        written = 0
+        for batch, keys, errors in _keyed_batches(ref, pf, key_column, 1024, None):
+            table = _kept_rows(batch, keys, errors, keep, extra)
+            if table is None:
+                continue
+            buffered.append(table)
+            written += table.num_rows
+            if sum(t.num_rows for t in buffered) >= _ROW_GROUP_ROWS or (
+                sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES
+            ):
+                writer.write_table(pa.concat_tables(buffered), row_group_size=_ROW_GROUP_ROWS)
+                buffered = []
+        if buffered:
+            writer.write_table(pa.concat_tables(buffered), row_group_size=_ROW_GROUP_ROWS)
+        writer.close()
+    return written
+
+
+def _kept_rows(
+    batch: pa.RecordBatch,
+    keys: list[str],
+    errors: list[str | None],
+    keep: Mapping[str, Mapping[str, object]],
+    extra: list[pa.Field],
+) -> pa.Table | None:
+    """The kept rows of a batch with the ``sage_*`` columns appended, or None if none kept."""
+    mask = [k in keep and e is None for k, e in zip(keys, errors, strict=True)]
+    if not any(mask):
+        return None
+    chosen = [k for k, ok in zip(keys, mask, strict=True) if ok]
+    replaced = [fld.name for fld in extra if fld.name in batch.schema.names]
+    table = pa.Table.from_batches([batch.filter(pa.array(mask))]).drop_columns(replaced)
+    for fld in extra:
+        name = fld.name.removeprefix("sage_")
+        table = table.append_column(fld, pa.array([keep[k].get(name) for k in chosen], fld.type))
+    return table

@@ -1,0 +1,243 @@
+"""WebDataset ``.tar`` shards: the reader at the start of the flow and the copier used by emit.
+
+``read_tar`` streams a shard (never a local copy, never random access) and groups consecutive
+members into samples by webdataset's rule: the key is the member name up to the first dot of
+its basename, directory kept (``a/b.seg.png`` -> key ``a/b``, field ``seg.png``); fields are
+lower-cased as webdataset does. Members that are skipped, as webdataset skips them: anything but
+a regular file; names whose basename has no dot or starts with a dot (so ``._x.png`` macOS
+resource forks); ``__*__`` metadata names (``__index__``, ``__meta__/...``).
+
+Shards are untrusted: member names are only split into key and field, never used as paths, and
+a member larger than ``max_member_bytes`` is refused before it is read. A broken stream never
+passes silently: the complete samples before the break come out, then ShardError.
+
+``copy_selected_tar`` re-reads a shard for emit and copies the members of kept samples byte for
+byte, adding one ``<key>.sage.json`` member each; it never decodes a payload.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from sage_stream.errors import InputError, ShardError
+from sage_stream.sample import Sample, ShardRef
+from sage_stream.urls import filesystem
+
+SAGE_FIELD = "sage.json"
+# webdataset's base_plus_ext, except that a basename starting with a dot never makes a key
+_NAME_RE = re.compile(r"^((?:.*/|)[^./][^./]*)[.]([^/]+)$")
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name, or None for a member that is not part of a sample."""
+    match = _NAME_RE.match(name)
+    if match is None or _META_RE.match(name):
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Records why the header stream ended.
+
+    In stream mode tarfile treats an empty, short or corrupt header after the first member as
+    a normal end of archive, so a shard cut at a member boundary would look complete. Only a
+    zero block (the end-of-archive marker) is a clean end; anything else is truncation.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            tarfile_.sage_end = None  # type: ignore[attr-defined]
+            raise
+        except tarfile.EmptyHeaderError:
+            tarfile_.sage_end = "missing end-of-archive marker"  # type: ignore[attr-defined]
+            raise
+        except tarfile.HeaderError as e:
+            tarfile_.sage_end = f"bad member header: {e}"  # type: ignore[attr-defined]
+            raise
+
+
+@dataclass
+class _RawSample:
+    key: str
+    index: int
+    members: list[tuple[tarfile.TarInfo, str, bytes | None]] = field(default_factory=list)
+    error: str | None = None
+
+    def add(self, info: tarfile.TarInfo, fld: str, data: bytes | None) -> None:
+        if self.error is None and any(f == fld for _, f, _ in self.members):
+            self.error = f"repeated field {fld}"
+        self.members.append((info, fld, data))
+
+
+def _open_stream(ref: ShardRef, storage_options: dict | None) -> BinaryIO:
+    fs, path = filesystem(ref.url, storage_options)
+    try:
+        return fs.open(path, "rb")
+    except (OSError, ValueError) as e:
+        raise ShardError(ref.url, f"cannot open: {e}") from e
+
+
+def _raw_samples(
+    ref: ShardRef,
+    storage_options: dict | None,
+    max_member_bytes: int,
+    wanted: Callable[[str], bool] | None = None,
+) -> Iterator[_RawSample]:
+    """Complete samples with their tar headers, in shard order; ShardError on a broken stream.
+
+    Members of samples whose key is not ``wanted`` are skipped unread (data None).
+    """
+    last_key: str | None = None  # the last sample known complete, for the error message
+    pending: _RawSample | None = None
+    seen: set[str] = set()
+    index = 0
+    with _open_stream(ref, storage_options) as raw:
+        try:
+            tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CheckedTarInfo)  # noqa: SIM115
+            for info, key, fld in _sample_members(tf):
+                if pending is not None and key != pending.key:
+                    # A new key proves the previous sample complete: yield it before reading on.
+                    last_key = pending.key
+                    yield pending
+                    pending = None
+                if pending is None:
+                    pending = _RawSample(
+                        key, index, error="duplicate key in shard" if key in seen else None
+                    )
+                    seen.add(key)
+                    index += 1
+                data = None
+                if wanted is None or wanted(key):
+                    _check_size(ref, info, key, max_member_bytes, last_key)
+                    data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                pending.add(info, fld, data)
+            end = getattr(tf, "sage_end", "missing end-of-archive marker")
+            if end is not None:
+                raise tarfile.ReadError(end)
+        except ShardError:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise ShardError(ref.url, f"truncated or corrupt tar: {e}", key=last_key) from e
+    if pending is not None:
+        yield pending
+
+
+def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """``(header, key, field)`` of the members that belong to samples, in stream order."""
+    for info in tf:
+        tf.members = []  # stream mode keeps every header otherwise: O(members) memory
+        split = split_member_name(info.name) if info.isreg() else None
+        if split is not None:
+            yield info, split[0], split[1]
+
+
+def _check_size(
+    ref: ShardRef, info: tarfile.TarInfo, key: str, limit: int, last_key: str | None
+) -> None:
+    if info.size > limit:
+        raise ShardError(
+            ref.url,
+            f"member {info.name!r} of key {key!r} is {info.size} bytes, over the limit of "
+            f"{limit}; raise max_member_bytes to read it",
+            key=last_key,
+        )
+
+
+def read_tar(
+    ref: ShardRef, storage_options: dict | None = None, *, max_member_bytes: int = 256 * 2**20
+) -> Iterator[Sample]:
+    """Stream the samples of a tar shard: ``fields`` maps field -> raw member bytes.
+
+    A sample whose key appeared earlier in the shard (not consecutively) comes out with
+    ``error="duplicate key in shard"``; one with a field twice with ``"repeated field <f>"``
+    (first value kept). The caller records these. Raises ShardError for a shard that cannot
+    be opened, a member over ``max_member_bytes``, or a truncated/corrupt stream (after the
+    complete samples before the break; a possibly incomplete last sample is dropped).
+    """
+    for raw in _raw_samples(ref, storage_options, max_member_bytes):
+        fields: dict[str, bytes] = {}
+        for _, fld, data in raw.members:
+            fields.setdefault(fld, data or b"")
+        yield Sample(key=raw.key, shard=ref.name, fields=fields, index=raw.index, error=raw.error)
+
+
+class TarShardWriter:
+    """Writes samples as a tar stream with reproducible headers; byte-identical for equal input.
+
+    Members are ``<key>.<field>`` in the given field order, mtime 0, mode 0o644, owner 0/"".
+    ``close()`` finishes the archive but leaves the file object open. Used as a context
+    manager, an exception skips the end-of-archive marker, so a partial shard that did escape
+    would be read as truncated rather than complete.
+    """
+
+    def __init__(self, fileobj: BinaryIO):
+        # Owned by this writer and closed by close(); not a with-block because it spans calls.
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def write(self, key: str, fields: Mapping[str, bytes]) -> None:
+        for fld, data in fields.items():
+            name = f"{key}.{fld}"
+            if split_member_name(name) != (key, fld.lower()):
+                raise InputError(f"cannot write member {name!r}: key or field would not read back")
+            self.write_member(name, data)
+
+    def write_member(self, name: str, data: bytes, like: tarfile.TarInfo | None = None) -> None:
+        """Write one member; ``like`` supplies mtime/mode/owner (copying), else fixed values."""
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
+        info.uname = info.gname = ""
+        if like is not None:
+            info.mtime, info.mode, info.uid, info.gid = like.mtime, like.mode, like.uid, like.gid
+            info.uname, info.gname = like.uname, like.gname
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def copy_selected_tar(
+    ref: ShardRef,
+    out: BinaryIO,
+    keep: Mapping[str, bytes],
+    storage_options: dict | None = None,
+    *,
+    max_member_bytes: int = 256 * 2**20,
+) -> int:
+    """Copy the kept samples of a shard to ``out``; returns the number of samples written.
+
+    Each sample whose key is in ``keep`` is written with all its members (data byte for byte,
+    original names, order, mtime, mode and owner) plus ``<key>.sage.json`` = ``keep[key]``. An
+    existing ``sage.json`` member (a shard that is itself an output) is replaced. Samples the
+    reader flags (duplicate key, repeated field) are never copied: the kept copy is the clean
+    first occurrence. Raises ShardError as ``read_tar`` does.
+    """
+    writer = TarShardWriter(out)
+    written = 0
+    for raw in _raw_samples(ref, storage_options, max_member_bytes, wanted=keep.__contains__):
+        if raw.error is not None or raw.key not in keep:
+            continue
+        for info, fld, data in raw.members:
+            if fld != SAGE_FIELD:
+                writer.write_member(info.name, data or b"", like=info)
+        writer.write_member(f"{raw.key}.{SAGE_FIELD}", keep[raw.key])
+        written += 1
+    writer.close()
+    return written

@@ -1,0 +1,124 @@
+"""Agreement scores (pass 2 of SAGE): pure tensor maths, no I/O.
+
+Given the finished sketch B = diag(σ)Vᵀ (ℓ×D) and the per-class gradient sums of pass 1,
+each sample's gradient g is moved into the sketch basis, z = B g (ℓ), and scored by its cosine
+with its class's consensus direction μ_y. Everything here is O(B·ℓ + C·ℓ) in memory; the
+gradients themselves are never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Reasons a sample gets no score. They are recorded in scores/ under status "error".
+NONFINITE_LOSS = "non-finite loss"
+NONFINITE_GRAD = "non-finite gradient"
+ZERO_GRAD = "zero gradient"
+ORTHOGONAL = "gradient orthogonal to the sketch (z = 0)"
+NO_CONSENSUS = "class has no consensus direction (no usable samples in pass 1)"
+
+
+def consensus_directions(sigma: Tensor, basis: Tensor, class_sums: Tensor) -> Tensor:
+    """μ_c = normalize(B S_c) for every class; a zero row where B S_c is zero.
+
+    sigma (ℓ,), basis V (ℓ, D), class_sums S (C, D) -> (C, ℓ) float32.
+    """
+    sums = class_sums.to(torch.float64)
+    projected = (sums @ basis.to(torch.float64).T) * sigma.to(torch.float64)  # (C, ℓ) = (B S_c)ᵀ
+    norms = projected.norm(dim=1, keepdim=True)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return (projected / safe).to(torch.float32)
+
+
+def sketch_coordinates(grads: Tensor, sigma: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """z = B g and the energy captured ρ = ‖V g‖² / ‖g‖².
+
+    grads (B, D), sigma (ℓ,), basis (ℓ, D) -> z (B, ℓ), energy (B,); energy is NaN where g = 0.
+    """
+    vg = grads @ basis.T  # (B, ℓ)
+    z = vg * sigma  # (B, ℓ)
+    gsq = (grads.to(torch.float64) ** 2).sum(dim=1)  # (B,)
+    energy = (vg.to(torch.float64) ** 2).sum(dim=1) / gsq
+    return z, energy
+
+
+def agreement(z: Tensor, labels: Tensor, consensus: Tensor) -> Tensor:
+    """s_i = ⟨z_i/‖z_i‖, μ_{y_i}⟩ ∈ [−1, 1]; NaN where z_i = 0.
+
+    z (B, ℓ), labels (B,) int64 in [0, C), consensus (C, ℓ) -> (B,) float64.
+    """
+    z64 = z.to(torch.float64)
+    unit = z64 / z64.norm(dim=1, keepdim=True)
+    return (unit * consensus.to(torch.float64)[labels]).sum(dim=1)
+
+
+@dataclass
+class ScoredBatch:
+    """Per-sample results of one batch, as float64 on the CPU; reason is None where ok."""
+
+    score: Tensor  # (B,) NaN where no score
+    loss: Tensor  # (B,)
+    grad_norm: Tensor  # (B,)
+    energy: Tensor  # (B,) NaN where no sketch or no gradient
+    z: Tensor | None  # (B, ℓ) float32, kept only when asked (centroid consensus)
+    reasons: list[str | None]
+
+
+def failure_reasons(
+    loss: Tensor, grad_norm: Tensor, z_norm: Tensor | None, has_consensus: Tensor | None
+) -> list[str | None]:
+    """Why each sample gets no score, first failing check wins; None where it is fine."""
+    checks = [(~torch.isfinite(loss), NONFINITE_LOSS), (~torch.isfinite(grad_norm), NONFINITE_GRAD)]
+    checks.append((grad_norm == 0, ZERO_GRAD))
+    if z_norm is not None:
+        checks.append((~(z_norm > 0), ORTHOGONAL))
+    if has_consensus is not None:
+        checks.append((~has_consensus, NO_CONSENSUS))
+    reasons: list[str | None] = [None] * loss.shape[0]
+    for mask, reason in reversed(checks):  # earlier checks overwrite later ones
+        for i in mask.nonzero().flatten().tolist():
+            reasons[i] = reason
+    return reasons
+
+
+def score_batch(
+    grads: Tensor,
+    loss: Tensor,
+    labels: Tensor,
+    sketch: tuple[Tensor, Tensor, Tensor] | None,
+    *,
+    keep_z: bool = False,
+) -> ScoredBatch:
+    """Score one batch against `sketch` = (sigma, basis, consensus), or only measure it if None.
+
+    grads (B, D) and labels (B,) on the sketch's device. With `keep_z` the sketch coordinates
+    are returned for centroid consensus, and the score is left NaN (it needs every z first).
+    """
+    grad_norm = grads.to(torch.float64).norm(dim=1)
+    if sketch is None:
+        nan = torch.full_like(grad_norm, float("nan"))
+        reasons = failure_reasons(loss, grad_norm, None, None)
+        return ScoredBatch(
+            nan.cpu(), loss.double().cpu(), grad_norm.cpu(), nan.cpu(), None, reasons
+        )
+    sigma, basis, consensus = sketch
+    finite = torch.isfinite(grads).all(dim=1, keepdim=True)
+    safe_grads = torch.where(finite, grads, torch.zeros_like(grads))  # NaN must not leak into z
+    z, energy = sketch_coordinates(safe_grads, sigma, basis)
+    has_consensus = (consensus.norm(dim=1) > 0)[labels]
+    reasons = failure_reasons(loss, grad_norm, z.norm(dim=1), None if keep_z else has_consensus)
+    score = torch.full_like(grad_norm, float("nan")) if keep_z else agreement(z, labels, consensus)
+    ok = torch.tensor([r is None for r in reasons], device=grads.device)
+    score = torch.where(ok, score, torch.full_like(score, float("nan")))
+    energy = torch.where(finite.squeeze(1) & (grad_norm > 0), energy, torch.nan)
+    return ScoredBatch(
+        score.cpu(),
+        loss.double().cpu(),
+        grad_norm.cpu(),
+        energy.cpu(),
+        z.float().cpu() if keep_z else None,
+        reasons,
+    )

@@ -1,0 +1,99 @@
+"""`sage-stream inspect URL`: a plain-text summary of what a run wrote, read from storage only.
+
+URL may be a run's OUT folder, its sketch.zarr, its scores/ folder, or one scores part.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .store import read_sketch
+from .urls import filesystem, join
+
+
+def _sketch_summary(url: str, storage_options: dict) -> str:
+    s = read_sketch(url, storage_options=storage_options)
+    sigma = s.sigma.double().numpy()
+    counts = s.class_counts.tolist()
+    lines = [
+        f"sketch {url}",
+        f"  ℓ={sigma.shape[0]}  D={s.basis.shape[1]}  C={len(counts)}  rows={s.stats['n']}",
+        f"  ‖A‖²_F={s.stats['frobenius_sq']:.6g}  Δ={s.stats['delta']:.6g}  "
+        f"Δ/‖A‖²_F={s.stats['relative_error_bound']:.4f}  captured={s.stats['captured']:.4f}",
+        f"  top singular values: {', '.join(f'{v:.4g}' for v in sigma[:8])}",
+        f"  class counts: {counts}",
+        f"  identity: {json.dumps(s.identity, sort_keys=True)}",
+    ]
+    return "\n".join(lines)
+
+
+def _scores_table(url: str, storage_options: dict) -> pa.Table:
+    fs, path = filesystem(url, storage_options)
+    paths = (
+        [path]
+        if path.endswith(".parquet")
+        else sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    )
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f).replace_schema_metadata(None))
+    if not tables:
+        raise InputError(f"no scores parts under {url}")
+    return pa.concat_tables(tables)
+
+
+def _scores_summary(url: str, storage_options: dict) -> str:
+    table = _scores_table(url, storage_options)
+    status = Counter(table["status"].to_pylist())
+    reasons = Counter(r for r in table["reason"].to_pylist() if r)
+    lines = [f"scores {url}: {table.num_rows} samples, {dict(sorted(status.items()))}"]
+    lines += [f"  error: {n} × {reason}" for reason, n in reasons.most_common(10)]
+    scores = np.array([v for v in table["score"].to_pylist() if v is not None], dtype=float)
+    if scores.size:
+        q = np.quantile(scores, [0, 0.1, 0.5, 0.9, 1])
+        lines.append("  score quantiles 0/10/50/90/100%: " + "  ".join(f"{v:+.3f}" for v in q))
+    return "\n".join(lines)
+
+
+def _output_summary(url: str, storage_options: dict) -> str:
+    fs, path = filesystem(join(url, "manifest.json"), storage_options)
+    with fs.open(path, "rb") as f:
+        manifest = json.load(f)
+    done = fs.exists(filesystem(join(url, "_SUCCESS"), storage_options)[1])
+    t = manifest["totals"]
+    lines = [
+        f"output {url}: {'complete (_SUCCESS)' if done else 'INCOMPLETE (no _SUCCESS)'}",
+        f"  seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  kept {t['kept']}  "
+        f"dropped {t['dropped']}",
+        f"  selection: {json.dumps(manifest.get('selection'), sort_keys=True)}",
+    ]
+    for shard in manifest["inputs"]:
+        lines.append(
+            f"  {shard['name']}: seen {shard['seen']} kept {shard['kept']} "
+            f"errored {shard['errored']}"
+            + (f"  SHARD ERROR: {shard['shard_error']}" if shard["shard_error"] else "")
+        )
+    return "\n".join(lines)
+
+
+def describe(url: str, storage_options: dict | None = None) -> str:
+    storage_options = storage_options or {}
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise InputError(f"nothing at {url}")
+    if fs.exists(f"{path}/zarr.json"):
+        return _sketch_summary(url, storage_options)
+    if fs.exists(f"{path}/manifest.json"):
+        return _output_summary(url, storage_options)
+    if path.endswith(".parquet") or path.rstrip("/").endswith("scores"):
+        return _scores_summary(url, storage_options)
+    if fs.exists(f"{path}/scores"):
+        return _scores_summary(join(url, "scores"), storage_options)
+    raise InputError(f"{url} is not a sketch.zarr, a scores table or a sage-stream output")
