@@ -19,9 +19,10 @@ from typing import Any
 from .config import Config, make_config
 from .emit import EmitResult, clear_success, run_emit
 from .errors import InputError
-from .passes.context import build_context
+from .passes.context import StageContext, build_context
 from .passes.scoring import ScoreResult, run_score_pass
 from .passes.sketching import SketchResult, run_sketch_pass
+from .resume import claim_output, run_identity
 from .selection import select as select_rows
 from .store import read_sketch
 from .tables import read_scores, scored_shards, write_selection
@@ -39,11 +40,17 @@ def _config(inputs: Any = None, /, **options: Any) -> Config:
     return cfg
 
 
+def _start(cfg: Config) -> StageContext:
+    """Load the model, then claim OUT: refuse a different earlier run before touching it."""
+    ctx = build_context(cfg)
+    claim_output(cfg, run_identity(cfg, ctx.refs, ctx.fingerprint))
+    clear_success(cfg.out, cfg.storage_options)
+    return ctx
+
+
 def sketch(inputs: Any, **options: Any) -> SketchResult:
     """Pass 1: stream the shards into an FD sketch of per-sample gradients (OUT/sketch.zarr)."""
-    cfg = _config(inputs, **options)
-    clear_success(cfg.out, cfg.storage_options)
-    return run_sketch_pass(build_context(cfg))
+    return run_sketch_pass(_start(_config(inputs, **options)))
 
 
 def _stored_sketch(cfg: Config, identity: dict[str, Any]):  # noqa: ANN202
@@ -56,10 +63,8 @@ def _stored_sketch(cfg: Config, identity: dict[str, Any]):  # noqa: ANN202
 
 def score(inputs: Any, **options: Any) -> ScoreResult:
     """Pass 2: a score for every sample against the stored sketch (OUT/scores/)."""
-    cfg = _config(inputs, **options)
-    clear_success(cfg.out, cfg.storage_options)
-    ctx = build_context(cfg)
-    return run_score_pass(ctx, _stored_sketch(cfg, ctx.identity()))
+    ctx = _start(_config(inputs, **options))
+    return run_score_pass(ctx, _stored_sketch(ctx.cfg, ctx.identity()))
 
 
 @dataclass
@@ -134,8 +139,7 @@ def run(inputs: Any, **options: Any) -> RunResult:
     cfg = _config(inputs, **options)
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    clear_success(cfg.out, cfg.storage_options)
-    ctx = build_context(cfg)
+    ctx = _start(cfg)
     sketched = run_sketch_pass(ctx) if cfg.scorer == "sage" else None
     scored = run_score_pass(ctx, _stored_sketch(cfg, ctx.identity()))
     if scored.scored == 0:

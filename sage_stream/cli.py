@@ -130,6 +130,12 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
         help="replace an output made with another configuration",
     )
     g.add_argument(
+        "--checkpoint-every",
+        type=float,
+        metavar="SECONDS",
+        help="pass-1 checkpoint interval, for resume (default 60; 0: after every shard)",
+    )
+    g.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",

@@ -18,6 +18,10 @@ from .selection import BALANCES, SCORERS
 from .urls import filesystem
 
 GRAD_MODES = ("last-layer", "params")
+NUMERIC_FIELDS: dict[str, type] = {
+    "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
+    "max_member_bytes": int, "keep": float, "min_score": float, "checkpoint_every": float,
+}  # fmt: skip
 CONSENSUS = ("mean-gradient", "centroid")
 ON_ERROR = ("skip", "fail")
 EXECUTORS = ("local", "ray")
@@ -52,9 +56,11 @@ class Config:
     balance: str = "proportional"
     min_score: float | None = None
     overwrite: bool = False
+    checkpoint_every: float = 60.0  # seconds between pass-1 checkpoints (0: after every shard)
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         _check_choice("grad", self.grad, GRAD_MODES)
         _check_choice("consensus", self.consensus, CONSENSUS)
         _check_choice("on-error", self.on_error, ON_ERROR)
@@ -70,6 +76,19 @@ class Config:
             raise InputError(f"--keep must be in (0, 1], got {self.keep}")
         if self.params and self.grad != "params":
             raise InputError("--params only applies with --grad params")
+
+    def _coerce_numbers(self) -> None:
+        """`keep=1` and `keep=1.0` are one run: numbers take their field's type (frozen, so
+        via object.__setattr__), or a bad value is an InputError naming the option."""
+        for name, kind in NUMERIC_FIELDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                object.__setattr__(self, name, kind(value))
+            except (TypeError, ValueError):
+                flag = name.replace("_", "-")
+                raise InputError(f"--{flag} expects a number, got {value!r}") from None
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -93,7 +112,7 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("out", "progress", "overwrite"):
+            if f.name in ("out", "progress", "overwrite", "checkpoint_every"):
                 continue
             if f.name == "storage_options":
                 value = sorted(value)  # keys only: values may be credentials

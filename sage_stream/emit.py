@@ -21,6 +21,14 @@ import pyarrow as pa
 from .config import Config, shard_options
 from .formats import copy_selected
 from .progress import Progress
+from .resume import (
+    read_json,
+    remove,
+    remove_temporaries,
+    selection_hash,
+    stored_identity,
+    work_url,
+)
 from .sample import ShardRef
 from .tables import read_part, read_selection
 from .urls import atomic_write, filesystem, join
@@ -76,9 +84,7 @@ def emit_shard(cfg: Config, ref: ShardRef, kept: set[str], scorer: str) -> dict[
     keep = annotations(part, kept, scorer)
     url = join(cfg.out, "shards", ref.name)
     with atomic_write(url, cfg.storage_options) as f:
-        written = copy_selected(
-            ref, f, keep, cfg.storage_options, **shard_options(cfg, ref.format)
-        )
+        written = copy_selected(ref, f, keep, cfg.storage_options, **shard_options(cfg, ref.format))
     if written != len(keep):
         log.warning("%s: %d kept samples, %d found when copying", ref.name, len(keep), written)
     return {
@@ -126,21 +132,44 @@ def write_index(cfg: Config, shards: list[dict[str, Any]]) -> None:
     write_json(join(cfg.out, "shardindex.json"), index, cfg.storage_options)
 
 
-def run_emit(cfg: Config, refs: list[ShardRef], sketch_stats: dict | None) -> EmitResult:
-    """Emit every shard, then the manifest, the index and `_SUCCESS`, in that order."""
+def emit_shards(cfg: Config, refs: list[ShardRef]) -> tuple[list[dict[str, Any]], dict, float]:
+    """Emit every shard not yet emitted for this selection; returns per-shard counts."""
     selection, params = read_selection(cfg.out, cfg.storage_options)
     kept = _kept_by_shard(selection)
     scorer = params.get("scorer", cfg.scorer)
+    markers = work_url(cfg.out, f"emitted-{selection_hash(cfg.out, cfg.storage_options)}")
     progress = Progress("emit", len(refs), cfg.progress)
     shards = []
     for ref in refs:
-        shards.append(emit_shard(cfg, ref, kept.get(ref.name, set()), scorer))
-        progress.advance(shards[-1]["kept"])
+        marker = join(markers, ref.name)
+        counts = read_json(marker, cfg.storage_options)
+        if counts is None:
+            counts = emit_shard(cfg, ref, kept.get(ref.name, set()), scorer)
+            write_json(marker, counts, cfg.storage_options)
+        shards.append(counts)
+        progress.advance(counts["kept"])
         progress.shard_done(ref.name)
-    seconds = progress.close()
+    return shards, params, progress.close()
+
+
+def run_emit(cfg: Config, refs: list[ShardRef], sketch_stats: dict | None) -> EmitResult:
+    """Emit every shard, then the manifest, the index and `_SUCCESS`, in that order."""
+    shards, params, seconds = emit_shards(cfg, refs)
+    return finish_emit(cfg, shards, params, sketch_stats, seconds)
+
+
+def finish_emit(
+    cfg: Config,
+    shards: list[dict[str, Any]],
+    params: dict,
+    sketch_stats: dict | None,
+    seconds: float,
+) -> EmitResult:
+    """manifest.json, shardindex.json, then `_SUCCESS`; the scratch in OUT/_work/ goes last."""
     totals = _totals(shards)
     manifest = {
         "format_version": MANIFEST_VERSION,
+        "identity": stored_identity(cfg.out, cfg.storage_options),
         "config": cfg.describe(),
         "selection": params,
         "versions": versions(),
@@ -150,9 +179,11 @@ def run_emit(cfg: Config, refs: list[ShardRef], sketch_stats: dict | None) -> Em
         "shard_errors": [s for s in shards if s["shard_error"]],
         "sketch": sketch_stats,
     }
+    remove_temporaries(cfg.out, cfg.storage_options)
     write_json(join(cfg.out, "manifest.json"), manifest, cfg.storage_options)
     write_index(cfg, shards)
     mark_success(cfg.out, cfg.storage_options)
+    remove(work_url(cfg.out), cfg.storage_options)
     return EmitResult(cfg.out, totals, manifest["outputs"], seconds)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import webdataset as wds
 from tiny import blobs, key, mlp, train_checkpoint, write_parquet_set, write_tar_set
 
 import sage_stream
-from sage_stream.errors import MismatchError
+from sage_stream.errors import MismatchError, OutputExistsError
 from sage_stream.store import read_sketch
 
 N = 180
@@ -203,12 +204,33 @@ def test_runs_on_memory_filesystem(data, mem_url):
     assert fs.exists(f"{mem_url}/out/_SUCCESS".replace("memory://", "/"))
 
 
-def test_sketch_from_another_model_is_refused(tar_run, data, tmp_path):
+def test_rerun_with_another_model_is_refused_and_output_left_intact(tar_run, data, tmp_path):
     out, _ = tar_run
     other = tmp_path / "other.pt"
     torch.save(mlp().state_dict(), other)  # untrained weights: another fingerprint
+    with pytest.raises(OutputExistsError, match="model"):
+        sage_stream.run(data["tar"], out=str(out), checkpoint=str(other), **OPTIONS)
+    assert (out / "_SUCCESS").exists()
+
+
+def test_sketch_from_another_model_is_refused(tar_run, data, tmp_path):
+    out, _ = tar_run
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out / "sketch.zarr", fresh / "sketch.zarr")  # a sketch without its run
+    other = tmp_path / "other.pt"
+    torch.save(mlp().state_dict(), other)
     with pytest.raises(MismatchError, match="model"):
-        sage_stream.score(data["tar"], out=str(out), checkpoint=str(other), **OPTIONS)
+        sage_stream.score(data["tar"], out=str(fresh), checkpoint=str(other), **OPTIONS)
+
+
+def test_overwrite_replaces_a_different_run(data, tmp_path):
+    out = tmp_path / "o"
+    sage_stream.run(data["tar"], out=str(out), checkpoint=data["ckpt"], **OPTIONS)
+    result = sage_stream.run(
+        data["tar"][:2], out=str(out), checkpoint=data["ckpt"], overwrite=True, **OPTIONS
+    )
+    assert result.emit.totals["seen"] == 120
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-000.tar", "part-001.tar"]
 
 
 def test_centroid_consensus_scores_from_stored_projections(data, tmp_path):

@@ -16,10 +16,11 @@ import torch
 from ..batches import Batch, Skipped
 from ..errors import SampleError, ShardError
 from ..progress import Progress
+from ..resume import exists
 from ..sample import ShardRef
 from ..scores import NONFINITE_LOSS, ScoredBatch, score_batch
 from ..store import StoredSketch, write_projections
-from ..tables import SCORE_COLUMNS, part_url, write_scores
+from ..tables import SCORE_COLUMNS, part_url, read_part, write_scores
 from ..urls import join
 from .centroid import rescore_with_centroids
 from .context import StageContext
@@ -122,20 +123,34 @@ class ScoreResult:
     seconds: float
 
 
+def _score_and_write(
+    ctx: StageContext, ref: ShardRef, sketch: StoredSketch | None, progress: Progress
+) -> tuple[pa.Table, str | None]:
+    """Score one shard and write its part (after its projections, for centroid consensus)."""
+    cfg = ctx.cfg
+    rows, error = score_shard(ctx, ref, sketch, progress)
+    table = rows.table()
+    if sketch is not None and cfg.consensus == "centroid":
+        store_url = join(cfg.out, "sketch.zarr")
+        write_projections(store_url, ref.name, rows.projections(), cfg.storage_options)
+    write_scores(part_url(cfg.out, ref.name), table, error, cfg.storage_options)
+    return table, error
+
+
 def run_score_pass(ctx: StageContext, sketch: StoredSketch | None) -> ScoreResult:
-    """Pass 2 over every shard; with centroid consensus, the scores are filled in afterwards."""
+    """Pass 2 over every shard that has no scores part yet (a part that exists is complete).
+
+    With centroid consensus, the scores are filled in afterwards from the stored z.
+    """
     cfg = ctx.cfg
     progress = Progress("pass 2 (score)", len(ctx.refs), cfg.progress)
     seen = scored = 0
     shard_errors: list[dict[str, str]] = []
     for ref in ctx.refs:
-        rows, error = score_shard(ctx, ref, sketch, progress)
-        table = rows.table()
-        if sketch is not None and cfg.consensus == "centroid":
-            write_projections(
-                join(cfg.out, "sketch.zarr"), ref.name, rows.projections(), cfg.storage_options
-            )
-        write_scores(part_url(cfg.out, ref.name), table, error, cfg.storage_options)
+        if exists(part_url(cfg.out, ref.name), cfg.storage_options):
+            table, error = read_part(cfg.out, ref.name, ["status"], cfg.storage_options)
+        else:
+            table, error = _score_and_write(ctx, ref, sketch, progress)
         if error is not None:
             shard_errors.append({"shard": ref.name, "url": ref.url, "reason": error})
         seen += table.num_rows

@@ -8,6 +8,7 @@ record as errors (undecodable, non-finite) never enter the sketch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,13 @@ import torch
 from torch import Tensor
 
 from ..batches import Skipped
-from ..errors import SampleError, ShardError
+from ..errors import InputError, SampleError, ShardError
 from ..progress import Progress
+from ..resume import load_state, remove, save_state, work_url
 from ..sample import ShardRef
 from ..scores import consensus_directions
 from ..sketch import FrequentDirections
-from ..store import write_sketch
+from ..store import read_sketch, write_sketch
 from ..urls import join
 from .context import StageContext
 
@@ -35,6 +37,23 @@ class SketchState:
     class_sums: Tensor  # (C, D) float64
     class_counts: Tensor  # (C,) int64
     shard_errors: list[dict[str, str]] = field(default_factory=list)
+
+    shards_done: list[str] = field(default_factory=list)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "fd": self.fd.state_dict(),
+            "class_sums": self.class_sums.cpu(),
+            "class_counts": self.class_counts.cpu(),
+            "shard_errors": self.shard_errors,
+            "shards_done": self.shards_done,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ctx: StageContext, ckpt: dict[str, Any]) -> SketchState:
+        fd = FrequentDirections.from_state_dict(ckpt["fd"], device=ctx.device)
+        sums, counts = ckpt["class_sums"].to(ctx.device), ckpt["class_counts"].to(ctx.device)
+        return cls(fd, sums, counts, list(ckpt["shard_errors"]), list(ckpt["shards_done"]))
 
     @classmethod
     def empty(cls, ctx: StageContext) -> SketchState:
@@ -77,18 +96,32 @@ def sketch_shard(ctx: StageContext, ref: ShardRef, state: SketchState, progress:
         progress.advance(len(item.keys))
 
 
-def sketch_shards(ctx: StageContext, state: SketchState, refs: list[ShardRef]) -> float:
-    """Run pass 1 over `refs` into `state`; returns the wall time."""
-    progress = Progress("pass 1 (sketch)", len(refs), ctx.cfg.progress)
-    for ref in refs:
+def sketch_shards(
+    ctx: StageContext, state: SketchState, refs: list[ShardRef], checkpoint_url: str | None = None
+) -> float:
+    """Run pass 1 over the `refs` not yet in `state`; returns the wall time.
+
+    With `checkpoint_url`, the state is saved after a shard once `checkpoint_every` seconds
+    have passed since the last save, so a killed run redoes at most the shards since then.
+    """
+    cfg = ctx.cfg
+    todo = [ref for ref in refs if ref.name not in set(state.shards_done)]
+    progress = Progress("pass 1 (sketch)", len(refs), cfg.progress)
+    progress.shards = len(refs) - len(todo)
+    last_save = time.monotonic()
+    for ref in todo:
         try:
             sketch_shard(ctx, ref, state, progress)
         except ShardError as exc:
-            if ctx.cfg.on_error == "fail":
+            if cfg.on_error == "fail":
                 raise
             log.warning("pass 1: skipping the rest of %s: %s", ref.name, exc.reason)
             state.shard_errors.append({"shard": ref.name, "url": ref.url, "reason": exc.reason})
+        state.shards_done.append(ref.name)
         progress.shard_done(ref.name)
+        if checkpoint_url and time.monotonic() - last_save >= cfg.checkpoint_every:
+            save_state(checkpoint_url, state.checkpoint(), cfg.storage_options)
+            last_save = time.monotonic()
     return progress.close()
 
 
@@ -105,6 +138,7 @@ def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> Sket
         "captured": float((sigma.double() ** 2).sum()) / fd.frobenius_sq
         if fd.frobenius_sq
         else 0.0,
+        "shard_errors": state.shard_errors,
     }
     url = join(ctx.cfg.out, "sketch.zarr")
     write_sketch(
@@ -122,7 +156,31 @@ def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> Sket
     )
 
 
+def stored_result(ctx: StageContext) -> SketchResult | None:
+    """The finished sketch of an earlier run with this identity, if there is one."""
+    url = join(ctx.cfg.out, "sketch.zarr")
+    try:
+        stored = read_sketch(url, expected=ctx.identity(), storage_options=ctx.cfg.storage_options)
+    except InputError:  # absent or incomplete: sketch it (a mismatch still raises)
+        return None
+    ell, dim = stored.basis.shape
+    n, classes = stored.stats["n"], stored.class_counts.shape[0]
+    return SketchResult(url, n, classes, dim, ell, stored.stats, stored.stats["shard_errors"], 0.0)
+
+
 def run_sketch_pass(ctx: StageContext) -> SketchResult:
-    state = SketchState.empty(ctx)
-    seconds = sketch_shards(ctx, state, ctx.refs)
-    return finish_sketch(ctx, state, seconds)
+    """Pass 1, resuming from the checkpoint in OUT/_work/ if a killed run left one."""
+    cfg = ctx.cfg
+    done = stored_result(ctx)
+    if done is not None:
+        log.info("pass 1: %s is complete, nothing to do", done.url)
+        return done
+    checkpoint_url = work_url(cfg.out, "pass1.pt")
+    ckpt = load_state(checkpoint_url, cfg.storage_options)
+    state = SketchState.from_checkpoint(ctx, ckpt) if ckpt else SketchState.empty(ctx)
+    if ckpt:
+        log.info("pass 1: resuming after %d shards", len(state.shards_done))
+    seconds = sketch_shards(ctx, state, ctx.refs, checkpoint_url)
+    result = finish_sketch(ctx, state, seconds)
+    remove(checkpoint_url, cfg.storage_options)
+    return result

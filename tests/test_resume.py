@@ -1,0 +1,96 @@
+"""Resume: a run killed at any point and started again with the same command gives the same
+bytes as a run never interrupted; finished work is not redone."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_run import output_files
+from tiny import blobs, train_checkpoint, write_tar_set
+
+import sage_stream
+
+emit_module = importlib.import_module("sage_stream.emit")  # the package exports emit()
+N = 180  # 3 shards of 60: decode calls 1-180 are pass 1, 181-360 pass 2
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    x, _, noisy = blobs(N)
+    urls = write_tar_set(root / "in", x, noisy)
+    ckpt = train_checkpoint(root / "proxy.pt", x, noisy)
+    return root, urls, ckpt
+
+
+def cli(urls, ckpt, out, env=None):
+    args = [sys.executable, "-m", "sage_stream", "run", *urls, "--model", "tiny:mlp",
+            "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "16",
+            "--batch-size", "16", "--device", "cpu", "--preprocess", "killer:decode",
+            "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests, **(env or {})}
+    return subprocess.run(args, env=env, capture_output=True, text=True, cwd=tests)
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    root, urls, ckpt = job
+    done = cli(urls, ckpt, root / "reference")
+    assert done.returncode == 0, done.stderr
+    return output_files(root / "reference")
+
+
+@pytest.mark.parametrize("kill_at", [75, 130, 200, 300])  # pass 1 shards 2 and 3, pass 2
+def test_killed_run_resumes_to_identical_output(job, reference, kill_at, tmp_path):
+    root, urls, ckpt = job
+    out = tmp_path / "out"
+    env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": str(kill_at)}
+    killed = cli(urls, ckpt, out, env)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "_SUCCESS").exists()
+    resumed = cli(urls, ckpt, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_files(out) == reference
+
+
+def test_resume_redoes_only_unfinished_shards(job, tmp_path):
+    root, urls, ckpt = job
+    out = tmp_path / "out"
+    env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": "301"}
+    assert (
+        cli(urls, ckpt, out, env).returncode == -9
+    )  # killed on the first sample of pass 2, shard 3
+    (tmp_path / "count").write_text("0")
+    env["SAGE_TEST_KILL_AT"] = "61"  # a resume that decodes more than one shard dies
+    assert cli(urls, ckpt, out, env).returncode == 0  # pass 1 and 2 shards 1-2 are skipped
+    assert (tmp_path / "count").read_text() == "60"
+
+
+def test_emit_interrupted_between_shards_resumes(job, reference, tmp_path, monkeypatch):
+    root, urls, ckpt = job
+    out = tmp_path / "out"
+    options = dict(model="tiny:mlp", checkpoint=ckpt, keep=0.5, ell=16, batch_size=16,
+                   device="cpu", preprocess="killer:decode", checkpoint_every=0, progress=False)  # fmt: skip
+    real, calls = emit_module.emit_shard, []
+
+    def dying_emit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for a kill between two shards
+        return real(*args, **kwargs)
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.setattr(emit_module, "emit_shard", dying_emit)
+    with pytest.raises(KeyboardInterrupt):
+        sage_stream.run(urls, out=str(out), **options)
+    (out / "shards" / "part-001.tar.tmp-0123456789ab").write_bytes(b"half a shard")
+    monkeypatch.setattr(emit_module, "emit_shard", real)
+    sage_stream.run(urls, out=str(out), **options)
+    assert output_files(out) == reference
