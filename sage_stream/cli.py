@@ -106,9 +106,9 @@ def _add_select(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=out_required, metavar="URL", help="output folder or URL")
+    g.add_argument("--out", metavar="URL", help="output folder or URL (or `out` in --config)")
     g.add_argument("--config", metavar="FILE.toml", help="options from a TOML file; flags win")
     g.add_argument(
         "--storage-option",
