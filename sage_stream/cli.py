@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sage-stream: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sage-stream inspect OUT | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0
     return 0
 
 
