@@ -271,3 +271,16 @@ def test_baseline_scorers_need_no_sketch(data, tmp_path, scorer):
         assert all(r["score"] == pytest.approx(scores[r["__key__"]][column]) for r in sel)
     first = next(iter(wds.WebDataset(str(out / "shards" / "part-000.tar"), shardshuffle=False)))
     assert json.loads(first["sage.json"])["scorer"] == scorer
+
+
+def test_params_mode_with_projection_runs_end_to_end(data, tmp_path):
+    out = tmp_path / "params"
+    options = {**OPTIONS, "grad": "params", "params": "2.*", "project_dim": 24}
+    result = sage_stream.run(data["tar"], out=str(out), checkpoint=data["ckpt"], **options)
+    sk = read_sketch(str(out / "sketch.zarr"))
+    assert sk.basis.shape == (16, 24) and sk.identity["project_dim"] == 24
+    assert result.emit.totals["kept"] == 90
+    flipped = data["noisy"] != data["true"]
+    scores = all_scores(out)
+    s = np.array([scores[key(i)]["score"] for i in range(N)])
+    assert s[flipped].mean() < s[~flipped].mean()

@@ -1,0 +1,70 @@
+"""Agreement scores against a slow numpy reference; every failure reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sage_stream import scores
+from sage_stream.progress import Progress
+
+
+def test_consensus_and_agreement_match_numpy():
+    rng = np.random.default_rng(0)
+    sigma = np.array([3.0, 2.0, 0.5])
+    basis = np.linalg.qr(rng.normal(size=(7, 3)))[0].T  # (ℓ, D) orthonormal rows
+    sums, g = rng.normal(size=(2, 7)), rng.normal(size=(5, 7))
+    labels = np.array([0, 1, 1, 0, 1])
+    mu = torch.from_numpy(sums @ basis.T * sigma)
+    mu = (mu / mu.norm(dim=1, keepdim=True)).numpy()
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    got_mu = scores.consensus_directions(t(sigma), t(basis), t(sums)).numpy()
+    np.testing.assert_allclose(got_mu, mu, rtol=1e-6)
+    z, energy = scores.sketch_coordinates(t(g), t(sigma), t(basis))
+    s = scores.agreement(z, t(labels), t(mu)).numpy()
+    zn = g @ basis.T * sigma
+    expected = np.einsum("ij,ij->i", zn / np.linalg.norm(zn, axis=1, keepdims=True), mu[labels])
+    np.testing.assert_allclose(s, expected, rtol=1e-9)
+    rho = np.sum((g @ basis.T) ** 2, axis=1) / np.sum(g**2, axis=1)
+    np.testing.assert_allclose(energy.numpy(), rho, rtol=1e-9)
+    assert np.all((rho >= 0) & (rho <= 1))
+
+
+def test_every_failure_gets_its_reason_and_no_score():
+    basis = torch.eye(3, 4)  # the sketch spans the first 3 coordinates
+    sigma = torch.tensor([2.0, 1.0, 1.0])
+    consensus = torch.tensor([[1.0, 0, 0], [0, 0, 0]])  # class 1 has no consensus
+    grads = torch.tensor(
+        [
+            [1.0, 0, 0, 0],
+            [1.0, 0, 0, 0],
+            [float("nan"), 0, 0, 0],
+            [0.0, 0, 0, 0],
+            [0.0, 0, 0, 5.0],
+            [1.0, 1, 0, 0],
+        ]  # fmt: skip
+    )
+    loss = torch.tensor([0.5, float("inf"), 0.5, 0.5, 0.5, 0.5])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    out = scores.score_batch(grads, loss, labels, (sigma, basis, consensus))
+    assert out.reasons == [
+        None, scores.NONFINITE_LOSS, scores.NONFINITE_GRAD, scores.ZERO_GRAD,
+        scores.ORTHOGONAL, scores.NO_CONSENSUS,
+    ]  # fmt: skip
+    assert out.score[0] == 1.0 and torch.isnan(out.score[1:]).all()
+    assert out.energy[4] == 0.0 and torch.isnan(out.energy[2:4]).all()
+
+
+def test_without_a_sketch_only_loss_and_norm_are_measured():
+    grads, loss = torch.tensor([[3.0, 4.0]]), torch.tensor([0.1])
+    out = scores.score_batch(grads, loss, torch.tensor([0]), None)
+    assert out.grad_norm.item() == 5.0 and torch.isnan(out.score).all() and out.reasons == [None]
+
+
+def test_progress_logs_plain_lines_off_a_terminal(caplog):
+    caplog.set_level("INFO", logger="sage_stream")
+    progress = Progress("pass 1 (sketch)", total_shards=2, enabled=False)
+    progress.advance(10)
+    progress.shard_done("a.tar")
+    assert progress.close() >= 0
+    assert "pass 1 (sketch): 1/2 shards, 10 samples" in caplog.text and "(a.tar)" in caplog.text

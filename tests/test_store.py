@@ -1,0 +1,60 @@
+"""sketch.zarr: round trip, refusal of incomplete stores and of stores from another run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zarr
+
+from sage_stream.errors import InputError, MismatchError
+from sage_stream.store import read_projections, read_sketch, write_projections, write_sketch
+
+IDENTITY = {"model": "abc", "grad": "last-layer", "ell": 4, "dim": 6, "classes": 2}
+
+
+def write(url: str) -> dict:
+    torch.manual_seed(0)
+    arrays = {
+        "sigma": torch.tensor([3.0, 2.0, 1.0, 0.0]),
+        "basis": torch.linalg.qr(torch.randn(6, 4)).Q.T.contiguous(),
+        "consensus": torch.randn(2, 4),
+        "class_counts": torch.tensor([5, 7]),
+    }
+    write_sketch(url, identity=IDENTITY, stats={"n": 12}, **arrays)
+    return arrays
+
+
+@pytest.mark.parametrize("where", ["memory", "local"])
+def test_round_trip(where, mem_url, tmp_path):
+    url = f"{mem_url}/sketch.zarr" if where == "memory" else str(tmp_path / "sketch.zarr")
+    arrays = write(url)
+    stored = read_sketch(url, expected=IDENTITY)
+    for name in ("sigma", "basis", "consensus", "class_counts"):
+        assert torch.equal(getattr(stored, name), arrays[name])
+    assert stored.stats == {"n": 12} and stored.identity == IDENTITY
+
+
+def test_identity_mismatch_names_what_differs(tmp_path):
+    url = str(tmp_path / "sketch.zarr")
+    write(url)
+    with pytest.raises(MismatchError, match=r"ell: stored 4, now 8.*model: stored 'abc'"):
+        read_sketch(url, expected={**IDENTITY, "ell": 8, "model": "xyz"})
+
+
+def test_incomplete_or_missing_sketch_is_refused(tmp_path):
+    url = str(tmp_path / "sketch.zarr")
+    with pytest.raises(InputError, match="no sketch"):
+        read_sketch(url)
+    write(url)
+    zarr.open_group(url, mode="a").attrs["status"] = "in-progress"
+    with pytest.raises(InputError, match="not complete"):
+        read_sketch(url)
+
+
+def test_projections_are_float16_per_shard(tmp_path):
+    url = str(tmp_path / "sketch.zarr")
+    write(url)
+    z = torch.randn(5, 4)
+    write_projections(url, "shard-0.tar", z)
+    back = read_projections(url, "shard-0.tar")
+    assert back.dtype == torch.float16 and torch.equal(back, z.half())
