@@ -24,7 +24,7 @@ from .passes.scoring import ScoreResult, run_score_pass
 from .passes.sketching import SketchResult, run_sketch_pass
 from .resume import claim_output, run_identity
 from .selection import select as select_rows
-from .store import read_sketch
+from .store import StoredSketch, read_sketch
 from .tables import read_scores, scored_shards, write_selection
 from .urls import expand_inputs, filesystem, join
 
@@ -53,7 +53,7 @@ def sketch(inputs: Any, **options: Any) -> SketchResult:
     return run_sketch_pass(_start(_config(inputs, **options)))
 
 
-def _stored_sketch(cfg: Config, identity: dict[str, Any]):  # noqa: ANN202
+def _stored_sketch(cfg: Config, identity: dict[str, Any]) -> StoredSketch | None:
     if cfg.scorer != "sage":
         return None  # the baselines rank by loss, gradient norm or chance: no sketch needed
     return read_sketch(

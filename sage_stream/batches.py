@@ -68,7 +68,7 @@ class _Pending:
 
     def take(self) -> Batch:
         batch = Batch(self.keys, self.indices, torch.stack(self.xs), torch.tensor(self.ys))
-        self.__init__()
+        self.keys, self.indices, self.xs, self.ys = [], [], [], []
         return batch
 
 

@@ -56,7 +56,17 @@ class ShardScores:
         if scored.z is not None:
             self.z.append(scored.z)
 
-    def _add(self, key, index, label, score, loss, gnorm, energy, reason) -> None:  # noqa: ANN001
+    def _add(
+        self,
+        key: str,
+        index: int,
+        label: int | None,
+        score: float | None,
+        loss: float | None,
+        gnorm: float | None,
+        energy: float | None,
+        reason: str | None,
+    ) -> None:
         values = (key, self.shard, label, score, loss, gnorm, energy)
         for column, value in zip(SCORE_COLUMNS[:7], values, strict=True):
             self.rows[column].append(value)
@@ -76,7 +86,9 @@ class ShardScores:
         return z[self.order()]
 
 
-def _sketch_tensors(ctx: StageContext, sketch: StoredSketch | None):  # noqa: ANN202
+def _sketch_tensors(
+    ctx: StageContext, sketch: StoredSketch | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     if sketch is None:
         return None
     dev = ctx.device
