@@ -9,6 +9,8 @@ The flow, one module per step (see README.md):
     scores              pass 2: agreement of each g_i with its class      -> tables (scores/)
     selection           keep fraction / quotas / threshold                -> selection.parquet
     emit                kept samples byte for byte                        -> shards/, manifest
+    report/             after emit: HTML page + figures of a finished run -> OUT/report/
+    feed                training feed: only the kept samples, per worker and node
     passes/             the shard loops that drive pass 1 and pass 2
     api, cli            sketch / score / select / emit / run
 """

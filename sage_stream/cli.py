@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summary of a sketch, a scores table or a run's output")
     p.add_argument("url", help="OUT, OUT/sketch.zarr, OUT/scores, or a scores part")
     p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
+    p = sub.add_parser("report", help="HTML page + PNG figures of what a run kept (OUT/report/)")
+    p.add_argument("out", metavar="OUT", help="a finished run's output folder or URL")
+    p.add_argument("--top", type=int, default=12, help="most/least agreeing samples shown (12)")
+    p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
     p = sub.add_parser("demo", help="the whole stage on real handwritten digits, on this machine")
     p.add_argument("--out", default="sage-demo", help="folder for data and results (sage-demo)")
     p.add_argument("--keep", type=float, default=0.5, help="fraction to keep (default 0.5)")
@@ -250,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             print(run_demo(out=args.out, keep=args.keep, device=args.device))
+        elif args.command == "report":
+            from .report import write_report
+
+            options = storage_options(args.storage_option)
+            print(write_report(args.out, storage_options=options, top=args.top))
         elif args.command == "inspect":
             from .summary import describe
 

@@ -1,0 +1,195 @@
+"""What the report is computed from: a finished run's tables, read back from storage.
+
+The report comes after EMIT in the flow and never runs a model: everything it shows is read
+from what the run wrote (``manifest.json``, ``scores/``, ``selection.parquet`` and the singular
+values in ``sketch.zarr``), through fsspec, so a run on ``memory://`` or ``s3://`` reports the
+same way as one on disk. Only the columns the figures need are read; the sketch's basis (ℓ×D,
+possibly large) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import zarr
+
+from ..errors import InputError
+from ..store import open_group
+from ..tables import read_part, read_selection, scored_shards
+from ..urls import filesystem, join
+
+COLUMNS = ["__key__", "__shard__", "label", "score", "energy", "status"]
+NO_LABEL = -1  # label shown for a sample whose label is null
+
+
+@dataclass
+class RunData:
+    """Every sample of the run, one entry per row of scores/ (N rows, shard order)."""
+
+    out: str
+    manifest: dict[str, Any]
+    selection: dict[str, Any]  # the selection's parameters (keep, balance, scorer, ...)
+    keys: np.ndarray  # (N,) object: sample keys
+    shards: np.ndarray  # (N,) object: shard names
+    labels: np.ndarray  # (N,) int64, NO_LABEL where null
+    scores: np.ndarray  # (N,) float64, NaN where no score
+    energy: np.ndarray  # (N,) float64, NaN where not recorded
+    ok: np.ndarray  # (N,) bool: status "ok" (scored)
+    kept: np.ndarray  # (N,) bool: in selection.parquet
+    shard_index: np.ndarray  # (N,) int64: position of the sample's shard in shard_names
+    shard_names: list[str]  # shards in scores/ order
+    shard_errors: dict[str, str]  # shard -> why its stream broke
+    sigma: np.ndarray | None  # (ℓ,) float64 singular values, None without a sketch
+    sketch_stats: dict[str, Any] | None  # n, frobenius_sq, delta, captured, ...
+
+
+def read_manifest(out: str, storage_options: dict | None = None) -> dict[str, Any]:
+    url = join(out, "manifest.json")
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise InputError(
+            f"no manifest at {url}: `sage-stream report` needs a finished run "
+            "(run `sage-stream run`, or `emit` after `select`)"
+        )
+    with fs.open(path, "rb") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{url} is not valid JSON: {exc}") from None
+
+
+def read_sigma(out: str, storage_options: dict | None = None) -> np.ndarray | None:
+    """The sketch's singular values (ℓ,), or None where the run made no complete sketch."""
+    url = join(out, "sketch.zarr")
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        return None
+    try:
+        group = open_group(url, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    if group.attrs.get("status") != "complete" or "singular_values" not in group:
+        return None
+    return np.asarray(group["singular_values"][...], dtype=np.float64)
+
+
+def _kept_keys(selection: pa.Table) -> dict[str, pa.Array]:
+    """shard -> the kept keys of that shard (one pass over the selection)."""
+    by_shard: dict[str, list[str]] = {}
+    for shard, key in zip(
+        selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
+    ):
+        by_shard.setdefault(shard, []).append(key)
+    return {shard: pa.array(keys, pa.string()) for shard, keys in by_shard.items()}
+
+
+def _column(tables: list[pa.Table], name: str, null: float | int, dtype: type) -> np.ndarray:
+    if not tables:
+        return np.zeros(0, dtype=dtype)
+    column = pa.concat_arrays([t[name].combine_chunks() for t in tables])
+    return np.asarray(pc.fill_null(column, null).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def load_run(out: str, storage_options: dict | None = None) -> RunData:
+    """Read what the report needs from a run's output; InputError naming what is missing."""
+    manifest = read_manifest(out, storage_options)
+    selection, params = read_selection(out, storage_options)
+    kept_keys = _kept_keys(selection)
+    names = scored_shards(out, storage_options)
+    parts, kept, index, errors = [], [], [], {}
+    none = pa.array([], pa.string())
+    for i, name in enumerate(names):
+        part, error = read_part(out, name, COLUMNS, storage_options)
+        parts.append(part)
+        in_selection = pc.is_in(part["__key__"], value_set=kept_keys.get(name, none))
+        kept.append(np.asarray(in_selection.to_numpy(zero_copy_only=False), dtype=bool))
+        index.append(np.full(part.num_rows, i, dtype=np.int64))
+        if error:
+            errors[name] = error
+    status = _column(parts, "status", "", object)
+    sketch = manifest.get("sketch") or None
+    return RunData(
+        out=out,
+        manifest=manifest,
+        selection=params,
+        keys=_column(parts, "__key__", "", object),
+        shards=_column(parts, "__shard__", "", object),
+        labels=_column(parts, "label", NO_LABEL, np.int64),
+        scores=_column(parts, "score", float("nan"), np.float64),
+        energy=_column(parts, "energy", float("nan"), np.float64),
+        ok=status == "ok",
+        kept=np.concatenate(kept) if kept else np.zeros(0, dtype=bool),
+        shard_index=np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
+        shard_names=names,
+        shard_errors=errors,
+        # A baseline run leaves no sketch stats; a sketch.zarr there is from an earlier run.
+        sigma=read_sigma(out, storage_options) if sketch else None,
+        sketch_stats=sketch,
+    )
+
+
+def extremes(run: RunData, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the `top` most and least agreeing scored samples (ties broken by key)."""
+    candidates = np.flatnonzero(run.ok & np.isfinite(run.scores))
+    if top == 0 or candidates.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    keys = run.keys[candidates].astype(str)
+    scores = run.scores[candidates]
+    ascending = candidates[np.lexsort((keys, scores))]  # by score, then key
+    descending = candidates[np.lexsort((keys, -scores))]
+    return descending[:top], ascending[:top]
+
+
+def shard_table(run: RunData) -> list[dict[str, Any]]:
+    """Per shard: seen, scored, errored, kept, keep rate (of scored) and its stream error."""
+    size = len(run.shard_names)
+    seen = np.bincount(run.shard_index, minlength=size)  # (S,)
+    scored = np.bincount(run.shard_index, weights=run.ok, minlength=size).astype(np.int64)
+    kept = np.bincount(run.shard_index, weights=run.kept, minlength=size).astype(np.int64)
+    return [
+        {
+            "name": name,
+            "seen": int(seen[i]),
+            "scored": int(scored[i]),
+            "errored": int(seen[i] - scored[i]),
+            "kept": int(kept[i]),
+            "keep_rate": kept[i] / scored[i] if scored[i] else float("nan"),
+            "shard_error": run.shard_errors.get(name),
+        }
+        for i, name in enumerate(run.shard_names)
+    ]
+
+
+def class_table(run: RunData) -> list[dict[str, Any]]:
+    """Per class (label) of the scored samples: scored, kept, dropped, keep rate, medians."""
+    labels, scores, kept = run.labels[run.ok], run.scores[run.ok], run.kept[run.ok]
+    classes, inverse = np.unique(labels, return_inverse=True)  # (C,), (n_ok,)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(classes) + 1))
+    rows = []
+    for c, label in enumerate(classes.tolist()):
+        members = order[bounds[c] : bounds[c + 1]]  # rows of class c
+        k = kept[members]
+        rows.append(
+            {
+                "label": label,
+                "scored": int(members.size),
+                "kept": int(k.sum()),
+                "dropped": int((~k).sum()),
+                "keep_rate": float(k.mean()),
+                "median_kept": _median(scores[members][k]),
+                "median_dropped": _median(scores[members][~k]),
+            }
+        )
+    return rows
+
+
+def _median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else float("nan")
