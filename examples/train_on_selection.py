@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 suits tiny models)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the shard order every epoch")
     return p.parse_args(argv)
 
@@ -120,6 +121,8 @@ def demo_accuracy(model: nn.Module, device: torch.device) -> float:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     loader = make_loader(args, device)
     model = load_callable(args.model)().to(device)
