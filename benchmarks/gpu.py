@@ -1,0 +1,202 @@
+"""Issue 7: SAGE on an accelerator with a ResNet-18-sized CNN, C = 100 (D = 51,300), ℓ = 256.
+
+Measures, over the same 32×32 synthetic images in tar shards (`.npy` float32 CHW + `.cls`,
+made here; nothing is downloaded) and the same reader: forward-only samples/s, pass 1
+(sketch) and pass 2 (score) samples/s, the model alone on tensors already on the device (so
+the reader's share is visible), pass 1 in params mode with a random projection, and
+Frequent Directions update rows/s as ℓ and D grow. Writes
+`results/gpu-<device name>.json` with `sketch_over_forward` = pass-1 / forward-only samples/s.
+
+The whole measurement runs in one child process (cases.py `gpu`, which calls `measure`).
+
+    python benchmarks/gpu.py --device cuda          # the figures for docs/benchmarks.md
+    python benchmarks/gpu.py --device cpu --quick   # a tiny smoke run (narrow CNN, 64 images)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import Caps, parser, rate, run_case, start, work_dir, write_results
+from data import npy_bytes
+from torch import nn
+
+from sage_stream.formats.tar import TarShardWriter
+
+CLASSES = 100
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (3×3 stem, no max-pool): 11.2M parameters at width 64."""
+
+    def __init__(self, classes: int = CLASSES, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        widths, cin, layers = [width, 2 * width, 4 * width, 8 * width], width, []
+        for i, cout in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(cin, classes)  # the head: D = C·(8·width + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 3, 32, 32)
+        h = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(h.mean(dim=(2, 3)))  # (B, C)
+
+
+def resnet(width: int) -> ResNet18:
+    torch.manual_seed(0)
+    return ResNet18(CLASSES, width).eval()
+
+
+def settings(quick: bool, device: str) -> dict[str, Any]:
+    if quick:
+        return {"width": 8, "n": 64, "per_shard": 32, "batch": 32, "ell": 32, "params_n": 32,
+                "params": "fc.*", "project_dim": 64, "dims": [520, 2080], "ells": [16, 32],
+                "ell_dim": 2080, "shrinks": 2, "model_only_s": 1.0}  # fmt: skip
+    cuda = device.startswith("cuda")
+    return {"width": 64, "n": 16384 if cuda else 512, "per_shard": 1024 if cuda else 256,
+            "batch": 256 if cuda else 64, "ell": 256, "params_n": 2048 if cuda else 64,
+            "params": "layer4.1.conv2.weight,fc.*", "project_dim": 512 if cuda else 128,
+            "dims": [5130, 25650, 51300, 102600] if cuda else [5130, 51300],
+            "ells": [64, 128, 256, 512, 1024] if cuda else [64, 256],
+            "ell_dim": 51300, "shrinks": 8 if cuda else 2, "model_only_s": 3.0}  # fmt: skip
+
+
+def write_image_shards(folder: Path, n: int, per_shard: int) -> list[str]:
+    """Tar shards of 32×32 RGB images as float32 `.npy` (class-tinted noise) and `.cls`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tint = np.random.default_rng(1).random((CLASSES, 3, 1, 1), dtype=np.float32)
+    paths = []
+    for s in range(-(-n // per_shard)):
+        size = min(per_shard, n - s * per_shard)
+        path = folder / f"img-{s:06d}-{size}.tar"
+        if not path.exists():
+            rng = np.random.default_rng([2, s])
+            y = rng.integers(0, CLASSES, size)
+            x = 0.5 * tint[y] + 0.5 * rng.random((size, 3, 32, 32), dtype=np.float32)
+            with open(path.with_suffix(".tmp"), "wb") as f, TarShardWriter(f) as writer:
+                for i in range(size):
+                    writer.write(f"i{s:06d}_{i:05d}", {"npy": npy_bytes(x[i]), "cls": b"%d" % y[i]})
+            path.with_suffix(".tmp").rename(path)
+        paths.append(str(path))
+    return paths
+
+
+def _model_only(model: nn.Module, batch: int, device: str, seconds: float) -> float:
+    """samples/s of model(x) on a batch already on the device (no reader), for `seconds`."""
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    done, start = 0, time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - start < seconds or done == 0:
+            model(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            done += batch
+    return done / (time.perf_counter() - start)
+
+
+def measure(p: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the child (cases.py `gpu`): every figure of the benchmark, on p["device"]."""
+    from cases import Phases, _forward, case_fd
+
+    import sage_stream
+
+    shutil.rmtree(p["out"], ignore_errors=True)  # a finished sketch there would be resumed
+    device, model = p["device"], resnet(p["width"]).to(p["device"])
+    opts = dict(model=model, ell=p["ell"], batch_size=p["batch"], device=device, progress=False)
+    phase = Phases(device)
+    _forward({"shards": p["shards"][:1]}, {**opts, "out": p["out"] + "/warm"})  # warm-up
+    with phase("forward"):
+        _forward({"shards": p["shards"]}, {**opts, "out": p["out"] + "/fwd"})
+    with phase("sketch"):
+        stats = sage_stream.sketch(p["shards"], out=p["out"] + "/ll", **opts).stats
+    with phase("score"):
+        sage_stream.score(p["shards"], out=p["out"] + "/ll", **opts)
+    params = dict(grad="params", params=p["params"], project_dim=p["project_dim"])
+    few = p["shards"][: p["params_shards"]]
+    with phase("sketch_params_projected"):
+        sage_stream.sketch(few, out=p["out"] + "/params", **opts, **params)
+    model_only = _model_only(model, p["batch"], device, p["model_only_s"])
+    fd = case_fd({"grid": p["grid"], "shrinks": p["shrinks"], "device": device})["fd"]
+    return {**phase.summary(), "sketch_stats": stats, "model_only": model_only, "fd": fd}
+
+
+def summarize(s: dict[str, Any], r: dict[str, Any], params_samples: int) -> dict[str, Any]:
+    ph = r["phases"]
+    per_s = {name: rate(s["n"], ph[name]["wall_s"]) for name in ("forward", "sketch", "score")}
+    per_s["sketch_params_projected"] = rate(params_samples, ph["sketch_params_projected"]["wall_s"])
+    per_s["model_only_no_reader"] = round(r["model_only"], 1)
+    return {
+        "samples_per_s": per_s,
+        "sketch_over_forward": round(per_s["sketch"] / per_s["forward"], 4),
+        "score_over_forward": round(per_s["score"] / per_s["forward"], 4),
+        "phases": ph,
+        "sketch_stats": r["sketch_stats"],
+        "fd": [{**f, "rows_per_s": rate(f["rows"], f["seconds"])} for f in r["fd"]],
+    }
+
+
+def device_slug(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    start(args)
+    s = settings(args.quick, args.device)
+    root = work_dir(args, "gpu")
+    shards = write_image_shards(root / "shards", s["n"], s["per_shard"])
+    params_shards = max(1, s["params_n"] // s["per_shard"])
+    grid = [(d, s["ell"]) for d in s["dims"]] + [(s["ell_dim"], e) for e in s["ells"]]
+    params = {**s, "device": args.device, "shards": shards, "out": str(root / "out"),
+              "params_shards": params_shards, "grid": list(dict.fromkeys(grid))}  # fmt: skip
+    caps = Caps(args.timeout or (300 if args.quick else 1800), args.mem_gib)
+    result = run_case("gpu", params, caps, args.threads)
+    body: dict[str, Any] = {"device_slug": device_slug(args.device), "settings": s}
+    model = resnet(s["width"])
+    body["model"] = {"parameters": sum(t.numel() for t in model.parameters()),
+                     "classes": CLASSES, "grad_dim": CLASSES * (model.fc.in_features + 1)}  # fmt: skip
+    body["status"] = result["status"]
+    if result["status"] == "ok":
+        params_samples = min(s["n"], params_shards * s["per_shard"])
+        body.update(summarize(s, result, params_samples))
+        print(body["samples_per_s"], "sketch_over_forward", body["sketch_over_forward"])
+    else:
+        body["detail"] = result.get("detail")
+        print(result["status"], body["detail"])
+    write_results(args, "gpu", body)
+
+
+if __name__ == "__main__":
+    main()

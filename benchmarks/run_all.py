@@ -1,0 +1,65 @@
+"""Every benchmark in one run, then the plots: the command behind docs/benchmarks.md.
+
+Runs memory.py, throughput.py, peers.py and gpu.py one after another with the same flags, so
+that ratios within each come from one run on one machine state; then report.py draws the plots
+(when matplotlib is there). peers.py runs under `benchmarks/.venv-peers/bin/python` when that
+environment exists (see setup_peers.sh), so that CORDS and TRAK are included.
+
+    python benchmarks/run_all.py --quick                   # CI smoke run, under a minute
+    python benchmarks/run_all.py                           # the figures in docs/benchmarks.md
+    python benchmarks/run_all.py --device cuda             # on a machine with a GPU
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from common import HERE, parser
+
+PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
+SCRIPTS = ("memory.py", "throughput.py", "peers.py", "gpu.py")
+
+
+def forwarded(args) -> list[str]:  # noqa: ANN001
+    flags = [
+        "--device",
+        args.device,
+        "--results",
+        str(args.results),
+        "--threads",
+        str(args.threads),
+    ]
+    flags += ["--mem-gib", str(args.mem_gib)]
+    if args.quick:
+        flags.append("--quick")
+    if args.work is not None:
+        flags += ["--work", str(args.work)]
+    if args.timeout is not None:
+        flags += ["--timeout", str(args.timeout)]
+    return flags
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", choices=SCRIPTS, help="run only these scripts")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args()
+    failed = []
+    for script in args.only or SCRIPTS:
+        python = PEERS_PYTHON if script == "peers.py" and PEERS_PYTHON.exists() else sys.executable
+        start = time.monotonic()
+        code = subprocess.call([str(python), str(HERE / script), *forwarded(args)])
+        print(f"== {script}: exit {code} in {time.monotonic() - start:.0f} s", flush=True)
+        if code:
+            failed.append(script)
+    if not args.no_plots and not args.quick:
+        python = PEERS_PYTHON if PEERS_PYTHON.exists() else sys.executable
+        subprocess.call([str(python), str(HERE / "report.py"), "--results", str(args.results)])
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
