@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from sage_stream.errors import InputError
@@ -58,7 +59,8 @@ def _host_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     torch's threaded eigh was measured 20-50× slower than numpy's on a 2-core machine under
     load (MKL threads spinning), for a matrix that costs milliseconds.
     """
-    lam, u = np.linalg.eigh(gram.cpu().numpy())
+    with threadpool_limits(1):  # milliseconds of work; extra threads only contend
+        lam, u = np.linalg.eigh(gram.cpu().numpy())
     return torch.from_numpy(lam).to(gram.device), torch.from_numpy(u).to(gram.device)
 
 
@@ -151,7 +153,8 @@ class FrequentDirections:
             # A direct SVD, run once on ≤ ℓ rows: unlike the Gram route it gives orthonormal
             # V even for directions whose σ is at rounding level.
             rows = self._buf[: self._m].double().cpu().numpy()  # (m, D), m ≤ ℓ; host LAPACK
-            _, s, vh = np.linalg.svd(rows, full_matrices=False)  # as in _host_eigh
+            with threadpool_limits(1):  # as in _host_eigh
+                _, s, vh = np.linalg.svd(rows, full_matrices=False)
             s, vh = torch.from_numpy(s).to(self._device), torch.from_numpy(vh).to(self._device)
             sigma[: s.numel()], basis[: s.numel()] = s, _fix_signs(vh)
         sigma32, basis32 = sigma.float(), basis.float()
