@@ -12,7 +12,9 @@ for `-`) and returns a small result object. The CLI is a thin layer over these.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from .passes.context import StageContext, build_context
 from .passes.scoring import ScoreResult, run_score_pass
 from .passes.sketching import SketchResult, run_sketch_pass
 from .resume import claim_output, run_identity
+from .sample import ShardRef
 from .selection import select as select_rows
 from .store import StoredSketch, read_sketch
 from .tables import read_scores, scored_shards, write_selection
@@ -48,9 +51,37 @@ def _start(cfg: Config) -> StageContext:
     return ctx
 
 
+@dataclass
+class Passes:
+    """The passes as one executor runs them: in this process, or shard-parallel on Ray."""
+
+    sketch: Callable[[StageContext], SketchResult]
+    score: Callable[[StageContext, StoredSketch | None], ScoreResult]
+    emit: Callable[[Config, list[ShardRef], dict | None], EmitResult]
+
+
+@contextlib.contextmanager
+def executor(cfg: Config) -> Iterator[Passes]:
+    """`--executor local` runs the shard loops here; `ray` runs them on a pool of actors that
+    lives for the whole run (one model load per actor). Ray is imported only in that case."""
+    if cfg.executor != "ray":
+        yield Passes(run_sketch_pass, run_score_pass, run_emit)
+        return
+    from .executors import ray as on_ray
+
+    with on_ray.RayWorkers(cfg, cfg.workers) as workers:
+        yield Passes(
+            lambda ctx: on_ray.sketch_pass(ctx.cfg, ctx.refs, workers),
+            lambda ctx, stored: on_ray.score_pass(ctx.cfg, ctx.refs, stored, workers),
+            lambda cfg, refs, stats: on_ray.emit_pass(cfg, refs, stats, workers),
+        )
+
+
 def sketch(inputs: Any, **options: Any) -> SketchResult:
     """Pass 1: stream the shards into an FD sketch of per-sample gradients (OUT/sketch.zarr)."""
-    return run_sketch_pass(_start(_config(inputs, **options)))
+    ctx = _start(_config(inputs, **options))
+    with executor(ctx.cfg) as passes:
+        return passes.sketch(ctx)
 
 
 def _stored_sketch(cfg: Config, identity: dict[str, Any]) -> StoredSketch | None:
@@ -64,7 +95,8 @@ def _stored_sketch(cfg: Config, identity: dict[str, Any]) -> StoredSketch | None
 def score(inputs: Any, **options: Any) -> ScoreResult:
     """Pass 2: a score for every sample against the stored sketch (OUT/scores/)."""
     ctx = _start(_config(inputs, **options))
-    return run_score_pass(ctx, _stored_sketch(ctx.cfg, ctx.identity()))
+    with executor(ctx.cfg) as passes:
+        return passes.score(ctx, _stored_sketch(ctx.cfg, ctx.identity()))
 
 
 @dataclass
@@ -123,6 +155,10 @@ def emit(inputs: Any, **options: Any) -> EmitResult:
     cfg = _config(inputs, **options)
     clear_success(cfg.out, cfg.storage_options)
     refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    if cfg.executor == "ray":  # shard-parallel tasks; no model, so no actor pool
+        from .executors import ray as on_ray
+
+        return on_ray.emit_pass(cfg, refs, _sketch_stats(cfg))
     return run_emit(cfg, refs, _sketch_stats(cfg))
 
 
@@ -140,14 +176,15 @@ def run(inputs: Any, **options: Any) -> RunResult:
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
     ctx = _start(cfg)
-    sketched = run_sketch_pass(ctx) if cfg.scorer == "sage" else None
-    scored = run_score_pass(ctx, _stored_sketch(cfg, ctx.identity()))
-    if scored.scored == 0:
-        raise InputError(
-            f"no sample could be scored ({scored.errored} errors): see the reasons in "
-            f"{join(cfg.out, 'scores')}, or run with --on-error fail to stop at the first"
-        )
     options = {**options, "inputs": tuple(r.url for r in ctx.refs)}
-    chosen = select(**options)
-    emitted = run_emit(cfg, ctx.refs, _sketch_stats(cfg))
+    with executor(cfg) as passes:
+        sketched = passes.sketch(ctx) if cfg.scorer == "sage" else None
+        scored = passes.score(ctx, _stored_sketch(cfg, ctx.identity()))
+        if scored.scored == 0:
+            raise InputError(
+                f"no sample could be scored ({scored.errored} errors): see the reasons in "
+                f"{join(cfg.out, 'scores')}, or run with --on-error fail to stop at the first"
+            )
+        chosen = select(**options)
+        emitted = passes.emit(cfg, ctx.refs, _sketch_stats(cfg))
     return RunResult(sketched, scored, chosen, emitted)

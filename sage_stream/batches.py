@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import SampleError
+from .errors import SampleError, ShardError
 from .sample import Sample
 
 Decoder = Callable[[Sample], tuple[Tensor, int]]
@@ -80,8 +80,30 @@ def decoded_batches(
     num_classes: int,
     on_error: str = "skip",
 ) -> Iterator[Batch | Skipped]:
-    """Batches of up to `batch_size` decoded samples, and a `Skipped` for every unusable one."""
+    """Batches of up to `batch_size` decoded samples, and a `Skipped` for every unusable one.
+
+    If the stream itself breaks (a truncated shard), the complete samples before the break are
+    still yielded as a last batch, and then the reader's error is raised.
+    """
     pending = _Pending()
+    try:
+        yield from _fill(samples, decoder, pending, batch_size, num_classes, on_error)
+    except ShardError:
+        if pending.keys:
+            yield pending.take()
+        raise
+    if pending.keys:
+        yield pending.take()
+
+
+def _fill(
+    samples: Iterable[Sample],
+    decoder: Decoder,
+    pending: _Pending,
+    batch_size: int,
+    num_classes: int,
+    on_error: str,
+) -> Iterator[Batch | Skipped]:
     for sample in samples:
         try:
             x, y = _decode(sample, decoder, num_classes)
@@ -100,5 +122,3 @@ def decoded_batches(
         pending.add(sample, x, y)
         if len(pending.keys) == batch_size:
             yield pending.take()
-    if pending.keys:
-        yield pending.take()

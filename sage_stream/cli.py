@@ -92,6 +92,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
     g.add_argument("--consensus", choices=CONSENSUS, help="mean-gradient (default) or centroid")
     g.add_argument("--executor", choices=EXECUTORS, help="local (default) or ray")
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="--executor ray: actors (default: one per GPU, else 2)",
+    )
 
 
 def _add_select(p: argparse.ArgumentParser) -> None:

@@ -18,9 +18,12 @@ from .selection import BALANCES, SCORERS
 from .urls import filesystem
 
 GRAD_MODES = ("last-layer", "params")
+# How a run is carried out, not what it computes: left out of the manifest, so that the same
+# run resumed, run elsewhere, or on one Ray worker, writes the same bytes.
+HOW_NOT_WHAT = ("out", "progress", "overwrite", "checkpoint_every", "executor", "workers")
 NUMERIC_FIELDS: dict[str, type] = {
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
-    "max_member_bytes": int, "keep": float, "min_score": float, "checkpoint_every": float,
+    "max_member_bytes": int, "workers": int, "keep": float, "min_score": float, "checkpoint_every": float,
 }  # fmt: skip
 CONSENSUS = ("mean-gradient", "centroid")
 ON_ERROR = ("skip", "fail")
@@ -50,6 +53,7 @@ class Config:
     max_member_bytes: int = 256 * 2**20
     storage_options: dict[str, Any] = field(default_factory=dict)
     executor: str = "local"
+    workers: int | None = None  # --executor ray: actors (default: one per GPU, else 2)
     scorer: str = "sage"
     consensus: str = "mean-gradient"
     keep: float | None = None
@@ -70,6 +74,8 @@ class Config:
         for name in ("ell", "batch_size", "chunk_size", "max_member_bytes"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.workers is not None and self.workers < 1:
+            raise InputError("--workers must be a positive integer")
         if self.project_dim is not None and self.project_dim < 1:
             raise InputError("--project-dim must be a positive integer")
         if self.keep is not None and not 0 < self.keep <= 1:
@@ -107,12 +113,12 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """JSON-able view for the manifest (callables shown by name; no storage secrets).
 
-        `out` is left out: the manifest lives in OUT, and an output stays valid when copied.
+        HOW_NOT_WHAT is left out (`out` too: the manifest lives in OUT, and a copy stays valid).
         """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("out", "progress", "overwrite", "checkpoint_every"):
+            if f.name in HOW_NOT_WHAT:
                 continue
             if f.name == "storage_options":
                 value = sorted(value)  # keys only: values may be credentials

@@ -63,7 +63,7 @@ def annotations(part: pa.Table, kept_keys: set[str], scorer: str) -> dict[str, d
     }
 
 
-def _kept_by_shard(selection: pa.Table) -> dict[str, set[str]]:
+def kept_by_shard(selection: pa.Table) -> dict[str, set[str]]:
     kept: dict[str, set[str]] = {}
     for shard, key in zip(
         selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
@@ -93,6 +93,15 @@ def emit_shard(cfg: Config, ref: ShardRef, kept: set[str], scorer: str) -> dict[
         "format": ref.format,
         **_shard_counts(part, written, error),
     }
+
+
+def emit_marked(
+    cfg: Config, ref: ShardRef, kept: set[str], scorer: str, marker: str
+) -> dict[str, Any]:
+    """Emit one shard, then its marker: a shard with a marker is never emitted again."""
+    counts = emit_shard(cfg, ref, kept, scorer)
+    write_json(marker, counts, cfg.storage_options)
+    return counts
 
 
 def versions() -> dict[str, str]:
@@ -135,7 +144,7 @@ def write_index(cfg: Config, shards: list[dict[str, Any]]) -> None:
 def emit_shards(cfg: Config, refs: list[ShardRef]) -> tuple[list[dict[str, Any]], dict, float]:
     """Emit every shard not yet emitted for this selection; returns per-shard counts."""
     selection, params = read_selection(cfg.out, cfg.storage_options)
-    kept = _kept_by_shard(selection)
+    kept = kept_by_shard(selection)
     scorer = params.get("scorer", cfg.scorer)
     markers = work_url(cfg.out, f"emitted-{selection_hash(cfg.out, cfg.storage_options)}")
     progress = Progress("emit", len(refs), cfg.progress)
@@ -144,8 +153,7 @@ def emit_shards(cfg: Config, refs: list[ShardRef]) -> tuple[list[dict[str, Any]]
         marker = join(markers, ref.name)
         counts = read_json(marker, cfg.storage_options)
         if counts is None:
-            counts = emit_shard(cfg, ref, kept.get(ref.name, set()), scorer)
-            write_json(marker, counts, cfg.storage_options)
+            counts = emit_marked(cfg, ref, kept.get(ref.name, set()), scorer, marker)
         shards.append(counts)
         progress.advance(counts["kept"])
         progress.shard_done(ref.name)

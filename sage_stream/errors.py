@@ -24,13 +24,24 @@ class ShardError(SageError, OSError):
         where = f"{url} (after key {key!r})" if key else url
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # noqa: ANN204 - so that it crosses process boundaries (Ray) whole
+        return (type(self), (self.url, self.reason, self.key))
+
 
 class SampleError(SageError, ValueError):
     """One sample that cannot be used; under --on-error skip it is recorded in scores/."""
 
-    def __init__(self, shard: str, key: str, reason: str):
-        self.shard, self.key, self.reason = shard, key, reason
-        super().__init__(f"shard {shard!r}, key {key!r}: {reason}")
+    def __init__(self, shard: str, key: str, reason: str, url: str | None = None):
+        self.shard, self.key, self.reason, self.url = shard, key, reason, url
+        where = f"{url} (shard {shard!r})" if url else f"shard {shard!r}"
+        super().__init__(f"{where}, key {key!r}: {reason}")
+
+    def with_url(self, url: str) -> SampleError:
+        """The same error, naming the URL of its shard (readers and decoders know only names)."""
+        return SampleError(self.shard, self.key, self.reason, url)
+
+    def __reduce__(self):  # noqa: ANN204 - see ShardError
+        return (type(self), (self.shard, self.key, self.reason, self.url))
 
 
 class MismatchError(SageError, ValueError):

@@ -12,6 +12,7 @@ from torch import nn
 from ..batches import Batch, Decoder, Skipped, decoded_batches
 from ..config import Config, shard_options
 from ..decode import make_decoder
+from ..errors import InputError, SampleError
 from ..formats import read_shard
 from ..gradients import Features, GradientFeaturizer
 from ..model import load_model, resolve_device
@@ -46,13 +47,17 @@ class StageContext:
     def batches(self, ref: ShardRef) -> Iterator[Batch | Skipped]:
         cfg = self.cfg
         samples = read_shard(ref, cfg.storage_options, **shard_options(cfg, ref.format))
-        return decoded_batches(
+        batches = decoded_batches(
             samples,
             self.decoder,
             batch_size=cfg.batch_size,
             num_classes=self.num_classes,
             on_error=cfg.on_error,
         )
+        try:
+            yield from batches
+        except SampleError as exc:  # under --on-error fail: name the URL too
+            raise exc.with_url(ref.url) from None
 
     def features(self, batch: Batch) -> Features:
         x = batch.x.to(self.device, non_blocking=True)
@@ -63,8 +68,6 @@ class StageContext:
 def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageContext:
     """Expand the inputs, load the model and set up gradient features, once per run."""
     if cfg.model is None:
-        from ..errors import InputError
-
         raise InputError("no model: pass --model MODULE:FUNCTION")
     refs = refs if refs is not None else expand_inputs(cfg.inputs, cfg.storage_options)
     device = resolve_device(cfg.device)

@@ -114,7 +114,7 @@ def score_shard(
             scored = score_batch(feats.grads, feats.loss, y, tensors, keep_z=centroid)
             if ctx.cfg.on_error == "fail" and NONFINITE_LOSS in scored.reasons:
                 key = item.keys[scored.reasons.index(NONFINITE_LOSS)]
-                raise SampleError(ref.name, key, NONFINITE_LOSS)
+                raise SampleError(ref.name, key, NONFINITE_LOSS, ref.url)
             rows.add_batch(item, scored)
             progress.advance(len(item.keys))
     except ShardError as exc:
@@ -135,7 +135,7 @@ class ScoreResult:
     seconds: float
 
 
-def _score_and_write(
+def score_and_write(
     ctx: StageContext, ref: ShardRef, sketch: StoredSketch | None, progress: Progress
 ) -> tuple[pa.Table, str | None]:
     """Score one shard and write its part (after its projections, for centroid consensus)."""
@@ -162,7 +162,7 @@ def run_score_pass(ctx: StageContext, sketch: StoredSketch | None) -> ScoreResul
         if exists(part_url(cfg.out, ref.name), cfg.storage_options):
             table, error = read_part(cfg.out, ref.name, ["status"], cfg.storage_options)
         else:
-            table, error = _score_and_write(ctx, ref, sketch, progress)
+            table, error = score_and_write(ctx, ref, sketch, progress)
         if error is not None:
             shard_errors.append({"shard": ref.name, "url": ref.url, "reason": error})
         seen += table.num_rows

@@ -88,7 +88,7 @@ def sketch_shard(ctx: StageContext, ref: ShardRef, state: SketchState, progress:
         usable = torch.isfinite(feats.loss) & torch.isfinite(feats.grads).all(dim=1)
         if fail and not bool(usable.all()):
             bad = int((~usable).nonzero()[0, 0])
-            raise SampleError(ref.name, item.keys[bad], "non-finite loss or gradient")
+            raise SampleError(ref.name, item.keys[bad], "non-finite loss or gradient", ref.url)
         grads, labels = feats.grads[usable], item.y.to(ctx.device)[usable]
         state.fd.update(grads)
         state.class_sums.index_add_(0, labels, grads.to(torch.float64))

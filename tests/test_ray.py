@@ -1,0 +1,379 @@
+"""--executor ray on a local 2-CPU Ray cluster: the local answer, the FD bound, and faults.
+
+One cluster for the whole session (start-up is seconds and ~1.5 GB). The runs go through
+`sage_stream.executors.ray` the way `api.run` wires it (`ray_run` below); the pipeline test
+goes through `pipelines/ray_job.py`, the CLI and `api`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shardmaker import make_tar_shard, npy_bytes
+from tiny import blobs, mlp, train_checkpoint, write_tar_set
+
+ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sage-stream[ray]'")
+
+import sage_stream  # noqa: E402
+from sage_stream import api  # noqa: E402
+from sage_stream.config import make_config  # noqa: E402
+from sage_stream.emit import clear_success  # noqa: E402
+from sage_stream.errors import InputError, SampleError  # noqa: E402
+from sage_stream.executors import ray as ray_executor  # noqa: E402
+from sage_stream.executors.ray_worker import ShardWorker, plan_blocks  # noqa: E402
+from sage_stream.passes.context import build_context  # noqa: E402
+from sage_stream.passes.scoring import run_score_pass  # noqa: E402
+from sage_stream.resume import claim_output, run_identity  # noqa: E402
+from sage_stream.store import read_sketch  # noqa: E402
+from sage_stream.urls import expand_inputs  # noqa: E402
+
+pytestmark = pytest.mark.ray
+TESTS = Path(__file__).parent
+N, SHARDS = 180, 4  # shards of 45: two workers get two shards each
+OPTIONS = dict(
+    model="tiny:mlp", ell=16, batch_size=32, device="cpu", keep=0.5, progress=False,
+    checkpoint_every=0,
+)  # fmt: skip
+
+
+class CountingDecoder:
+    """--preprocess for fault tests: the built-in decoder, counting its calls in a file.
+
+    At the calls numbered in `kill_at` it SIGKILLs its own process (a worker dying mid-shard);
+    at call `pause_at` (the first to reach it, of all workers) it touches `<counter>.paused`
+    and sleeps, for the test to kill the driver. Every run of this module decodes through it,
+    so that their configurations (and manifests) are the same.
+    """
+
+    def __init__(self, counter: str, kill_at: tuple[int, ...] = (), pause_at: int = 0):
+        self.counter, self.kill_at, self.pause_at = counter, kill_at, pause_at
+
+    def __call__(self, sample):  # noqa: ANN001, ANN204
+        from sage_stream.decode import make_decoder
+
+        with open(self.counter, "ab") as f:  # one byte per call: appends do not race
+            f.write(b".")
+        calls = os.path.getsize(self.counter)
+        if calls in self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.pause_at and calls >= self.pause_at:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(f"{self.counter}.paused", os.O_CREAT | os.O_EXCL))
+                time.sleep(300)
+        return make_decoder()(sample)
+
+
+# Ray workers rebuild CountingDecoder from its pickle, not by importing this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def runtime_env() -> dict:
+    """`tiny:mlp` must import on the workers: this folder goes on their PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token banner; restored after the session
+    ray.init(
+        address="local",  # never join another cluster that happens to run on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=runtime_env(),
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-data")
+    x, _, noisy = blobs(N)
+    return {
+        "x": x,
+        "y": noisy,
+        "urls": write_tar_set(root / "tar", x, noisy, shards=SHARDS),
+        "ckpt": train_checkpoint(root / "proxy.pt", x, noisy),
+    }
+
+
+def ray_run(
+    urls: list[str], out: Path, workers: int, emit_on_tasks: bool = False, **options
+) -> sage_stream.api.EmitResult:
+    """`api.run` for --executor ray, as api is to wire it: claim OUT; the two passes, select
+    (on the driver) and emit, with one set of Ray workers."""
+    options = {**OPTIONS, **options}
+    cfg = make_config(inputs=urls, out=str(out), executor="ray", **options)
+    ctx = build_context(cfg)  # the driver fingerprints the model to claim OUT
+    claim_output(cfg, run_identity(cfg, ctx.refs, ctx.fingerprint))
+    clear_success(cfg.out, cfg.storage_options)
+    with ray_executor.RayWorkers(cfg, workers) as pool:  # one model load per worker
+        ray_executor.sketch_pass(cfg, ctx.refs, pool)
+        sketch = read_sketch(str(out / "sketch.zarr"), expected=ctx.identity())
+        ray_executor.score_pass(cfg, ctx.refs, sketch, pool)
+        sage_stream.select(inputs=urls, out=str(out), executor="ray", **options)
+        if not emit_on_tasks:
+            return ray_executor.emit_pass(cfg, ctx.refs, api._sketch_stats(cfg), pool)
+    # One task per shard, as `sage-stream emit` does; after the actors free their CPUs.
+    return ray_executor.emit_pass(cfg, ctx.refs, api._sketch_stats(cfg))
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """Every file byte for byte, manifest.json included (it records what, not how)."""
+    first, second = output_files(a), output_files(b)
+    assert first.keys() == second.keys()
+    assert [n for n in first if first[n] != second[n]] == []
+
+
+def kept_keys(out: Path) -> set[str]:
+    return set(pq.read_table(out / "selection.parquet", columns=["__key__"])["__key__"].to_pylist())
+
+
+@pytest.fixture(scope="module")
+def local_out(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    decoder = CountingDecoder(str(root / "calls"))
+    options = dict(checkpoint=data["ckpt"], preprocess=decoder, **OPTIONS)
+    sage_stream.run(data["urls"], out=str(root / "out"), **options)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def two_workers_out(cluster, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray2")
+    decoder = CountingDecoder(str(root / "calls"))
+    ray_run(data["urls"], root / "out", workers=2, checkpoint=data["ckpt"], preprocess=decoder)
+    return root / "out"
+
+
+def test_blocks_are_contiguous_even_and_in_order():
+    refs = list(range(10))
+    assert plan_blocks(refs, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert plan_blocks(refs, 1) == [refs]
+    assert plan_blocks(refs[:3], 8) == [[0], [1], [2]]  # never an empty block
+
+
+def test_one_block_in_process_is_the_local_sketch(data, local_out, tmp_path):
+    """The worker's code path without Ray: one block, checkpointed, merged, finished."""
+    cfg = make_config(inputs=data["urls"], out=str(tmp_path), checkpoint=data["ckpt"], **OPTIONS)
+    worker = ShardWorker(cfg)
+    refs = build_context(cfg).refs
+    worker.finish([worker.sketch_block(refs, 0, 1)], seconds=0.0)
+    mine, local = output_files(tmp_path / "sketch.zarr"), output_files(local_out / "sketch.zarr")
+    assert mine == local
+    assert not (tmp_path / "_work" / "pass1.pt").exists()  # the checkpoint is dropped at the end
+
+
+def test_one_worker_equals_local_byte_for_byte_though_killed_twice(
+    cluster, data, local_out, tmp_path
+):
+    """One worker, SIGKILLed in pass 1 (shard 3 of 4) and in pass 2 (shard 2); Ray restarts
+    it and retries the call in flight; the outputs are the local run's, byte for byte."""
+    counter = str(tmp_path / "calls")
+    decoder = CountingDecoder(counter, kill_at=(100, 250))
+    out = tmp_path / "out"
+    ray_run(data["urls"], out, workers=1, checkpoint=data["ckpt"], preprocess=decoder)
+    # Pass 1: 100 calls, killed in shard 3; resumed after shards 1-2 (checkpointed): 90 more.
+    # Pass 2: shard 1, then killed at the 15th call of shard 2; shard 2 again and shards 3-4.
+    assert os.path.getsize(counter) == (100 + 90) + (45 + 15) + (45 + 90)
+    assert_same_outputs(local_out, out)
+
+
+def test_stage_errors_come_back_typed(cluster, data, tmp_path):
+    """--on-error fail on a worker raises the local run's SampleError, with shard and key."""
+    x = data["x"][0]
+    samples = {"a": {"npy": npy_bytes(x), "cls": b"1"}, "b": {"npy": b"no npy", "cls": b"2"}}
+    cfg = make_config(
+        inputs=[make_tar_shard(tmp_path / "bad.tar", samples)], out=str(tmp_path / "out"),
+        checkpoint=data["ckpt"], on_error="fail", executor="ray", **OPTIONS,
+    )  # fmt: skip
+    with pytest.raises(SampleError) as raised:
+        ray_executor.sketch_pass(cfg, expand_inputs(cfg.inputs), 1)
+    assert (raised.value.shard, raised.value.key) == ("bad.tar", "b")
+    # A worker whose model does not load raises on every call instead of dying (in process).
+    worker = ShardWorker(cfg.replace(model="nosuch:factory"))
+    with pytest.raises(InputError, match="nosuch"):
+        worker.stored_sketch()
+
+
+def head_gradients(data) -> torch.Tensor:
+    """g_i of the head (weight, bias) by autograd, one sample at a time: (N, D) float64."""
+    model = mlp()
+    model.load_state_dict(torch.load(data["ckpt"], weights_only=True))
+    head, rows = model[2], []
+    for i in range(N):
+        x, y = torch.from_numpy(data["x"][i : i + 1]), torch.tensor([int(data["y"][i])])
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
+        rows.append(torch.cat([gw.flatten(), gb]).double())
+    return torch.stack(rows)
+
+
+def test_two_workers_keep_the_fd_bound_for_all_rows(data, two_workers_out, local_out):
+    a = head_gradients(data)  # (N, D), D = 3 * 17 = 51 > ℓ = 16: the sketch is lossy
+    sk = read_sketch(str(two_workers_out / "sketch.zarr"))
+    b = sk.sigma.double()[:, None] * sk.basis.double()  # (ℓ, D)
+    err = torch.linalg.matrix_norm(a.T @ a - b.T @ b, ord=2).item()
+    frob = a.square().sum().item()
+    delta = sk.stats["delta"]
+    assert sk.stats["n"] == N and sk.stats["frobenius_sq"] == pytest.approx(frob, rel=1e-5)
+    assert 0 < err <= delta * (1 + 1e-4) + 1e-6 * frob
+    assert delta <= frob / 16
+    local = read_sketch(str(local_out / "sketch.zarr"))
+    assert delta != local.stats["delta"]  # two partials were merged: not the one-stream sketch
+
+
+def test_two_workers_keep_nearly_the_local_selection(two_workers_out, local_out):
+    local, two = kept_keys(local_out), kept_keys(two_workers_out)
+    assert len(two) == len(local) == N // 2
+    assert len(local & two) / len(local) >= 0.95  # measured: 1.0 on this data
+    manifest = json.loads((two_workers_out / "manifest.json").read_text())
+    assert manifest["totals"]["seen"] == N and (two_workers_out / "_SUCCESS").exists()
+
+
+def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_out, tmp_path):
+    """Workers store z per shard, the driver scores against the centroids: same bytes."""
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        shutil.copytree(two_workers_out / "sketch.zarr", out / "sketch.zarr")
+        cfg = make_config(
+            inputs=data["urls"], out=str(out), checkpoint=data["ckpt"], consensus="centroid",
+            executor=executor, **OPTIONS,
+        )  # fmt: skip
+        ctx = build_context(cfg)
+        sketch = read_sketch(str(out / "sketch.zarr"), expected=ctx.identity())
+        if executor == "local":
+            expected = run_score_pass(ctx, sketch)
+        else:
+            got = ray_executor.score_pass(cfg, ctx.refs, sketch, 2)
+    assert got.seen == N and (got.scored, got.errored) == (expected.scored, expected.errored)
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+    assert list((tmp_path / "ray" / "sketch.zarr" / "projections").iterdir()) != []
+
+
+DRIVER = """
+import sys
+sys.path[:0] = [{tests!r}]
+import ray, test_ray
+ray.init(address={address!r}, runtime_env=test_ray.runtime_env(), log_to_driver=False)
+decoder = test_ray.CountingDecoder({counter!r}, pause_at={pause_at})
+test_ray.ray_run({urls!r}, test_ray.Path({out!r}), 2, checkpoint={ckpt!r}, preprocess=decoder)
+"""
+
+
+@pytest.mark.slow
+def test_driver_killed_and_restarted_resumes_from_checkpoints(
+    cluster, data, two_workers_out, tmp_path
+):
+    """A driver in its own process, killed in pass 1 while both workers sketch; this process
+    then runs the same job again: it resumes from the block checkpoints in OUT/_work/. (Its
+    emit runs as one Ray task per shard, where the other runs use the worker actors.)"""
+    out, counter = tmp_path / "out", str(tmp_path / "calls")
+    script = DRIVER.format(
+        tests=str(TESTS), address=cluster, counter=counter, pause_at=120, urls=data["urls"],
+        out=str(out), ckpt=data["ckpt"],
+    )  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=TESTS)
+    deadline = time.monotonic() + 120  # a loaded machine: start-up alone can take 20 s
+    while not Path(f"{counter}.paused").exists() and driver.poll() is None:
+        assert time.monotonic() < deadline, "the driver never reached decode call 120"
+        time.sleep(0.2)
+    driver.kill()  # Ray stops the actors of a dead driver
+    assert driver.wait() == -signal.SIGKILL
+    assert list((out / "_work").glob("pass1-block-*")) != []
+    Path(counter).write_bytes(b"")
+    decoder = CountingDecoder(counter)
+    ray_run(data["urls"], out, 2, emit_on_tasks=True, checkpoint=data["ckpt"], preprocess=decoder)
+    # 120 calls before the kill put at least one block past its first shard (45 samples),
+    # which was checkpointed: the rerun decodes less than a full pass 1 and pass 2.
+    assert os.path.getsize(counter) <= (N - 45) + N
+    assert output_files(out) == output_files(two_workers_out)
+
+
+@pytest.fixture
+def s3_options():
+    """A local S3 server of this test's own; its options reach every worker in the config."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    server.stop()
+
+
+def spy(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    calls: list[str] = []
+    for name in names:
+        real = getattr(module, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):  # noqa: ANN001, ANN202
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def job_config(data, s3_options: dict) -> str:
+    """pipelines/ray-s3-gpu.toml, pointed at the tiny shards in S3 and the CPU."""
+    config = (TESTS.parent / "pipelines" / "ray-s3-gpu.toml").read_text()
+    assert 'executor = "ray"' in config
+    changes = {
+        "inputs": [f"s3://bucket/train/{Path(u).name}" for u in data["urls"]],
+        "out": "s3://bucket/train-sage", "model": "tiny:mlp", "checkpoint": data["ckpt"],
+        "input-key": "npy", "ell": 16, "batch-size": 32, "device": "cpu", "keep": 0.5,
+    }  # fmt: skip
+    for name, value in changes.items():
+        lines = [line for line in config.splitlines() if line.startswith(f"{name} ")]
+        assert len(lines) == 1, name
+        config = config.replace(lines[0], f"{name} = {json.dumps(value)}")
+    options = "".join(f"{k} = {json.dumps(v)}\n" for k, v in s3_options.items())
+    return config.replace("[storage_options]", "checkpoint-every = 0\n[storage_options]") + options
+
+
+def test_pipeline_job_runs_the_s3_config_on_ray(
+    cluster, data, s3_options, two_workers_out, tmp_path, monkeypatch
+):
+    """pipelines/ray_job.py + ray-s3-gpu.toml: S3 in and out, through the CLI and api."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.mkdir("bucket")
+    fs.put([str(u) for u in data["urls"]], "bucket/train/")
+    (tmp_path / "job.toml").write_text(job_config(data, s3_options))
+    calls = spy(monkeypatch, ray_executor, ("sketch_pass", "score_pass", "emit_pass"))
+    sys.path.insert(0, str(TESTS.parent / "pipelines"))
+    try:
+        import ray_job
+    finally:
+        sys.path.remove(str(TESTS.parent / "pipelines"))
+    assert ray_job.main(["--config", str(tmp_path / "job.toml"), "--no-progress"]) == 0
+    assert calls == ["sketch_pass", "score_pass", "emit_pass"]  # api went through Ray
+    assert fs.exists("bucket/train-sage/_SUCCESS")
+    with fs.open("bucket/train-sage/selection.parquet") as f:
+        kept = set(pq.read_table(f, columns=["__key__"])["__key__"].to_pylist())
+    assert kept == kept_keys(two_workers_out)  # the default on CPU: two workers
