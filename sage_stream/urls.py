@@ -9,24 +9,33 @@ visible under its final name.
 All access is through fsspec, so local paths, ``memory://``, ``s3://``, ``gs://`` and the rest
 behave alike. Local paths are kept as plain absolute paths (``file://`` is stripped) because
 zarr and some readers refuse ``file://`` URLs.
+
+Object storage is reached the same way: ``s3://`` (s3fs) and ``gs://`` (gcsfs) take their
+credentials and endpoint from the standard environment and config files, plus any
+``storage_options`` (``--storage-option K=V``). Every call that touches storage here is
+retried on transient errors (``sage_stream.retry``); shards are read as bounded, resumable
+streams (``open_shard``), never copied whole; on S3 and GCS writes are multipart uploads
+committed only on success, elsewhere a temporary name moved into place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import logging
 import os
 import posixpath
 import secrets
-from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import braceexpand
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from sage_stream.errors import InputError
+from sage_stream.errors import InputError, ShardError
+from sage_stream.retry import RetryingReader, call, describe
 from sage_stream.sample import Format, ShardRef
 
 SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
@@ -34,13 +43,33 @@ SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".parquet": "parquet", ".pq"
 # Below this many URLs from one brace pattern, ask for each object; above, list each parent
 # folder once instead (10,000 HEAD requests against S3 would take minutes).
 _LIST_THRESHOLD = 8
+# Read shards in ranged requests of this size (s3fs would take 50 MiB): memory per open shard
+# stays about one block whatever the shard size. A ``default_block_size`` storage option wins.
+READ_BLOCK_BYTES = 16 * 2**20
+# Filesystems whose files can be opened with autocommit=False and later commit()ed or
+# discard()ed: a multipart upload that is invisible until it completes.
+_DEFERRED_COMMIT = frozenset({"s3", "s3a", "gs", "gcs"})
+log = logging.getLogger("sage_stream")
 
 
 def filesystem(
     url: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``url`` and the path within it (``file://`` and plain paths alike)."""
-    return url_to_fs(url, **(storage_options or {}))
+    """The filesystem for ``url`` and the path within it (``file://`` and plain paths alike).
+
+    A protocol whose package is missing (``s3://`` without s3fs) or unknown is an InputError
+    saying what to install, not a traceback.
+    """
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except ImportError as e:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(url.split("://")[0])
+        hint = f"; pip install 'sage-stream[{extra}]'" if extra else ""
+        raise InputError(f"{url}: {describe(e)}{hint}") from None
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        raise InputError(f"{url}: {describe(e)}") from None
 
 
 def join(base: str, *parts: str) -> str:
@@ -124,7 +153,8 @@ def _expand_one(item: str, storage_options: dict | None) -> list[str]:
     urls: list[str] = []
     for part, path in zip(parts, paths, strict=True):
         if globlib.has_magic(part):
-            found = sorted(p for p, info in fs.glob(path, detail=True).items() if _is_file(info))
+            matches = _listing(fs, "glob", path, detail=True)
+            found = sorted(p for p, info in matches.items() if _is_file(info))
             if not found:
                 raise InputError(f"{item}: pattern matches nothing")
             urls.extend(_canonical(fs, p) for p in found)
@@ -138,12 +168,25 @@ def _expand_one(item: str, storage_options: dict | None) -> list[str]:
     return urls
 
 
+def _listing(fs: fsspec.AbstractFileSystem, op: str, path: str, **kw: object) -> Any:
+    """``fs.<op>(path)`` (info, ls, glob), retried; access denied becomes an InputError."""
+    url = _canonical(fs, path)
+    try:
+        return call(getattr(fs, op), path, what=f"{op} {url}", **kw)
+    except FileNotFoundError:
+        raise
+    except PermissionError as e:
+        raise InputError(f"{url}: access denied: {storage_reason(e)}") from None
+    except Exception as e:  # noqa: BLE001 - after retries, any storage failure ends expansion
+        raise InputError(f"{url}: cannot {op}: {storage_reason(e)}") from None
+
+
 def _is_file(info: dict) -> bool:
     return info.get("type") == "file"
 
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, item: str) -> list[str]:
-    entries = fs.ls(path, detail=True)
+    entries = _listing(fs, "ls", path, detail=True)
     found = sorted(
         e["name"]
         for e in entries
@@ -162,7 +205,7 @@ def _stat_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str
     kinds: dict[str, str] = {}
     for path in paths:
         try:
-            kinds[path] = fs.info(path).get("type", "file")
+            kinds[path] = _listing(fs, "info", path).get("type", "file")
         except FileNotFoundError:
             continue
     return kinds
@@ -172,7 +215,7 @@ def _stat_by_listing(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[st
     kinds: dict[str, str] = {}
     for parent in sorted({fs._parent(p) for p in paths}):
         try:
-            entries = fs.ls(parent, detail=True)
+            entries = _listing(fs, "ls", parent, detail=True)
         except FileNotFoundError:
             continue
         kinds.update({e["name"].rstrip("/"): e.get("type", "file") for e in entries})
@@ -184,10 +227,12 @@ def _read_list(list_url: str, storage_options: dict | None) -> list[str]:
     """Entries of an ``@list.txt`` file, with relative entries resolved against its folder."""
     fs, path = filesystem(normalize_url(list_url), storage_options)
     try:
-        with fs.open(path, "rb") as f:
+        with open_input(list_url, storage_options) as f:
             text = f.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"@{list_url}: cannot read input list: {e}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"@{list_url}: input list is not UTF-8 text: {e}") from None
+    except Exception as e:  # after retries: missing, denied, or the store kept failing
+        raise InputError(f"@{list_url}: cannot read input list: {storage_reason(e)}") from None
     folder = _canonical(fs, fs._parent(path))
     entries: list[str] = []
     for line in text.splitlines():
@@ -204,23 +249,124 @@ def _read_list(list_url: str, storage_options: dict | None) -> list[str]:
     return entries
 
 
+def storage_reason(exc: BaseException) -> str:
+    """One line saying why storage failed, with what to do for the usual causes."""
+    if isinstance(exc, FileNotFoundError):
+        return f"does not exist (404 or removed since the inputs were listed): {describe(exc)}"
+    if isinstance(exc, PermissionError):
+        return f"access denied (403): {describe(exc)}; check the credentials and bucket policy"
+    return describe(exc)
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` exists, asking the store again on a transient error.
+
+    Not ``fs.exists``: fsspec's default answers False to *any* error, so a throttled request
+    would read as a missing object.
+    """
+    fs, path = filesystem(normalize_url(url), storage_options)
+    try:
+        call(fs.info, path, what=f"exists {url}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_input(
+    url: str, storage_options: dict | None = None, *, block_size: int | None = None
+) -> RetryingReader:
+    """Open ``url`` for streaming reads that survive transient errors (see RetryingReader).
+
+    Reads go out as ranged requests of ``block_size`` bytes (default READ_BLOCK_BYTES unless a
+    ``default_block_size`` storage option is set); nothing is copied locally. Raises the
+    store's error (FileNotFoundError, PermissionError, ...) if it cannot be opened.
+    """
+    return RetryingReader(_opener(url, storage_options, block_size), url)
+
+
+def _opener(
+    url: str, storage_options: dict | None, block_size: int | None = None
+) -> Callable[[], BinaryIO]:
+    fs, path = filesystem(normalize_url(url), storage_options)
+    kw: dict[str, Any] = {}
+    if block_size is not None or "default_block_size" not in (storage_options or {}):
+        kw["block_size"] = block_size or READ_BLOCK_BYTES
+    return lambda: fs.open(path, "rb", **kw)
+
+
+class _ShardStream(RetryingReader):
+    """A shard's stream: any failure that survives the retries is a ShardError naming it."""
+
+    def _retrying(self, op, fn):  # noqa: ANN001, ANN202 - same signature as the base class
+        try:
+            return super()._retrying(op, fn)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store may raise anything (aiohttp, botocore)
+            where = f"{op} failed at byte {self.tell()}"
+            raise ShardError(self._what, f"{where}: {storage_reason(e)}") from e
+
+
+def open_shard(url: str, storage_options: dict | None = None) -> BinaryIO:
+    """Open an input shard as a bounded, resumable stream; ShardError if it cannot be read."""
+    try:
+        return _ShardStream(_opener(url, storage_options), url)
+    except Exception as e:  # noqa: BLE001 - see _ShardStream
+        raise ShardError(url, f"cannot open: {storage_reason(e)}") from e
+
+
 @contextlib.contextmanager
 def atomic_write(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file that appears at ``url`` only if the block exits without exception.
 
-    Writes go to a sibling ``<name>.tmp-<random>`` which is moved into place on success and
-    removed on failure. A local rename is atomic; on object stores the move is a server-side
-    copy, so readers see either nothing or the whole object, never a partial one (s3fs would
-    otherwise commit a partial object when an exception escapes ``fs.open``).
+    On S3 and GCS the file is an upload opened with autocommit off: parts go up as they fill
+    (memory stays one part), and the object appears when the upload is committed at the end;
+    on failure the upload is aborted and nothing appears. Elsewhere (local, memory://, ...)
+    writes go to a sibling ``<name>.tmp-<random>`` that is moved into place on success (a
+    local rename is atomic) and removed on failure. The commit or move is retried on transient
+    errors. Readers see either nothing or the whole object, never a partial one.
     """
     fs, path = filesystem(normalize_url(url), storage_options)
+    deferred = bool(set(_protocols(fs)) & _DEFERRED_COMMIT)
+    writer = _write_then_commit if deferred else _write_then_move
+    with writer(fs, path, url) as f:
+        yield f
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@contextlib.contextmanager
+def _write_then_commit(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
+    f = call(fs.open, path, "wb", autocommit=False, what=f"open {url} for writing")
+    try:
+        yield f
+        f.close()  # uploads the last part; the object is still invisible
+        call(f.commit, what=f"commit {url}")
+    except BaseException:
+        try:
+            f.discard()  # aborts the multipart upload: its parts are deleted
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.warning(
+                "could not abort the upload of %s; a bucket lifecycle rule for incomplete "
+                "multipart uploads removes such parts",
+                url,
+                exc_info=True,
+            )
+        f.closed = True  # never flush or commit on garbage collection
+        raise
+
+
+@contextlib.contextmanager
+def _write_then_move(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
     tmp = f"{path}.tmp-{secrets.token_hex(6)}"
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(fs._parent(path), exist_ok=True)
     try:
-        with fs.open(tmp, "wb") as f:
+        with call(fs.open, tmp, "wb", what=f"open {url} for writing") as f:
             yield f
-        fs.mv(tmp, path)
+        call(fs.mv, tmp, path, what=f"move {url} into place")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(tmp)

@@ -1,12 +1,14 @@
 """Parquet shards: the reader at the start of the flow and the copier used by emit.
 
-``read_parquet`` streams record batches (never the whole table) and turns each row into a
+``read_parquet`` streams record batches (never the whole table: ``pre_buffer=False``, which
+pyarrow would otherwise turn into one read of every row group) and turns each row into a
 ``Sample`` whose fields are the row's columns as Python values. The key is the key column
 (``__key__`` by default) as text, or, without one, the row index as ``f"{index:09d}"``, so that
 scores, the selection and the emitted rows refer to the same rows on every run.
 
 ``copy_selected_parquet`` re-reads a shard for emit and writes the kept rows with every
-original column and type unchanged, plus ``sage_*`` columns holding each row's score.
+original column and type unchanged, plus ``sage_*`` columns holding each row's score. Both open
+the shard through ``urls.open_shard`` (bounded reads, resumed after transient errors).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 
 from sage_stream.errors import ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.urls import filesystem
+from sage_stream.urls import open_shard
 
 # Types of the columns emit adds; other names get the type of their first non-null value.
 SAGE_TYPES: dict[str, pa.DataType] = {
@@ -38,17 +40,16 @@ _ROW_GROUP_BYTES = 64 * 2**20
 
 def _open(ref: ShardRef, f: BinaryIO) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(f)
+        # pre_buffer would read every row group at once; stream them one by one instead
+        return pq.ParquetFile(f, pre_buffer=False)
+    except ShardError:
+        raise  # the stream itself failed (see urls.open_shard): already names the shard
     except (pa.ArrowException, OSError) as e:
-        raise ShardError(ref.url, f"not a readable Parquet file: {e}") from e
+        raise ShardError(ref.url, f"not a readable Parquet file: {_one_line(e)}") from e
 
 
-def _open_stream(ref: ShardRef, storage_options: dict | None) -> BinaryIO:
-    fs, path = filesystem(ref.url, storage_options)
-    try:
-        return fs.open(path, "rb")
-    except (OSError, ValueError) as e:
-        raise ShardError(ref.url, f"cannot open: {e}") from e
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _row_keys(
@@ -93,14 +94,20 @@ def _keyed_batches(
     seen: set[str] = set()
     start = 0
     last_key: str | None = None
+    # use_threads=False: a read error inside pyarrow's thread pool can abort the interpreter
+    # at exit (pyarrow 26); one shard's decoding is never the bottleneck of a pass.
+    batches = pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
     try:
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in batches:
             keys, errors = _row_keys(batch, key_col, start, seen)
             yield batch, keys, errors
             start += batch.num_rows
             last_key = keys[-1] if keys else last_key
+    except ShardError as e:
+        raise ShardError(e.url, e.reason, key=e.key or last_key) from e
     except (pa.ArrowException, OSError) as e:
-        raise ShardError(ref.url, f"unreadable Parquet data: {e}", key=last_key) from e
+        reason = f"unreadable Parquet data: {_one_line(e)}"
+        raise ShardError(ref.url, reason, key=last_key) from e
 
 
 def read_parquet(
@@ -118,7 +125,7 @@ def read_parquet(
     null key with ``"null key in column ..."``. Raises ShardError for a file that cannot be
     opened or read.
     """
-    with _open_stream(ref, storage_options) as f:
+    with open_shard(ref.url, storage_options) as f:
         pf = _open(ref, f)
         start = 0
         for batch, keys, errors in _keyed_batches(ref, pf, key_column, batch_rows, columns):
@@ -166,34 +173,43 @@ def copy_selected_parquet(
     Every original column keeps its name, type and position; ``sage_<name>`` columns are
     appended from ``keep[key]`` (see ``sage_fields``). Existing columns of those names (a shard
     that is itself an output) are replaced. Rows the reader flags (duplicate or null key) are
-    never copied. With nothing kept the file is still valid, with the full schema. Output is
-    deterministic. Raises ShardError as ``read_parquet`` does.
+    never copied. With nothing kept the file is still valid, with the full schema. Reading
+    stops once every kept row is out, so a break in the shard after them (recorded by the
+    passes) does not stop emit. Output is deterministic. Raises ShardError as ``read_parquet``.
     """
     extra = sage_fields(keep)
-    with _open_stream(ref, storage_options) as f:
+    with open_shard(ref.url, storage_options) as f:
         pf = _open(ref, f)
         replaced = {fld.name for fld in extra}
         original = [fld for fld in pf.schema_arrow if fld.name not in replaced]
-        writer = pq.ParquetWriter(
-            out, pa.schema(original + extra, metadata=pf.schema_arrow.metadata)
-        )
+        schema = pa.schema(original + extra, metadata=pf.schema_arrow.metadata)
+        writer = pq.ParquetWriter(out, schema)
         buffered: list[pa.Table] = []
         written = 0
-        for batch, keys, errors in _keyed_batches(ref, pf, key_column, 1024, None):
+        batches = _keyed_batches(ref, pf, key_column, 1024, None) if keep else iter(())
+        for batch, keys, errors in batches:
             table = _kept_rows(batch, keys, errors, keep, extra)
-            if table is None:
-                continue
-            buffered.append(table)
-            written += table.num_rows
-            if sum(t.num_rows for t in buffered) >= _ROW_GROUP_ROWS or (
-                sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES
-            ):
-                writer.write_table(pa.concat_tables(buffered), row_group_size=_ROW_GROUP_ROWS)
-                buffered = []
-        if buffered:
-            writer.write_table(pa.concat_tables(buffered), row_group_size=_ROW_GROUP_ROWS)
+            if table is not None:
+                buffered.append(table)
+                written += table.num_rows
+                buffered = _flush_if_full(writer, buffered)
+            if written == len(keep):
+                break  # every kept row is out: the rest of the shard is not needed
+        _flush_if_full(writer, buffered, force=True)
         writer.close()
     return written
+
+
+def _flush_if_full(
+    writer: pq.ParquetWriter, buffered: list[pa.Table], force: bool = False
+) -> list[pa.Table]:
+    """Write the buffered rows as one row group when it is big enough; returns the rest."""
+    rows = sum(t.num_rows for t in buffered)
+    full = rows >= _ROW_GROUP_ROWS or sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES
+    if rows and (full or force):
+        writer.write_table(pa.concat_tables(buffered), row_group_size=_ROW_GROUP_ROWS)
+        return []
+    return buffered
 
 
 def _kept_rows(

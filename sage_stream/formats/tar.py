@@ -1,6 +1,7 @@
 """WebDataset ``.tar`` shards: the reader at the start of the flow and the copier used by emit.
 
-``read_tar`` streams a shard (never a local copy, never random access) and groups consecutive
+``read_tar`` streams a shard through ``urls.open_shard`` (bounded ranged reads that resume
+after a transient storage error; never a local copy, never random access) and groups consecutive
 members into samples by webdataset's rule: the key is the member name up to the first dot of
 its basename, directory kept (``a/b.seg.png`` -> key ``a/b``, field ``seg.png``); fields are
 lower-cased as webdataset does. Members that are skipped, as webdataset skips them: anything but
@@ -12,7 +13,8 @@ a member larger than ``max_member_bytes`` is refused before it is read. A broken
 passes silently: the complete samples before the break come out, then ShardError.
 
 ``copy_selected_tar`` re-reads a shard for emit and copies the members of kept samples byte for
-byte, adding one ``<key>.sage.json`` member each; it never decodes a payload.
+byte, adding one ``<key>.sage.json`` member each; it never decodes a payload, and stops reading
+once the last kept sample is out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import BinaryIO
 
 from sage_stream.errors import InputError, ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.urls import filesystem
+from sage_stream.urls import open_shard
 
 SAGE_FIELD = "sage.json"
 # webdataset's base_plus_ext, except that a basename starting with a dot never makes a key
@@ -79,14 +81,6 @@ class _RawSample:
         self.members.append((info, fld, data))
 
 
-def _open_stream(ref: ShardRef, storage_options: dict | None) -> BinaryIO:
-    fs, path = filesystem(ref.url, storage_options)
-    try:
-        return fs.open(path, "rb")
-    except (OSError, ValueError) as e:
-        raise ShardError(ref.url, f"cannot open: {e}") from e
-
-
 def _raw_samples(
     ref: ShardRef,
     storage_options: dict | None,
@@ -101,7 +95,7 @@ def _raw_samples(
     pending: _RawSample | None = None
     seen: set[str] = set()
     index = 0
-    with _open_stream(ref, storage_options) as raw:
+    with open_shard(ref.url, storage_options) as raw:
         try:
             tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CheckedTarInfo)  # noqa: SIM115
             for info, key, fld in _sample_members(tf):
@@ -124,10 +118,11 @@ def _raw_samples(
             end = getattr(tf, "sage_end", "missing end-of-archive marker")
             if end is not None:
                 raise tarfile.ReadError(end)
-        except ShardError:
-            raise
+        except ShardError as e:  # the stream failed (urls.open_shard) or a member is too big
+            raise ShardError(e.url, e.reason, key=e.key or last_key) from e
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise ShardError(ref.url, f"truncated or corrupt tar: {e}", key=last_key) from e
+            reason = f"truncated or corrupt tar: {' '.join(str(e).split())}"
+            raise ShardError(ref.url, reason, key=last_key) from e
     if pending is not None:
         yield pending
 
@@ -227,11 +222,14 @@ def copy_selected_tar(
     original names, order, mtime, mode and owner) plus ``<key>.sage.json`` = ``keep[key]``. An
     existing ``sage.json`` member (a shard that is itself an output) is replaced. Samples the
     reader flags (duplicate key, repeated field) are never copied: the kept copy is the clean
-    first occurrence. Raises ShardError as ``read_tar`` does.
+    first occurrence. Reading stops once every kept sample is out (with nothing kept the shard
+    is not opened), so a break in the shard after them, which the passes have recorded, does
+    not stop emit. Raises ShardError as ``read_tar`` does.
     """
     writer = TarShardWriter(out)
     written = 0
-    for raw in _raw_samples(ref, storage_options, max_member_bytes, wanted=keep.__contains__):
+    raws = _raw_samples(ref, storage_options, max_member_bytes, wanted=keep.__contains__)
+    for raw in raws if keep else ():
         if raw.error is not None or raw.key not in keep:
             continue
         for info, fld, data in raw.members:
@@ -239,5 +237,7 @@ def copy_selected_tar(
                 writer.write_member(info.name, data or b"", like=info)
         writer.write_member(f"{raw.key}.{SAGE_FIELD}", keep[raw.key])
         written += 1
+        if written == len(keep):
+            break  # the rest of the shard holds nothing to copy
     writer.close()
     return written
