@@ -29,7 +29,7 @@ from .sample import ShardRef
 from .selection import select as select_rows
 from .store import StoredSketch, read_sketch
 from .tables import read_scores, scored_shards, write_selection
-from .urls import expand_inputs, filesystem, join
+from .urls import exists, expand_inputs, join
 
 log = logging.getLogger("sage_stream")
 
@@ -143,8 +143,7 @@ def select(**options: Any) -> SelectResult:
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
-    fs, path = filesystem(join(cfg.out, "sketch.zarr"), cfg.storage_options)
-    if cfg.scorer != "sage" or not fs.exists(path):
+    if cfg.scorer != "sage" or not exists(join(cfg.out, "sketch.zarr"), cfg.storage_options):
         return None
     stored = read_sketch(join(cfg.out, "sketch.zarr"), storage_options=cfg.storage_options)
     return {**stored.stats, "identity": stored.identity}

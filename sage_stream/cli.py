@@ -187,13 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_value(text: str) -> Any:
+    """`true`/`false` and numbers become themselves (`default_block_size=8388608`)."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError(f"--storage-option {pair!r}: expected KEY=VALUE")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        options[key] = _option_value(value)
     return options
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InputError
 from .selection import BALANCES, SCORERS
-from .urls import filesystem
+from .urls import exists, open_input
 
 GRAD_MODES = ("last-layer", "params")
 # How a run is carried out, not what it computes: left out of the manifest, so that the same
@@ -157,10 +157,9 @@ def make_config(**options: Any) -> Config:
 
 def load_toml(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Options from a TOML file; keys use the CLI's names with - or _ (`label-key`)."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(f"config file {url} does not exist")
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         try:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:

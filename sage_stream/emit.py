@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from .config import Config, shard_options
+from .errors import ShardError
 from .formats import copy_selected
 from .progress import Progress
 from .resume import (
@@ -31,7 +32,7 @@ from .resume import (
 )
 from .sample import ShardRef
 from .tables import read_part, read_selection
-from .urls import atomic_write, filesystem, join
+from .urls import atomic_write, exists, filesystem, join
 
 log = logging.getLogger("sage_stream")
 MANIFEST_VERSION = 1
@@ -79,20 +80,29 @@ def _shard_counts(part: pa.Table, kept: int, error: str | None) -> dict[str, Any
 
 
 def emit_shard(cfg: Config, ref: ShardRef, kept: set[str], scorer: str) -> dict[str, Any]:
-    """Write OUT/shards/<name> with the kept samples of `ref`; returns its counts."""
+    """Write OUT/shards/<name> with the kept samples of `ref`; returns its counts.
+
+    A shard that cannot be read again is fine only if pass 2 already recorded it as broken and
+    nothing of it is kept: then there is no output shard for it, and the manifest says so.
+    """
     part, error = read_part(cfg.out, ref.name, storage_options=cfg.storage_options)
     keep = annotations(part, kept, scorer)
     url = join(cfg.out, "shards", ref.name)
-    with atomic_write(url, cfg.storage_options) as f:
-        written = copy_selected(ref, f, keep, cfg.storage_options, **shard_options(cfg, ref.format))
+    try:
+        with atomic_write(url, cfg.storage_options) as f:
+            written = copy_selected(
+                ref, f, keep, cfg.storage_options, **shard_options(cfg, ref.format)
+            )
+    except ShardError:
+        if error is None or keep:
+            raise
+        log.warning("%s: unreadable and nothing kept: no output shard", ref.name)
+        return {"name": ref.name, "url": ref.url, "format": ref.format, "emitted": False,
+                **_shard_counts(part, 0, error)}  # fmt: skip
     if written != len(keep):
         log.warning("%s: %d kept samples, %d found when copying", ref.name, len(keep), written)
-    return {
-        "name": ref.name,
-        "url": ref.url,
-        "format": ref.format,
-        **_shard_counts(part, written, error),
-    }
+    return {"name": ref.name, "url": ref.url, "format": ref.format, "emitted": True,
+            **_shard_counts(part, written, error)}  # fmt: skip
 
 
 def emit_marked(
@@ -135,7 +145,7 @@ def write_index(cfg: Config, shards: list[dict[str, Any]]) -> None:
         "shardlist": [
             {"url": f"shards/{s['name']}", "nsamples": s["kept"]}
             for s in shards
-            if s["format"] == "tar"
+            if s["format"] == "tar" and s["emitted"]
         ],
     }
     write_json(join(cfg.out, "shardindex.json"), index, cfg.storage_options)
@@ -182,7 +192,9 @@ def finish_emit(
         "selection": params,
         "versions": versions(),
         "inputs": shards,
-        "outputs": [{"url": f"shards/{s['name']}", "samples": s["kept"]} for s in shards],
+        "outputs": [
+            {"url": f"shards/{s['name']}", "samples": s["kept"]} for s in shards if s["emitted"]
+        ],
         "totals": totals,
         "shard_errors": [s for s in shards if s["shard_error"]],
         "sketch": sketch_stats,
@@ -206,6 +218,6 @@ def mark_success(out: str, storage_options: dict | None = None) -> None:
 
 def clear_success(out: str, storage_options: dict | None = None) -> None:
     """Called before any step changes OUT: a run in progress is never marked complete."""
-    fs, path = filesystem(success_url(out), storage_options)
-    if fs.exists(path):
+    if exists(success_url(out), storage_options):
+        fs, path = filesystem(success_url(out), storage_options)
         fs.rm(path)

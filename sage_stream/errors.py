@@ -44,6 +44,10 @@ class SampleError(SageError, ValueError):
         return (type(self), (self.shard, self.key, self.reason, self.url))
 
 
+class StorageError(SageError, OSError):
+    """Storage that still fails after the retries (a write or commit that could not be done)."""
+
+
 class MismatchError(SageError, ValueError):
     """A stored sketch or output was made with another model or configuration."""
 

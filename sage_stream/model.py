@@ -17,7 +17,7 @@ from torch import nn
 
 from .decode import load_callable
 from .errors import InputError
-from .urls import filesystem
+from .urls import exists, open_input
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,10 +47,9 @@ def build_model(factory: str | Callable[[], nn.Module] | nn.Module) -> nn.Module
 
 def load_checkpoint(model: nn.Module, url: str, storage_options: dict | None = None) -> None:
     """Load a state dict (optionally nested under "state_dict" or "model") into `model`."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(f"checkpoint {url} does not exist")
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         try:
             state: Any = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises a zoo of types for bad or unsafe files

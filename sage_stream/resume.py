@@ -23,7 +23,7 @@ import torch
 from .config import Config
 from .errors import OutputExistsError
 from .sample import ShardRef
-from .urls import atomic_write, filesystem, join
+from .urls import atomic_write, exists, filesystem, join, open_input
 
 log = logging.getLogger("sage_stream")
 WORK = "_work"
@@ -53,10 +53,9 @@ def run_identity(cfg: Config, refs: list[ShardRef], model_fingerprint: str) -> d
 
 
 def read_json(url: str, storage_options: dict) -> Any:
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         return None
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         return json.load(f)
 
 
@@ -70,9 +69,7 @@ def stored_identity(out: str, storage_options: dict) -> dict[str, Any] | None:
 
 def wipe_output(out: str, storage_options: dict) -> None:
     for entry in OUTPUT_ENTRIES:
-        fs, path = filesystem(join(out, entry), storage_options)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove(join(out, entry), storage_options)
 
 
 def claim_output(cfg: Config, identity: dict[str, Any]) -> None:
@@ -100,34 +97,28 @@ def save_state(url: str, state: dict[str, Any], storage_options: dict) -> None:
 
 def load_state(url: str, storage_options: dict) -> dict[str, Any] | None:
     """A checkpoint written by `save_state`, loaded with weights_only=True; None if absent."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         return None
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 def remove(url: str, storage_options: dict) -> None:
-    fs, path = filesystem(url, storage_options)
-    if fs.exists(path):
+    if exists(url, storage_options):
+        fs, path = filesystem(url, storage_options)
         fs.rm(path, recursive=True)
-
-
-def exists(url: str, storage_options: dict) -> bool:
-    fs, path = filesystem(url, storage_options)
-    return fs.exists(path)
 
 
 def remove_temporaries(out: str, storage_options: dict) -> None:
     """Delete what killed writers left behind (`<name>.tmp-<hex>`, see urls.atomic_write)."""
     for folder in ("", "scores", "shards"):
-        fs, path = filesystem(join(out, folder) if folder else out, storage_options)
-        if fs.exists(path):
+        url = join(out, folder) if folder else out
+        if exists(url, storage_options):
+            fs, path = filesystem(url, storage_options)
             for leftover in fs.glob(f"{path.rstrip('/')}/*.tmp-*"):
                 fs.rm(leftover)
 
 
 def selection_hash(out: str, storage_options: dict) -> str:
-    fs, path = filesystem(join(out, "selection.parquet"), storage_options)
-    with fs.open(path, "rb") as f:
+    with open_input(join(out, "selection.parquet"), storage_options) as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .sample import ShardRef
-from .urls import atomic_write, filesystem, join
+from .urls import atomic_write, exists, filesystem, join, open_input
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -57,10 +57,9 @@ def read_part(
 ) -> tuple[pa.Table, str | None]:
     """One shard's scores and its shard-level error (None if its stream was whole)."""
     url = part_url(out, shard)
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(f"no scores for shard {shard!r} at {url}: run `sage-stream score` first")
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         table = pq.read_table(f, columns=columns)
     error = (table.schema.metadata or {}).get(SHARD_ERROR_KEY, b"").decode() or None
     return table.replace_schema_metadata(None), error
@@ -79,7 +78,7 @@ def read_scores(
 def scored_shards(out: str, storage_options: dict | None = None) -> list[str]:
     """Shard names that have a scores part, in sorted order (for `select` without inputs)."""
     fs, path = filesystem(join(out, "scores"), storage_options)
-    if not fs.exists(path):
+    if not exists(join(out, "scores"), storage_options):
         raise InputError(f"no scores/ under {out}: run `sage-stream score` first")
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     return sorted(n[len("part-") : -len(".parquet")] for n in names if _is_part(n))
@@ -100,10 +99,9 @@ def write_selection(
 
 def read_selection(out: str, storage_options: dict | None = None) -> tuple[pa.Table, dict]:
     url = join(out, "selection.parquet")
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(f"no selection at {url}: run `sage-stream select` first")
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         table = pq.read_table(f)
     params = json.loads((table.schema.metadata or {}).get(SELECTION_KEY, b"{}"))
     return table.replace_schema_metadata(None), params

@@ -34,7 +34,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from sage_stream.errors import InputError, ShardError
+from sage_stream.errors import InputError, SageError, ShardError, StorageError
 from sage_stream.retry import RetryingReader, call, describe
 from sage_stream.sample import Format, ShardRef
 
@@ -329,8 +329,13 @@ def atomic_write(url: str, storage_options: dict | None = None) -> Iterator[Bina
     fs, path = filesystem(normalize_url(url), storage_options)
     deferred = bool(set(_protocols(fs)) & _DEFERRED_COMMIT)
     writer = _write_then_commit if deferred else _write_then_move
-    with writer(fs, path, url) as f:
-        yield f
+    try:
+        with writer(fs, path, url) as f:
+            yield f
+    except SageError:
+        raise
+    except OSError as exc:  # the store still refuses after the retries: one line, not a trace
+        raise StorageError(f"cannot write {url}: {describe(exc)}") from exc
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
