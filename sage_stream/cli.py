@@ -24,10 +24,11 @@ Reads WebDataset .tar or Parquet shards (local, s3://, gs://, memory://), sketch
 gradients of your model in one streaming pass, scores every sample in a second pass, and writes
 a smaller shard set that any WebDataset or Parquet reader loads unchanged.
 
-  sage-stream demo                                          try it on real data, ~30 s on CPU
+  sage-stream demo                                          try it on real digits, seconds on a CPU
   sage-stream run 'data/shard-{000..099}.tar' --model mymodels:net --checkpoint net.pt \\
       --out s3://bucket/selected --keep 0.3                  all steps
   sage-stream inspect OUT                                   what a run wrote
+  sage-stream report OUT                                    HTML page of what it kept
 """
 
 
