@@ -20,11 +20,11 @@ from typing import Any
 
 from .config import Config, make_config
 from .emit import EmitResult, clear_success, run_emit
-from .errors import InputError
+from .errors import InputError, MismatchError
 from .passes.context import StageContext, build_context
 from .passes.scoring import ScoreResult, run_score_pass
 from .passes.sketching import SketchResult, run_sketch_pass
-from .resume import claim_output, run_identity
+from .resume import claim_output, run_identity, stored_identity
 from .sample import ShardRef
 from .selection import select as select_rows
 from .store import StoredSketch, read_sketch
@@ -112,9 +112,8 @@ def select(**options: Any) -> SelectResult:
     cfg = _config(None, **options)
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    clear_success(cfg.out, cfg.storage_options)
     if cfg.inputs:
-        shards = [r.name for r in expand_inputs(cfg.inputs, cfg.storage_options)]
+        shards = [r.name for r in _run_inputs(cfg)]
     else:
         shards = scored_shards(cfg.out, cfg.storage_options)
     table = read_scores(cfg.out, shards, storage_options=cfg.storage_options)
@@ -137,9 +136,23 @@ def select(**options: Any) -> SelectResult:
         "scorer": cfg.scorer,
         "seed": cfg.seed,
     }
+    clear_success(cfg.out, cfg.storage_options)  # only now: a refused select changes nothing
     url = write_selection(cfg.out, chosen, params, cfg.storage_options)
     scored = table.num_rows - table["status"].to_pylist().count("error")
     return SelectResult(url, scored, chosen.num_rows, params)
+
+
+def _run_inputs(cfg: Config) -> list[ShardRef]:
+    """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
+    the scores of one data set would be attached to another's samples."""
+    refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    stored = stored_identity(cfg.out, cfg.storage_options)
+    if stored is not None and [r.url for r in refs] != stored["inputs"]:
+        raise MismatchError(
+            f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
+            f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
+        )
+    return refs
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
@@ -152,8 +165,8 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 def emit(inputs: Any, **options: Any) -> EmitResult:
     """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS."""
     cfg = _config(inputs, **options)
+    refs = _run_inputs(cfg)
     clear_success(cfg.out, cfg.storage_options)
-    refs = expand_inputs(cfg.inputs, cfg.storage_options)
     if cfg.executor == "ray":  # shard-parallel tasks; no model, so no actor pool
         from .executors import ray as on_ray
 

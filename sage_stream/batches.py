@@ -107,18 +107,13 @@ def _fill(
     for sample in samples:
         try:
             x, y = _decode(sample, decoder, num_classes)
-            if pending.xs and x.shape != pending.xs[0].shape:
-                raise SampleError(
-                    sample.shard,
-                    sample.key,
-                    f"input shape {tuple(x.shape)} differs from {tuple(pending.xs[0].shape)} "
-                    "of the batch (inputs must share a shape; resize in --preprocess)",
-                )
         except SampleError as exc:
             if on_error == "fail":
                 raise
             yield Skipped(sample.key, sample.index, exc.reason)
             continue
+        if pending.xs and x.shape != pending.xs[0].shape:
+            yield pending.take()  # another shape starts its own batch; the model judges it
         pending.add(sample, x, y)
         if len(pending.keys) == batch_size:
             yield pending.take()

@@ -9,6 +9,7 @@ preprocess) into the manifest. Two runs that differ in those are never mixed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,10 @@ class Config:
             raise InputError("--project-dim must be a positive integer")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise InputError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.keep is not None and self.min_score is not None:
+            raise InputError("give --keep or --min-score, not both")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise InputError(f"--min-score must be a finite number, got {self.min_score}")
         if self.params and self.grad != "params":
             raise InputError("--params only applies with --grad params")
 

@@ -24,6 +24,7 @@ from .formats import copy_selected
 from .progress import Progress
 from .resume import (
     read_json,
+    recorded_config,
     remove,
     remove_temporaries,
     selection_hash,
@@ -53,14 +54,14 @@ def _finite_or_none(value: Any) -> Any:
 
 def annotations(part: pa.Table, kept_keys: set[str], scorer: str) -> dict[str, dict[str, Any]]:
     """Per kept key, what the output carries about it: scores of the run and the scorer used."""
-    rows = part.select(["__key__", *ANNOTATION_COLUMNS]).to_pylist()
+    rows = part.select(["__key__", "status", *ANNOTATION_COLUMNS]).to_pylist()
     return {
         row["__key__"]: {
             **{c: _finite_or_none(row[c]) for c in ANNOTATION_COLUMNS},
             "scorer": scorer,
         }
         for row in rows
-        if row["__key__"] in kept_keys
+        if row["__key__"] in kept_keys and row["status"] == "ok"  # a duplicate's error row too
     }
 
 
@@ -99,8 +100,12 @@ def emit_shard(cfg: Config, ref: ShardRef, kept: set[str], scorer: str) -> dict[
         log.warning("%s: unreadable and nothing kept: no output shard", ref.name)
         return {"name": ref.name, "url": ref.url, "format": ref.format, "emitted": False,
                 **_shard_counts(part, 0, error)}  # fmt: skip
-    if written != len(keep):
-        log.warning("%s: %d kept samples, %d found when copying", ref.name, len(keep), written)
+    if written != len(keep):  # the shard changed since it was scored: its scores are stale
+        raise ShardError(
+            ref.url,
+            f"{len(keep)} kept samples were scored but {written} found when copying; "
+            "was the shard rewritten? score it again (--overwrite)",
+        )
     return {"name": ref.name, "url": ref.url, "format": ref.format, "emitted": True,
             **_shard_counts(part, written, error)}  # fmt: skip
 
@@ -188,7 +193,7 @@ def finish_emit(
     manifest = {
         "format_version": MANIFEST_VERSION,
         "identity": stored_identity(cfg.out, cfg.storage_options),
-        "config": cfg.describe(),
+        "config": recorded_config(cfg),
         "selection": params,
         "versions": versions(),
         "inputs": shards,

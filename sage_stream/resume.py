@@ -45,6 +45,7 @@ def run_identity(cfg: Config, refs: list[ShardRef], model_fingerprint: str) -> d
         "inputs": [ref.url for ref in refs],
         "model": model_fingerprint,
         **{k: described[k] for k in ("input_key", "label_key", "key_column", "preprocess")},
+        "max_member_bytes": cfg.max_member_bytes,
         **cfg.sketch_identity(),
         "batch_size": cfg.batch_size,
         "consensus": cfg.consensus,
@@ -86,6 +87,24 @@ def claim_output(cfg: Config, identity: dict[str, Any]) -> None:
         wipe_output(cfg.out, cfg.storage_options)
     with atomic_write(work_url(cfg.out, "run.json"), cfg.storage_options) as f:
         f.write(json.dumps(identity, indent=2, sort_keys=True).encode())
+    with atomic_write(work_url(cfg.out, "config.json"), cfg.storage_options) as f:
+        f.write(json.dumps(run_config(cfg), indent=2, sort_keys=True).encode())
+
+
+SELECTION_FIELDS = ("keep", "balance", "min_score")  # the manifest has them under "selection"
+
+
+def run_config(cfg: Config) -> dict[str, Any]:
+    """The configuration the manifest records: that of the command which made the scores."""
+    return {k: v for k, v in cfg.describe().items() if k not in SELECTION_FIELDS}
+
+
+def recorded_config(cfg: Config) -> dict[str, Any]:
+    """What claimed OUT recorded; else the earlier manifest's; else this command's own."""
+    found = read_json(work_url(cfg.out, "config.json"), cfg.storage_options)
+    if found is None:
+        found = (read_json(join(cfg.out, "manifest.json"), cfg.storage_options) or {}).get("config")
+    return found if found is not None else run_config(cfg)
 
 
 def save_state(url: str, state: dict[str, Any], storage_options: dict) -> None:

@@ -4,7 +4,7 @@
     singular_values  ℓ    float32  σ, descending
     consensus        C×ℓ  float32  μ_c (zero row: class without consensus)
     class_counts     C    int64    samples per class that entered the sketch
-    projections/part-<shard>  n×ℓ float16  z = B g per sample (only with --consensus centroid)
+    projections/part-<shard>  n×ℓ float16  z/‖z‖, z = B g, per sample (--consensus centroid)
     attrs: format_version, status, identity (model fingerprint, gradient config, D, C), stats
 
 The identity is checked on every open: a sketch made with another model, gradient mode,

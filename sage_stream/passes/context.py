@@ -59,10 +59,21 @@ class StageContext:
         except SampleError as exc:  # under --on-error fail: name the URL too
             raise exc.with_url(ref.url) from None
 
-    def features(self, batch: Batch) -> Features:
+    def features(self, ref: ShardRef, batch: Batch) -> Features:
+        """Gradient features of a batch; a batch the model cannot take is a SampleError
+        (naming its first key) that the passes record for each of its samples, or raise."""
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
-        return self.featurizer(x, y)
+        try:
+            return self.featurizer(x, y)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the machine's limit, not the input's fault
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = (
+                f"the model cannot take this input of shape {tuple(batch.x.shape[1:])}: {first}"
+            )
+            raise SampleError(ref.name, batch.keys[0], reason, ref.url) from None
 
 
 def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageContext:

@@ -108,7 +108,15 @@ def score_shard(
                 rows.add_skipped(item, ell)
                 progress.advance(1)
                 continue
-            feats = ctx.features(item)
+            try:
+                feats = ctx.features(ref, item)
+            except SampleError as exc:
+                if ctx.cfg.on_error == "fail":
+                    raise
+                for key, index, label in zip(item.keys, item.indices, item.y.tolist(), strict=True):
+                    rows.add_skipped(Skipped(key, index, exc.reason, label), ell)
+                progress.advance(len(item.keys))
+                continue
             y = item.y.to(ctx.device)
             scored = score_batch(feats.grads, feats.loss, y, tensors, keep_z=centroid)
             if ctx.cfg.on_error == "fail" and NONFINITE_LOSS in scored.reasons:
@@ -143,7 +151,10 @@ def score_and_write(
     table = rows.table()
     if sketch is not None and cfg.consensus == "centroid":
         store_url = join(cfg.out, "sketch.zarr")
-        write_projections(store_url, ref.name, rows.projections(), cfg.storage_options)
+        # unit rows: centroid scoring needs only directions, and raw z (σ grows like √N·‖g‖)
+        # would overflow float16 at scale
+        unit = torch.nn.functional.normalize(rows.projections(), dim=1)
+        write_projections(store_url, ref.name, unit, cfg.storage_options)
     write_scores(part_url(cfg.out, ref.name), table, error, cfg.storage_options)
     return table, error
 

@@ -84,7 +84,13 @@ def sketch_shard(ctx: StageContext, ref: ShardRef, state: SketchState, progress:
         if isinstance(item, Skipped):  # recorded in scores/ by pass 2
             progress.advance(1)
             continue
-        feats = ctx.features(item)
+        try:
+            feats = ctx.features(ref, item)
+        except SampleError:
+            if fail:
+                raise
+            progress.advance(len(item.keys))  # recorded, sample by sample, by pass 2
+            continue
         usable = torch.isfinite(feats.loss) & torch.isfinite(feats.grads).all(dim=1)
         if fail and not bool(usable.all()):
             bad = int((~usable).nonzero()[0, 0])
