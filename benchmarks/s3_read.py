@@ -88,7 +88,7 @@ def read_cat(fs: Any, path: str, options: dict) -> int:
 
 
 def read_stream(fs: Any, path: str, options: dict) -> int:
-    from sage_stream.urls import READ_BLOCK_BYTES
+    from sage_stream.storage import READ_BLOCK_BYTES
 
     total = 0
     with fs.open(path, "rb", block_size=READ_BLOCK_BYTES) as f:

@@ -2,7 +2,8 @@
 
 The flow, one module per step (see README.md):
 
-    urls, formats/      read shards (tar | parquet) through fsspec -> Sample
+    storage             fsspec access: retries, bounded resumable reads, atomic writes
+    urls, formats/      expand inputs; read shards (tar | parquet) -> Sample
     decode, batches     Sample -> (input tensor, label) batches
     gradients           per-sample gradient features g_i (last-layer | params, projection)
     sketch              pass 1: Frequent Directions sketch of the g_i    -> store (sketch.zarr)

@@ -27,9 +27,10 @@ from .passes.sketching import SketchResult, run_sketch_pass
 from .resume import claim_output, run_identity, stored_identity
 from .sample import ShardRef
 from .selection import select as select_rows
+from .storage import exists, join
 from .store import StoredSketch, read_sketch
 from .tables import read_scores, scored_shards, write_selection
-from .urls import exists, expand_inputs, join
+from .urls import expand_inputs
 
 log = logging.getLogger("sage_stream")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InputError
 from .selection import BALANCES, SCORERS
-from .urls import exists, open_input
+from .storage import exists, open_input
 
 GRAD_MODES = ("last-layer", "params")
 # How a run is carried out, not what it computes: left out of the manifest, so that the same

@@ -32,8 +32,8 @@ from .resume import (
     work_url,
 )
 from .sample import ShardRef
+from .storage import atomic_write, exists, filesystem, join
 from .tables import read_part, read_selection
-from .urls import atomic_write, exists, filesystem, join
 
 log = logging.getLogger("sage_stream")
 MANIFEST_VERSION = 1

@@ -36,8 +36,9 @@ from .errors import InputError, SageError, SampleError, ShardError
 from .formats import read_shard
 from .formats.tar import SAGE_FIELD
 from .sample import Sample, ShardRef
+from .storage import filesystem, join
 from .tables import read_part, read_selection
-from .urls import expand_inputs, filesystem, join, shard_format
+from .urls import expand_inputs, shard_format
 
 log = logging.getLogger("sage_stream")
 ON_ERROR = ("raise", "skip")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .decode import load_callable
 from .errors import InputError
-from .urls import exists, open_input
+from .storage import exists, open_input
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,7 +23,7 @@ import torch
 from .config import Config
 from .errors import OutputExistsError
 from .sample import ShardRef
-from .urls import atomic_write, exists, filesystem, join, open_input
+from .storage import atomic_write, exists, filesystem, join, open_input
 
 log = logging.getLogger("sage_stream")
 WORK = "_work"
@@ -129,7 +129,7 @@ def remove(url: str, storage_options: dict) -> None:
 
 
 def remove_temporaries(out: str, storage_options: dict) -> None:
-    """Delete what killed writers left behind (`<name>.tmp-<hex>`, see urls.atomic_write)."""
+    """Delete what killed writers left behind (`<name>.tmp-<hex>`, see storage.atomic_write)."""
     for folder in ("", "scores", "shards"):
         url = join(out, folder) if folder else out
         if exists(url, storage_options):

@@ -22,7 +22,7 @@ import zarr
 from torch import Tensor
 
 from .errors import InputError, MismatchError
-from .urls import filesystem
+from .storage import filesystem
 
 FORMAT_VERSION = 1
 COLUMN_CHUNK = 8192  # basis chunks are ℓ × 8192 float32: 8 MiB at ℓ = 256

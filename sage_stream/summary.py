@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .storage import filesystem, join
 from .store import read_sketch
-from .urls import filesystem, join
 
 
 def _sketch_summary(url: str, storage_options: dict) -> str:

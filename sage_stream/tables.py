@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .sample import ShardRef
-from .urls import atomic_write, exists, filesystem, join, open_input
+from .storage import atomic_write, exists, filesystem, join, open_input
 
 SCORE_SCHEMA = pa.schema(
     [

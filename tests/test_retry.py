@@ -21,7 +21,8 @@ from sage_stream.errors import InputError
 from sage_stream.formats import read_parquet, read_tar
 from sage_stream.retry import RetryingReader, RetryPolicy, call, describe, is_transient
 from sage_stream.sample import ShardRef
-from sage_stream.urls import atomic_write, exists, expand_inputs
+from sage_stream.storage import atomic_write, exists
+from sage_stream.urls import expand_inputs
 
 botocore_exc = pytest.importorskip("botocore.exceptions")
 aiohttp = pytest.importorskip("aiohttp")

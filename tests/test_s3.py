@@ -23,11 +23,11 @@ from shardmaker import digit_samples, make_parquet_shard, tar_bytes
 from tiny import blobs, train_checkpoint, write_tar_set
 
 import sage_stream
-from sage_stream import urls
+from sage_stream import storage
 from sage_stream.errors import ShardError
 from sage_stream.formats import copy_selected, read_parquet, read_tar
 from sage_stream.sample import ShardRef
-from sage_stream.urls import atomic_write, filesystem
+from sage_stream.storage import atomic_write, filesystem
 
 s3fs = pytest.importorskip("s3fs")
 boto3 = pytest.importorskip("boto3")
@@ -192,7 +192,7 @@ def test_shard_reads_are_ranged_and_bounded(s3_bucket, s3_proxy, monkeypatch):
     samples = {f"s{i:03d}": {"bin": os.urandom(20_000), "cls": b"1"} for i in range(100)}
     data = tar_bytes(samples)  # ~2.2 MB
     s3fs.S3FileSystem().pipe(f"{s3_bucket}/in/big.tar", data)
-    monkeypatch.setattr(urls, "READ_BLOCK_BYTES", 256 * 2**10)
+    monkeypatch.setattr(storage, "READ_BLOCK_BYTES", 256 * 2**10)
     options = {"endpoint_url": s3_proxy.endpoint}
     ref = ShardRef(f"{s3_bucket}/in/big.tar", "big.tar", "tar")
     got = [s.fields for s in read_tar(ref, options)]

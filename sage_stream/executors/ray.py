@@ -45,9 +45,9 @@ from ..passes.sketching import SketchResult
 from ..progress import Progress
 from ..resume import read_json, selection_hash, work_url
 from ..sample import ShardRef
+from ..storage import exists, join
 from ..store import StoredSketch, open_group
 from ..tables import part_url, read_part, read_selection
-from ..urls import exists, join
 from .ray_worker import ShardWorker, plan_blocks
 
 try:

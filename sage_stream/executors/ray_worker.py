@@ -32,8 +32,8 @@ from ..passes.sketching import (
 from ..progress import Progress
 from ..resume import load_state, remove, save_state, work_url
 from ..sample import ShardRef
+from ..storage import join
 from ..store import StoredSketch, check_identity
-from ..urls import join
 
 Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the worker's identity
 

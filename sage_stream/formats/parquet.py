@@ -8,7 +8,7 @@ scores, the selection and the emitted rows refer to the same rows on every run.
 
 ``copy_selected_parquet`` re-reads a shard for emit and writes the kept rows with every
 original column and type unchanged, plus ``sage_*`` columns holding each row's score. Both open
-the shard through ``urls.open_shard`` (bounded reads, resumed after transient errors).
+the shard through ``storage.open_shard`` (bounded reads, resumed after transient errors).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from sage_stream.errors import ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.urls import open_shard
+from sage_stream.storage import open_shard
 
 # Types of the columns emit adds; other names get the type of their first non-null value.
 SAGE_TYPES: dict[str, pa.DataType] = {
@@ -43,7 +43,7 @@ def _open(ref: ShardRef, f: BinaryIO) -> pq.ParquetFile:
         # pre_buffer would read every row group at once; stream them one by one instead
         return pq.ParquetFile(f, pre_buffer=False)
     except ShardError:
-        raise  # the stream itself failed (see urls.open_shard): already names the shard
+        raise  # the stream itself failed (see storage.open_shard): already names the shard
     except (pa.ArrowException, OSError) as e:
         raise ShardError(ref.url, f"not a readable Parquet file: {_one_line(e)}") from e
 

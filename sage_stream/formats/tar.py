@@ -1,6 +1,6 @@
 """WebDataset ``.tar`` shards: the reader at the start of the flow and the copier used by emit.
 
-``read_tar`` streams a shard through ``urls.open_shard`` (bounded ranged reads that resume
+``read_tar`` streams a shard through ``storage.open_shard`` (bounded ranged reads that resume
 after a transient storage error; never a local copy, never random access) and groups consecutive
 members into samples by webdataset's rule: the key is the member name up to the first dot of
 its basename, directory kept (``a/b.seg.png`` -> key ``a/b``, field ``seg.png``); fields are
@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from sage_stream.errors import InputError, ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.urls import open_shard
+from sage_stream.storage import open_shard
 
 SAGE_FIELD = "sage.json"
 # webdataset's base_plus_ext, except that a basename starting with a dot never makes a key
@@ -118,7 +118,7 @@ def _raw_samples(
             end = getattr(tf, "sage_end", "missing end-of-archive marker")
             if end is not None:
                 raise tarfile.ReadError(end)
-        except ShardError as e:  # the stream failed (urls.open_shard) or a member is too big
+        except ShardError as e:  # the stream failed (storage.open_shard) or a member is too big
             raise ShardError(e.url, e.reason, key=e.key or last_key) from e
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             reason = f"truncated or corrupt tar: {' '.join(str(e).split())}"

@@ -17,9 +17,9 @@ import torch
 from ..config import Config
 from ..sample import ShardRef
 from ..scores import ORTHOGONAL, agreement
+from ..storage import join
 from ..store import read_projections
 from ..tables import part_url, read_part, write_scores
-from ..urls import join
 
 
 @dataclass

@@ -18,9 +18,9 @@ from ..errors import SampleError, ShardError
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import NONFINITE_LOSS, ScoredBatch, score_batch
+from ..storage import exists, join
 from ..store import StoredSketch, write_projections
 from ..tables import SCORE_COLUMNS, part_url, read_part, write_scores
-from ..urls import exists, join
 from .centroid import rescore_with_centroids
 from .context import StageContext
 

@@ -22,8 +22,8 @@ from ..resume import load_state, remove, save_state, work_url
 from ..sample import ShardRef
 from ..scores import consensus_directions
 from ..sketch import FrequentDirections
+from ..storage import join
 from ..store import read_sketch, write_sketch
-from ..urls import join
 from .context import StageContext
 
 log = logging.getLogger("sage_stream")

@@ -9,7 +9,7 @@ samples for thumbnails (``thumbs``) and writes the page (``page``) into ``OUT/re
     OUT/report/figures/*.png      spectrum, scores, classes, energy, shards
     OUT/report/thumbs/*.png       most-NN.png / least-NN.png, where a sample has a picture
 
-No model is run. Every file goes through ``urls.atomic_write`` and the page is written last, so
+No model is run. Every file goes through ``storage.atomic_write`` and the page is written last, so
 a page that exists refers only to files that are complete; memory:// and s3:// outputs work.
 """
 
@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from ..errors import InputError
-from ..urls import filesystem, join, write_bytes_atomic
+from ..storage import filesystem, join, write_bytes_atomic
 from . import figures as figs
 from .data import RunData, class_table, extremes, load_run, shard_table
 from .page import Figure, SampleCard, render

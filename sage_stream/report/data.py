@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import zarr
 
 from ..errors import InputError
+from ..storage import filesystem, join
 from ..store import open_group
 from ..tables import read_part, read_selection, scored_shards
-from ..urls import filesystem, join
 
 COLUMNS = ["__key__", "__shard__", "label", "score", "energy", "status"]
 NO_LABEL = -1  # label shown for a sample whose label is null

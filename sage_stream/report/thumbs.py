@@ -25,7 +25,7 @@ from ..decode import IMAGE_EXTENSIONS, INPUT_EXTENSIONS, decode_image, decode_np
 from ..errors import SageError
 from ..formats import read_shard
 from ..sample import ShardRef
-from ..urls import join
+from ..storage import join
 
 log = logging.getLogger("sage_stream")
 THUMB_MAX = 96  # pixels, longer side

@@ -1,0 +1,209 @@
+"""Storage primitives every stage uses: fsspec access that survives transient errors.
+
+The edge of the flow where bytes meet object storage. Every call here is retried on
+transient errors (``sage_stream.retry``). Shards are read as bounded, resumable streams
+(``open_shard``, ``open_input``) and never copied whole. Every write goes through
+``atomic_write``, so no partial object is ever visible under its final name. On S3 and GCS a
+write is a multipart upload committed only on success; elsewhere it is a temporary name
+moved into place.
+
+Local paths are kept as plain absolute paths (``file://`` is stripped) because zarr and some
+readers refuse ``file://`` URLs. ``s3://`` (s3fs) and ``gs://`` (gcsfs) take their
+credentials and endpoint from the standard environment and config files, plus any
+``storage_options`` (``--storage-option K=V``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from sage_stream.errors import InputError, SageError, ShardError, StorageError
+from sage_stream.retry import RetryingReader, call, describe
+
+# Read shards in ranged requests of this size (s3fs would take 50 MiB): memory per open shard
+# stays about one block whatever the shard size. A ``default_block_size`` storage option wins.
+READ_BLOCK_BYTES = 16 * 2**20
+# Filesystems whose files can be opened with autocommit=False and later commit()ed or
+# discard()ed: a multipart upload that is invisible until it completes.
+_DEFERRED_COMMIT = frozenset({"s3", "s3a", "gs", "gcs"})
+log = logging.getLogger("sage_stream")
+
+
+def filesystem(
+    url: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``url`` and the path within it (``file://`` and plain paths alike).
+
+    A protocol whose package is missing (``s3://`` without s3fs) or unknown is an InputError
+    saying what to install, not a traceback.
+    """
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except ImportError as e:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(url.split("://")[0])
+        hint = f"; pip install 'sage-stream[{extra}]'" if extra else ""
+        raise InputError(f"{url}: {describe(e)}{hint}") from None
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        raise InputError(f"{url}: {describe(e)}") from None
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL (``s3://b/out`` + ``shards`` + ``a.tar``)."""
+    if "://" not in base and "::" not in base:
+        return os.path.join(base, *parts)
+    out = base
+    for part in parts:
+        if part:
+            out = (out if out.endswith("/") else out + "/") + part.lstrip("/")
+    return out
+
+
+def normalize_url(url: str) -> str:
+    """``file://`` URLs become plain paths; everything else is returned unchanged."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def storage_reason(exc: BaseException) -> str:
+    """One line saying why storage failed, with what to do for the usual causes."""
+    if isinstance(exc, FileNotFoundError):
+        return f"does not exist (404 or removed since the inputs were listed): {describe(exc)}"
+    if isinstance(exc, PermissionError):
+        return f"access denied (403): {describe(exc)}; check the credentials and bucket policy"
+    return describe(exc)
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` exists, asking the store again on a transient error.
+
+    Not ``fs.exists``: fsspec's default answers False to *any* error, so a throttled request
+    would read as a missing object.
+    """
+    fs, path = filesystem(normalize_url(url), storage_options)
+    try:
+        call(fs.info, path, what=f"exists {url}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_input(
+    url: str, storage_options: dict | None = None, *, block_size: int | None = None
+) -> RetryingReader:
+    """Open ``url`` for streaming reads that survive transient errors (see RetryingReader).
+
+    Reads go out as ranged requests of ``block_size`` bytes (default READ_BLOCK_BYTES unless a
+    ``default_block_size`` storage option is set); nothing is copied locally. Raises the
+    store's error (FileNotFoundError, PermissionError, ...) if it cannot be opened.
+    """
+    return RetryingReader(_opener(url, storage_options, block_size), url)
+
+
+def _opener(
+    url: str, storage_options: dict | None, block_size: int | None = None
+) -> Callable[[], BinaryIO]:
+    fs, path = filesystem(normalize_url(url), storage_options)
+    kw: dict[str, Any] = {}
+    if block_size is not None or "default_block_size" not in (storage_options or {}):
+        kw["block_size"] = block_size or READ_BLOCK_BYTES
+    return lambda: fs.open(path, "rb", **kw)
+
+
+class _ShardStream(RetryingReader):
+    """A shard's stream: any failure that survives the retries is a ShardError naming it."""
+
+    def _retrying(self, op, fn):  # noqa: ANN001, ANN202 - same signature as the base class
+        try:
+            return super()._retrying(op, fn)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store may raise anything (aiohttp, botocore)
+            where = f"{op} failed at byte {self.tell()}"
+            raise ShardError(self._what, f"{where}: {storage_reason(e)}") from e
+
+
+def open_shard(url: str, storage_options: dict | None = None) -> BinaryIO:
+    """Open an input shard as a bounded, resumable stream; ShardError if it cannot be read."""
+    try:
+        return _ShardStream(_opener(url, storage_options), url)
+    except Exception as e:  # noqa: BLE001 - see _ShardStream
+        raise ShardError(url, f"cannot open: {storage_reason(e)}") from e
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
+    """Yield a binary file that appears at ``url`` only if the block exits without exception.
+
+    On S3 and GCS the file is an upload opened with autocommit off: parts go up as they fill
+    (memory stays one part), and the object appears when the upload is committed at the end;
+    on failure the upload is aborted and nothing appears. Elsewhere (local, memory://, ...)
+    writes go to a sibling ``<name>.tmp-<random>`` that is moved into place on success (a
+    local rename is atomic) and removed on failure. The commit or move is retried on transient
+    errors. Readers see either nothing or the whole object, never a partial one.
+    """
+    fs, path = filesystem(normalize_url(url), storage_options)
+    deferred = bool(set(_protocols(fs)) & _DEFERRED_COMMIT)
+    writer = _write_then_commit if deferred else _write_then_move
+    try:
+        with writer(fs, path, url) as f:
+            yield f
+    except SageError:
+        raise
+    except OSError as exc:  # the store still refuses after the retries: one line, not a trace
+        raise StorageError(f"cannot write {url}: {describe(exc)}") from exc
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@contextlib.contextmanager
+def _write_then_commit(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
+    f = call(fs.open, path, "wb", autocommit=False, what=f"open {url} for writing")
+    try:
+        yield f
+        f.close()  # uploads the last part; the object is still invisible
+        call(f.commit, what=f"commit {url}")
+    except BaseException:
+        try:
+            f.discard()  # aborts the multipart upload: its parts are deleted
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.warning(
+                "could not abort the upload of %s; a bucket lifecycle rule for incomplete "
+                "multipart uploads removes such parts",
+                url,
+                exc_info=True,
+            )
+        f.closed = True  # never flush or commit on garbage collection
+        raise
+
+
+@contextlib.contextmanager
+def _write_then_move(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with call(fs.open, tmp, "wb", what=f"open {url} for writing") as f:
+            yield f
+        call(fs.mv, tmp, path, what=f"move {url} into place")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` all-or-nothing (see ``atomic_write``)."""
+    with atomic_write(url, storage_options) as f:
+        f.write(data)
