@@ -1,0 +1,118 @@
+"""Which shards a feed reads, in what order, and which of their keys were kept."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InputError
+from ..resume import read_json
+from ..sample import ShardRef
+from ..storage import exists, join
+from ..tables import read_selection
+from ..urls import expand_inputs, shard_format
+
+log = logging.getLogger("sage_stream")
+
+
+ON_ERROR = ("raise", "skip")
+# The record entry each scorer ranked on (random leaves none behind: its value is a hash).
+RANKED_BY = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": "grad_norm"}
+
+
+@dataclass(frozen=True)
+class FeedShard:
+    ref: ShardRef
+    kept: frozenset[str] | None  # original source: the keys to keep; None: emitted (all kept)
+    expected: int | None  # kept samples it must yield, when known
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """What a feed reads: the shards in a fixed order, and how to read and annotate them."""
+
+    out: str
+    shards: tuple[FeedShard, ...]
+    scorer: str
+    config: Mapping[str, Any]  # the run's config from manifest.json ({} without one)
+    reader: Mapping[str, Any]  # per-format reader options, e.g. {"parquet": {"key_column": ...}}
+
+    @property
+    def num_samples(self) -> int | None:
+        counts = [s.expected for s in self.shards]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
+
+def _ref(url: str) -> ShardRef:
+    return ShardRef(url=url, name=posixpath.basename(url.rstrip("/")), format=shard_format(url))
+
+
+def _resolve(out: str, url: str) -> str:
+    return url if "://" in url or url.startswith("/") else join(out, url)
+
+
+def _emitted(out: str, manifest: dict | None, storage_options: dict | None) -> list[FeedShard]:
+    """Output shards from the manifest, else the wids index, else a listing of OUT/shards."""
+    if manifest is not None:
+        listed = [(o["url"], o["samples"]) for o in manifest["outputs"]]
+    elif (index := read_json(join(out, "shardindex.json"), storage_options)) is not None:
+        listed = [(s["url"], s.get("nsamples")) for s in index["shardlist"]]
+    else:
+        refs = expand_inputs([join(out, "shards")], storage_options)
+        return [FeedShard(r, None, None) for r in refs]
+    return [FeedShard(_ref(_resolve(out, url)), None, n) for url, n in listed]
+
+
+def _original(
+    out: str, manifest: dict | None, inputs: Any, storage_options: dict | None
+) -> tuple[list[FeedShard], str]:
+    """Input shards with the kept keys of each, from OUT/selection.parquet."""
+    if inputs is not None:
+        refs = expand_inputs([inputs] if isinstance(inputs, str) else list(inputs), storage_options)
+    elif manifest is not None:
+        refs = [ShardRef(i["url"], i["name"], i["format"]) for i in manifest["inputs"]]
+    else:
+        raise InputError(f"{out} has no manifest.json: pass the input shards (inputs=...)")
+    selection, params = read_selection(out, storage_options)
+    kept: dict[str, set[str]] = {}
+    for shard, key in zip(
+        selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
+    ):
+        kept.setdefault(shard, set()).add(key)
+    unknown = sorted(set(kept) - {r.name for r in refs})
+    if unknown:
+        raise InputError(
+            f"{out}/selection.parquet keeps samples of shards not in the inputs: {unknown[:5]}"
+        )
+    shards = [
+        FeedShard(r, frozenset(kept.get(r.name, ())), len(kept.get(r.name, ()))) for r in refs
+    ]
+    return shards, params.get("scorer", "sage")
+
+
+def plan_feed(
+    out: str,
+    *,
+    original: bool = False,
+    inputs: str | Sequence[str] | None = None,
+    storage_options: dict | None = None,
+) -> FeedPlan:
+    """The shards a feed of run ``out`` reads: its emitted shards, or (``original=True`` or
+    ``inputs`` given) the input shards filtered by its selection."""
+    manifest = read_json(join(out, "manifest.json"), storage_options)
+    if manifest is not None and not exists(join(out, "_SUCCESS"), storage_options):
+        raise InputError(f"{out} is not a finished run (no _SUCCESS): let the run complete")
+    config = (manifest or {}).get("config", {})
+    reader = {
+        "tar": {"max_member_bytes": config.get("max_member_bytes", 256 * 2**20)},
+        "parquet": {"key_column": config.get("key_column", "__key__")},
+    }
+    if original or inputs is not None:
+        shards, scorer = _original(out, manifest, inputs, storage_options)
+    else:
+        shards = _emitted(out, manifest, storage_options)
+        scorer = (manifest or {}).get("selection", {}).get("scorer", "sage")
+    return FeedPlan(out, tuple(shards), scorer, config, reader)
