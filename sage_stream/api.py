@@ -29,7 +29,7 @@ from .sample import ShardRef
 from .selection import select as select_rows
 from .storage import exists, join
 from .store import StoredSketch, read_sketch
-from .tables import read_scores, scored_shards, write_selection
+from .tables import errored_count, read_scores, scored_shards, write_selection
 from .urls import expand_inputs
 
 log = logging.getLogger("sage_stream")
@@ -139,7 +139,7 @@ def select(**options: Any) -> SelectResult:
     }
     clear_success(cfg.out, cfg.storage_options)  # only now: a refused select changes nothing
     url = write_selection(cfg.out, chosen, params, cfg.storage_options)
-    scored = table.num_rows - table["status"].to_pylist().count("error")
+    scored = table.num_rows - errored_count(table)
     return SelectResult(url, scored, chosen.num_rows, params)
 
 

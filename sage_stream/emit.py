@@ -33,7 +33,7 @@ from .resume import (
 )
 from .sample import ShardRef
 from .storage import atomic_write, exists, filesystem, join
-from .tables import read_part, read_selection
+from .tables import errored_count, read_part, read_selection
 
 log = logging.getLogger("sage_stream")
 MANIFEST_VERSION = 1
@@ -75,7 +75,7 @@ def kept_by_shard(selection: pa.Table) -> dict[str, set[str]]:
 
 
 def _shard_counts(part: pa.Table, kept: int, error: str | None) -> dict[str, Any]:
-    errored = part["status"].to_pylist().count("error")
+    errored = errored_count(part)
     counts = {"seen": part.num_rows, "scored": part.num_rows - errored, "errored": errored}
     return {**counts, "kept": kept, "shard_error": error}
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .storage import filesystem, join
+from .resume import read_json
+from .storage import exists, filesystem, join
 from .store import read_sketch
 
 
@@ -63,10 +64,8 @@ def _scores_summary(url: str, storage_options: dict) -> str:
 
 
 def _output_summary(url: str, storage_options: dict) -> str:
-    fs, path = filesystem(join(url, "manifest.json"), storage_options)
-    with fs.open(path, "rb") as f:
-        manifest = json.load(f)
-    done = fs.exists(filesystem(join(url, "_SUCCESS"), storage_options)[1])
+    manifest = read_json(join(url, "manifest.json"), storage_options)
+    done = exists(join(url, "_SUCCESS"), storage_options)
     t = manifest["totals"]
     lines = [
         f"output {url}: {'complete (_SUCCESS)' if done else 'INCOMPLETE (no _SUCCESS)'}",
@@ -85,15 +84,14 @@ def _output_summary(url: str, storage_options: dict) -> str:
 
 def describe(url: str, storage_options: dict | None = None) -> str:
     storage_options = storage_options or {}
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(f"nothing at {url}")
-    if fs.exists(f"{path}/zarr.json"):
+    if exists(join(url, "zarr.json"), storage_options):
         return _sketch_summary(url, storage_options)
-    if fs.exists(f"{path}/manifest.json"):
+    if exists(join(url, "manifest.json"), storage_options):
         return _output_summary(url, storage_options)
-    if path.endswith(".parquet") or path.rstrip("/").endswith("scores"):
+    if url.endswith(".parquet") or url.rstrip("/").endswith("scores"):
         return _scores_summary(url, storage_options)
-    if fs.exists(f"{path}/scores"):
+    if exists(join(url, "scores"), storage_options):
         return _scores_summary(join(url, "scores"), storage_options)
     raise InputError(f"{url} is not a sketch.zarr, a scores table or a sage-stream output")

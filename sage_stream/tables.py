@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import InputError
@@ -33,6 +34,13 @@ SCORE_SCHEMA = pa.schema(
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 SHARD_ERROR_KEY = b"sage_stream.shard_error"
 SELECTION_KEY = b"sage_stream.selection"
+
+
+def errored_count(table: pa.Table) -> int:
+    """Rows of a scores table with status "error" (the rest are scored)."""
+    if table.num_rows == 0:
+        return 0
+    return int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0)
 
 
 def part_url(out: str, shard: str) -> str:

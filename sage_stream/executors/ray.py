@@ -47,7 +47,7 @@ from ..resume import read_json, selection_hash, work_url
 from ..sample import ShardRef
 from ..storage import exists, join
 from ..store import StoredSketch, open_group
-from ..tables import part_url, read_part, read_selection
+from ..tables import errored_count, part_url, read_part, read_selection
 from .ray_worker import ShardWorker, plan_blocks
 
 try:
@@ -249,7 +249,7 @@ def _finished_parts(cfg: Config, refs: list[ShardRef]) -> dict[str, dict[str, An
     for ref in refs:
         if exists(part_url(cfg.out, ref.name), cfg.storage_options):
             table, error = read_part(cfg.out, ref.name, ["status"], cfg.storage_options)
-            errored = table["status"].to_pylist().count("error")
+            errored = errored_count(table)
             found[ref.name] = {"seen": table.num_rows, "scored": table.num_rows - errored}
             found[ref.name]["error"] = error
     return found

@@ -34,6 +34,7 @@ from ..resume import load_state, remove, save_state, work_url
 from ..sample import ShardRef
 from ..storage import join
 from ..store import StoredSketch, check_identity
+from ..tables import errored_count
 
 Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the worker's identity
 
@@ -152,7 +153,7 @@ class ShardWorker:
             check_identity(join(cfg.out, "sketch.zarr"), sketch.identity, ctx.identity())
         progress = Progress("pass 2 (score)", 1, False)
         table, error = score_and_write(ctx, ref, sketch, progress)
-        errored = table["status"].to_pylist().count("error")
+        errored = errored_count(table)
         return {"seen": table.num_rows, "scored": table.num_rows - errored, "error": error}
 
     def emit(self, ref: ShardRef, kept: set[str], scorer: str, marker: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from ..sample import ShardRef
 from ..scores import NONFINITE_LOSS, ScoredBatch, score_batch
 from ..storage import exists, join
 from ..store import StoredSketch, write_projections
-from ..tables import SCORE_COLUMNS, part_url, read_part, write_scores
+from ..tables import SCORE_COLUMNS, errored_count, part_url, read_part, write_scores
 from .centroid import rescore_with_centroids
 from .context import StageContext
 
@@ -176,7 +176,7 @@ def run_score_pass(ctx: StageContext, sketch: StoredSketch | None) -> ScoreResul
         if error is not None:
             shard_errors.append({"shard": ref.name, "url": ref.url, "reason": error})
         seen += table.num_rows
-        scored += table.num_rows - table["status"].to_pylist().count("error")
+        scored += table.num_rows - errored_count(table)
         progress.shard_done(ref.name)
     if sketch is not None and cfg.consensus == "centroid":
         ell = sketch.sigma.shape[0]

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import zarr
 
 from ..errors import InputError
-from ..storage import filesystem, join
+from ..storage import exists, join, open_input
 from ..store import open_group
 from ..tables import read_part, read_selection, scored_shards
 
@@ -50,13 +50,12 @@ class RunData:
 
 def read_manifest(out: str, storage_options: dict | None = None) -> dict[str, Any]:
     url = join(out, "manifest.json")
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         raise InputError(
             f"no manifest at {url}: `sage-stream report` needs a finished run "
             "(run `sage-stream run`, or `emit` after `select`)"
         )
-    with fs.open(path, "rb") as f:
+    with open_input(url, storage_options) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as exc:
@@ -66,8 +65,7 @@ def read_manifest(out: str, storage_options: dict | None = None) -> dict[str, An
 def read_sigma(out: str, storage_options: dict | None = None) -> np.ndarray | None:
     """The sketch's singular values (ℓ,), or None where the run made no complete sketch."""
     url = join(out, "sketch.zarr")
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not exists(url, storage_options):
         return None
     try:
         group = open_group(url, "r", storage_options)
