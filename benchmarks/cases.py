@@ -25,8 +25,8 @@ from data import BlobSpec, blob_mlp  # benchmarks/ is on sys.path: this script's
 
 import sage_stream
 from sage_stream.config import make_config
-from sage_stream.passes.context import build_context
-from sage_stream.sketch import FrequentDirections
+from sage_stream.fd import FrequentDirections
+from sage_stream.passes.loop import build_context, shard_batches
 
 
 def _status_kib(field: str) -> int:
@@ -102,7 +102,7 @@ def _forward(p: dict[str, Any], opts: dict[str, Any]) -> int:
     seen = 0
     with torch.no_grad():
         for ref in ctx.refs:
-            for batch in ctx.batches(ref):
+            for batch in shard_batches(ctx, ref):
                 ctx.model(batch.x.to(ctx.device))
                 seen += len(batch.keys)
     return seen

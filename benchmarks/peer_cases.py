@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sage_stream.config import make_config
 from sage_stream.gradients import GradientFeaturizer
-from sage_stream.passes.context import build_context
+from sage_stream.passes.loop import build_context, shard_batches
 from sage_stream.scores import agreement, consensus_directions, sketch_coordinates
 from sage_stream.selection import select
 
@@ -47,7 +47,7 @@ def load_arrays(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     ctx = build_context(make_config(inputs=p["shards"], **sage_options(p)))
     xs, ys = [], []
     for ref in ctx.refs:
-        for item in ctx.batches(ref):
+        for item in shard_batches(ctx, ref):
             xs.append(item.x)
             ys.append(item.y)
     return torch.cat(xs), torch.cat(ys)

@@ -1,34 +1,55 @@
 """sage-stream: keep the training samples whose gradients agree with their class.
 
-The flow, one module per step (see README.md):
+The flow, one module (or package) per step; README.md's "Layout" has the whole map:
 
-    storage             fsspec access: retries, bounded resumable reads, atomic writes
-    urls, formats/      expand inputs; read shards (tar | parquet) -> Sample
-    decode, batches     Sample -> (input tensor, label) batches
-    gradients           per-sample gradient features g_i (last-layer | params, projection)
-    sketch              pass 1: Frequent Directions sketch of the g_i    -> store (sketch.zarr)
-    scores              pass 2: agreement of each g_i with its class      -> tables (scores/)
-    selection           keep fraction / quotas / threshold                -> selection.parquet
-    emit                kept samples byte for byte                        -> shards/, manifest
-    report/             after emit: HTML page + figures of a finished run -> OUT/report/
-    feed                training feed: only the kept samples, per worker and node
-    passes/             the shard loops that drive pass 1 and pass 2
-    api, cli            sketch / score / select / emit / run
+    storage/            the edge: fsspec access with retries, resumable reads, atomic writes
+    inputs, formats/    INPUT... -> shards; read shards (tar | parquet) -> Sample
+    decode, batches     Sample -> (input tensor, label) batches; bad samples -> recorded skips
+    model, gradients    the proxy model; per-sample gradient features (+ projection)
+    fd                  Frequent Directions, the sketch of pass 1 (pure tensor code)
+    scores              agreement of each gradient with its class (pure)
+    selection           keep fraction / quotas / threshold (pure)
+    passes/             the shard loop, and pass 1, pass 2 and emit over it
+    outputs/            everything under OUT: the folder, identity, sketch store, tables,
+                        manifest
+    executors/          where the passes run: local, or Ray
+    api, cli            sketch / score / select / emit / run; inspect, report, demo
+    feed/, report/      after the run: the training feed; the HTML report
 """
 
-from .api import emit, run, score, select, sketch
-from .errors import InputError, MismatchError, SageError, SampleError, ShardError
+from .api import RunResult, SelectResult, emit, run, score, select, sketch
+from .config import Config
+from .errors import (
+    InputError,
+    MismatchError,
+    OutputExistsError,
+    SageError,
+    SampleError,
+    ShardError,
+    StorageError,
+)
+from .passes.emit import EmitResult
+from .passes.score import ScoreResult
+from .passes.sketch import SketchResult
 from .sample import Sample, ShardRef
 
 __version__ = "0.1.0"
 __all__ = [
+    "Config",
+    "EmitResult",
     "InputError",
     "MismatchError",
+    "OutputExistsError",
+    "RunResult",
     "SageError",
     "Sample",
     "SampleError",
+    "ScoreResult",
+    "SelectResult",
     "ShardError",
     "ShardRef",
+    "SketchResult",
+    "StorageError",
     "emit",
     "run",
     "score",

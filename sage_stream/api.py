@@ -6,98 +6,39 @@
     emit(inputs, out=...)                       emit    -> OUT/shards/, manifest, index, _SUCCESS
     run(inputs, model=..., out=..., keep=0.3)   all of the above
 
-Every function takes the options of `Config` as keyword arguments (the CLI's flags with `_`
-for `-`) and returns a small result object. The CLI is a thin layer over these.
+Each function takes the options of `Config` as keyword arguments (the CLI's flags with `_`
+for `-`), or a ready `Config` as `config=`, and returns a small result object. The defaults
+shown are `Config`'s own. The CLI is a thin layer over these; `run` calls the same internal
+steps, in one executor, so that Ray actors load the model once for both passes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, make_config
-from .emit import EmitResult, clear_success, run_emit
 from .errors import InputError, MismatchError
-from .passes.context import StageContext, build_context
-from .passes.scoring import ScoreResult, run_score_pass
-from .passes.sketching import SketchResult, run_sketch_pass
-from .resume import claim_output, run_identity, stored_identity
+from .executors import Executor, open_executor
+from .inputs import expand_inputs
+from .outputs.folder import OutputFolder
+from .outputs.identity import run_config, run_identity
+from .outputs.sketch_store import StoredSketch
+from .outputs.tables import errored_count, read_scores, write_selection
+from .passes.emit import EmitResult
+from .passes.loop import StageContext, build_context
+from .passes.score import ScoreResult
+from .passes.sketch import SketchResult
 from .sample import ShardRef
 from .selection import select as select_rows
-from .storage import exists, join
-from .store import StoredSketch, read_sketch
-from .tables import errored_count, read_scores, scored_shards, write_selection
-from .urls import expand_inputs
 
 log = logging.getLogger("sage_stream")
-
-
-def _config(inputs: Any = None, /, **options: Any) -> Config:
-    if inputs is not None:
-        options["inputs"] = inputs
-    cfg = make_config(**options)
-    if not cfg.out:
-        raise InputError("no output: pass --out URL")
-    return cfg
-
-
-def _start(cfg: Config) -> StageContext:
-    """Load the model, then claim OUT: refuse a different earlier run before touching it."""
-    ctx = build_context(cfg)
-    claim_output(cfg, run_identity(cfg, ctx.refs, ctx.fingerprint))
-    clear_success(cfg.out, cfg.storage_options)
-    return ctx
-
-
-@dataclass
-class Passes:
-    """The passes as one executor runs them: in this process, or shard-parallel on Ray."""
-
-    sketch: Callable[[StageContext], SketchResult]
-    score: Callable[[StageContext, StoredSketch | None], ScoreResult]
-    emit: Callable[[Config, list[ShardRef], dict | None], EmitResult]
-
-
-@contextlib.contextmanager
-def executor(cfg: Config) -> Iterator[Passes]:
-    """`--executor local` runs the shard loops here; `ray` runs them on a pool of actors that
-    lives for the whole run (one model load per actor). Ray is imported only in that case."""
-    if cfg.executor != "ray":
-        yield Passes(run_sketch_pass, run_score_pass, run_emit)
-        return
-    from .executors import ray as on_ray
-
-    with on_ray.RayWorkers(cfg, cfg.workers) as workers:
-        yield Passes(
-            lambda ctx: on_ray.sketch_pass(ctx.cfg, ctx.refs, workers),
-            lambda ctx, stored: on_ray.score_pass(ctx.cfg, ctx.refs, stored, workers),
-            lambda cfg, refs, stats: on_ray.emit_pass(cfg, refs, stats, workers),
-        )
-
-
-def sketch(inputs: Any, **options: Any) -> SketchResult:
-    """Pass 1: stream the shards into an FD sketch of per-sample gradients (OUT/sketch.zarr)."""
-    ctx = _start(_config(inputs, **options))
-    with executor(ctx.cfg) as passes:
-        return passes.sketch(ctx)
-
-
-def _stored_sketch(cfg: Config, identity: dict[str, Any]) -> StoredSketch | None:
-    if cfg.scorer != "sage":
-        return None  # the baselines rank by loss, gradient norm or chance: no sketch needed
-    return read_sketch(
-        join(cfg.out, "sketch.zarr"), expected=identity, storage_options=cfg.storage_options
-    )
-
-
-def score(inputs: Any, **options: Any) -> ScoreResult:
-    """Pass 2: a score for every sample against the stored sketch (OUT/scores/)."""
-    ctx = _start(_config(inputs, **options))
-    with executor(ctx.cfg) as passes:
-        return passes.score(ctx, _stored_sketch(ctx.cfg, ctx.identity()))
+Inputs = str | Sequence[str]
+C = Config  # the defaults below are Config's, so that they have one owner
 
 
 @dataclass
@@ -108,73 +49,6 @@ class SelectResult:
     params: dict[str, Any]
 
 
-def select(**options: Any) -> SelectResult:
-    """Choose the kept samples from OUT/scores/ (OUT/selection.parquet)."""
-    cfg = _config(None, **options)
-    if cfg.keep is None and cfg.min_score is None:
-        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    if cfg.inputs:
-        shards = [r.name for r in _run_inputs(cfg)]
-    else:
-        shards = scored_shards(cfg.out, cfg.storage_options)
-    table = read_scores(cfg.out, shards, storage_options=cfg.storage_options)
-    if cfg.scorer == "sage" and table.num_rows and table["score"].null_count == table.num_rows:
-        raise InputError(
-            f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` and `score`, or choose another --scorer"
-        )
-    chosen = select_rows(
-        table,
-        keep=cfg.keep,
-        balance=cfg.balance,
-        min_score=cfg.min_score,
-        scorer=cfg.scorer,
-        seed=cfg.seed,
-    )
-    params = {
-        "keep": cfg.keep,
-        "balance": cfg.balance,
-        "min_score": cfg.min_score,
-        "scorer": cfg.scorer,
-        "seed": cfg.seed,
-    }
-    clear_success(cfg.out, cfg.storage_options)  # only now: a refused select changes nothing
-    url = write_selection(cfg.out, chosen, params, cfg.storage_options)
-    scored = table.num_rows - errored_count(table)
-    return SelectResult(url, scored, chosen.num_rows, params)
-
-
-def _run_inputs(cfg: Config) -> list[ShardRef]:
-    """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
-    the scores of one data set would be attached to another's samples."""
-    refs = expand_inputs(cfg.inputs, cfg.storage_options)
-    stored = stored_identity(cfg.out, cfg.storage_options)
-    if stored is not None and [r.url for r in refs] != stored["inputs"]:
-        raise MismatchError(
-            f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
-            f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
-        )
-    return refs
-
-
-def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
-    if cfg.scorer != "sage" or not exists(join(cfg.out, "sketch.zarr"), cfg.storage_options):
-        return None
-    stored = read_sketch(join(cfg.out, "sketch.zarr"), storage_options=cfg.storage_options)
-    return {**stored.stats, "identity": stored.identity}
-
-
-def emit(inputs: Any, **options: Any) -> EmitResult:
-    """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS."""
-    cfg = _config(inputs, **options)
-    refs = _run_inputs(cfg)
-    clear_success(cfg.out, cfg.storage_options)
-    if cfg.executor == "ray":  # shard-parallel tasks; no model, so no actor pool
-        from .executors import ray as on_ray
-
-        return on_ray.emit_pass(cfg, refs, _sketch_stats(cfg))
-    return run_emit(cfg, refs, _sketch_stats(cfg))
-
-
 @dataclass
 class RunResult:
     sketch: SketchResult | None
@@ -183,21 +57,286 @@ class RunResult:
     emit: EmitResult
 
 
-def run(inputs: Any, **options: Any) -> RunResult:
-    """All steps: sketch (for the sage scorer), score, select, emit."""
-    cfg = _config(inputs, **options)
+# --- the steps, on a Config -------------------------------------------------------------------
+
+
+def _claim(cfg: Config) -> StageContext:
+    """Load the model, then claim OUT: refuse a different earlier run before touching it."""
+    ctx = build_context(cfg)
+    ctx.out.claim(run_identity(cfg, ctx.refs, ctx.fingerprint), run_config(cfg), cfg.overwrite)
+    ctx.out.clear_success()
+    return ctx
+
+
+def _stored_sketch(ctx: StageContext) -> StoredSketch | None:
+    if ctx.cfg.scorer != "sage":
+        return None  # the baselines rank by loss, gradient norm or chance: no sketch needed
+    return ctx.out.sketch_store().read(expected=ctx.identity())
+
+
+def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
+    """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
+    the scores of one data set would be attached to another's samples."""
+    refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    stored = folder.stored_identity()
+    if stored is not None and [r.url for r in refs] != stored["inputs"]:
+        raise MismatchError(
+            f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
+            f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
+        )
+    return refs
+
+
+def _select(cfg: Config, shards: list[str]) -> SelectResult:
+    folder = OutputFolder(cfg.out, cfg.storage_options)
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    ctx = _start(cfg)
-    options = {**options, "inputs": tuple(r.url for r in ctx.refs)}
-    with executor(cfg) as passes:
-        sketched = passes.sketch(ctx) if cfg.scorer == "sage" else None
-        scored = passes.score(ctx, _stored_sketch(cfg, ctx.identity()))
+    table = read_scores(folder, shards)
+    if cfg.scorer == "sage" and table.num_rows and table["score"].null_count == table.num_rows:
+        raise InputError(
+            f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` and "
+            "`score`, or choose another --scorer"
+        )
+    chosen = select_rows(table, keep=cfg.keep, balance=cfg.balance, min_score=cfg.min_score,
+                         scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
+    params = {"keep": cfg.keep, "balance": cfg.balance, "min_score": cfg.min_score,
+              "scorer": cfg.scorer, "seed": cfg.seed}  # fmt: skip
+    folder.clear_success()  # only now: a refused select changes nothing
+    url = write_selection(folder, chosen, params)
+    return SelectResult(url, table.num_rows - errored_count(table), chosen.num_rows, params)
+
+
+def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
+    folder = OutputFolder(cfg.out, cfg.storage_options)
+    if cfg.scorer != "sage" or not folder.exists(folder.sketch):
+        return None
+    stored = folder.sketch_store().read()
+    return {**stored.stats, "identity": stored.identity}
+
+
+def _run(cfg: Config) -> RunResult:
+    if cfg.keep is None and cfg.min_score is None:
+        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
+    ctx = _claim(cfg)
+    with open_executor(cfg) as executor:
+        sketched = executor.sketch(ctx) if cfg.scorer == "sage" else None
+        scored = executor.score(ctx, _stored_sketch(ctx))
         if scored.scored == 0:
             raise InputError(
                 f"no sample could be scored ({scored.errored} errors): see the reasons in "
-                f"{join(cfg.out, 'scores')}, or run with --on-error fail to stop at the first"
+                f"{ctx.out.scores}, or run with --on-error fail to stop at the first"
             )
-        chosen = select(**options)
-        emitted = passes.emit(cfg, ctx.refs, _sketch_stats(cfg))
+        chosen = _select(cfg, [r.name for r in ctx.refs])
+        emitted = executor.emit(cfg, ctx.refs, _sketch_stats(cfg))
     return RunResult(sketched, scored, chosen, emitted)
+
+
+def _pass(cfg: Config, step: Callable[[Executor, StageContext], Any]) -> Any:
+    ctx = _claim(cfg)
+    with open_executor(cfg) as executor:
+        return step(executor, ctx)
+
+
+def _config(step: Callable[..., Any], config: Config | None, options: dict[str, Any]) -> Config:
+    """The step's Config: `config=` if given, with every option the caller changed on top."""
+    defaults = {n: p.default for n, p in inspect.signature(step).parameters.items()}
+    changed = {k: v for k, v in options.items() if not _same(v, defaults[k])}
+    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config else {}
+    cfg = make_config(**{**base, **changed})
+    if not cfg.out:
+        raise InputError("no output: pass --out URL")
+    return cfg
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # noqa: BLE001 - an object whose == is not a plain comparison
+        return False
+
+
+# --- the public steps ------------------------------------------------------------------------
+
+
+def sketch(
+    inputs: Inputs | None = None,
+    *,
+    out: str | None = None,
+    model: Any = None,
+    checkpoint: str | None = None,
+    input_key: str | None = None,
+    label_key: str | None = C.label_key,
+    key_column: str = C.key_column,
+    preprocess: Any = None,
+    grad: str = C.grad,
+    head: str | None = None,
+    params: str | None = None,
+    project_dim: int | None = None,
+    ell: int = C.ell,
+    batch_size: int = C.batch_size,
+    chunk_size: int = C.chunk_size,
+    device: str = C.device,
+    seed: int = C.seed,
+    on_error: str = C.on_error,
+    max_member_bytes: int = C.max_member_bytes,
+    storage_options: dict[str, Any] | None = None,
+    executor: str = C.executor,
+    workers: int | None = None,
+    scorer: str = C.scorer,
+    consensus: str = C.consensus,
+    overwrite: bool = C.overwrite,
+    checkpoint_every: float = C.checkpoint_every,
+    progress: bool | None = None,
+    config: Config | None = None,
+) -> SketchResult:
+    """Pass 1: stream the shards into an FD sketch of per-sample gradients (OUT/sketch.zarr).
+
+    `model` is a factory "module:function", a callable or an nn.Module; `checkpoint` a state
+    dict URL. The options are `Config`'s (see `sage-stream sketch --help`).
+    """
+    options = dict(locals())
+    del options["config"]
+    return _pass(_config(sketch, config, options), lambda ex, ctx: ex.sketch(ctx))
+
+
+def score(
+    inputs: Inputs | None = None,
+    *,
+    out: str | None = None,
+    model: Any = None,
+    checkpoint: str | None = None,
+    input_key: str | None = None,
+    label_key: str | None = C.label_key,
+    key_column: str = C.key_column,
+    preprocess: Any = None,
+    grad: str = C.grad,
+    head: str | None = None,
+    params: str | None = None,
+    project_dim: int | None = None,
+    ell: int = C.ell,
+    batch_size: int = C.batch_size,
+    chunk_size: int = C.chunk_size,
+    device: str = C.device,
+    seed: int = C.seed,
+    on_error: str = C.on_error,
+    max_member_bytes: int = C.max_member_bytes,
+    storage_options: dict[str, Any] | None = None,
+    executor: str = C.executor,
+    workers: int | None = None,
+    scorer: str = C.scorer,
+    consensus: str = C.consensus,
+    overwrite: bool = C.overwrite,
+    checkpoint_every: float = C.checkpoint_every,
+    progress: bool | None = None,
+    config: Config | None = None,
+) -> ScoreResult:
+    """Pass 2: a score for every sample against the stored sketch (OUT/scores/).
+
+    The same options as `sketch`, which must match the sketch's (else MismatchError).
+    """
+    options = dict(locals())
+    del options["config"]
+    cfg = _config(score, config, options)
+    return _pass(cfg, lambda ex, ctx: ex.score(ctx, _stored_sketch(ctx)))
+
+
+def select(
+    inputs: Inputs | None = None,
+    *,
+    out: str | None = None,
+    keep: float | None = None,
+    min_score: float | None = None,
+    balance: str = C.balance,
+    scorer: str = C.scorer,
+    seed: int = C.seed,
+    storage_options: dict[str, Any] | None = None,
+    config: Config | None = None,
+) -> SelectResult:
+    """Choose the kept samples from OUT/scores/ (OUT/selection.parquet).
+
+    `keep` is a fraction of the scored samples, or `min_score` a threshold; `inputs`, if
+    given, must be the run's (else the shards that have scores are used).
+    """
+    options = dict(locals())
+    del options["config"]
+    cfg = _config(select, config, options)
+    folder = OutputFolder(cfg.out, cfg.storage_options)
+    shards = [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
+    return _select(cfg, shards)
+
+
+def emit(
+    inputs: Inputs | None = None,
+    *,
+    out: str | None = None,
+    key_column: str = C.key_column,
+    max_member_bytes: int = C.max_member_bytes,
+    scorer: str = C.scorer,
+    storage_options: dict[str, Any] | None = None,
+    executor: str = C.executor,
+    workers: int | None = None,
+    progress: bool | None = None,
+    config: Config | None = None,
+) -> EmitResult:
+    """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS.
+
+    `inputs` must be the run's. With `executor="ray"` each shard is one Ray task.
+    """
+    options = dict(locals())
+    del options["config"]
+    cfg = _config(emit, config, options)
+    folder = OutputFolder(cfg.out, cfg.storage_options)
+    refs = _run_inputs(cfg, folder)
+    folder.clear_success()
+    with open_executor(cfg) as executor_:
+        return executor_.emit(cfg, refs, _sketch_stats(cfg))
+
+
+def run(
+    inputs: Inputs | None = None,
+    *,
+    out: str | None = None,
+    model: Any = None,
+    keep: float | None = None,
+    min_score: float | None = None,
+    balance: str = C.balance,
+    scorer: str = C.scorer,
+    checkpoint: str | None = None,
+    input_key: str | None = None,
+    label_key: str | None = C.label_key,
+    key_column: str = C.key_column,
+    preprocess: Any = None,
+    grad: str = C.grad,
+    head: str | None = None,
+    params: str | None = None,
+    project_dim: int | None = None,
+    ell: int = C.ell,
+    batch_size: int = C.batch_size,
+    chunk_size: int = C.chunk_size,
+    device: str = C.device,
+    seed: int = C.seed,
+    on_error: str = C.on_error,
+    max_member_bytes: int = C.max_member_bytes,
+    storage_options: dict[str, Any] | None = None,
+    executor: str = C.executor,
+    workers: int | None = None,
+    consensus: str = C.consensus,
+    overwrite: bool = C.overwrite,
+    checkpoint_every: float = C.checkpoint_every,
+    progress: bool | None = None,
+    config: Config | None = None,
+) -> RunResult:
+    """All steps: sketch (for the sage scorer), score, select, emit.
+
+        sage_stream.run("s3://bucket/train/shard-{000..099}.tar", model="mymodels:proxy",
+                        checkpoint="s3://bucket/proxy.pt", out="s3://bucket/sel", keep=0.3)
+
+    `keep` (a fraction) or `min_score` (a threshold) says how much to keep; `balance` how the
+    budget is shared between classes (proportional | equal | none); `scorer` sage or a
+    baseline (loss, loss-easy, grad-norm, random). The other options are `sketch`'s.
+    """
+    options = dict(locals())
+    del options["config"]
+    return _run(_config(run, config, options))

@@ -2,7 +2,8 @@
 
 A sample that cannot be used (a reader's error, a decode failure, a missing or out-of-range
 label, an input of another shape) becomes a `Skipped` record in the same stream, in order, so
-that pass 2 can write it to scores/ with its reason. Under `on_error="fail"` it raises instead.
+that pass 2 can write it to scores/ with its reason. What to do about it (`--on-error`) is
+decided by the shard loop (`passes.loop`), not here.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ def decoded_batches(
     *,
     batch_size: int,
     num_classes: int,
-    on_error: str = "skip",
 ) -> Iterator[Batch | Skipped]:
     """Batches of up to `batch_size` decoded samples, and a `Skipped` for every unusable one.
 
@@ -87,7 +87,7 @@ def decoded_batches(
     """
     pending = _Pending()
     try:
-        yield from _fill(samples, decoder, pending, batch_size, num_classes, on_error)
+        yield from _fill(samples, decoder, pending, batch_size, num_classes)
     except ShardError:
         if pending.keys:
             yield pending.take()
@@ -102,14 +102,11 @@ def _fill(
     pending: _Pending,
     batch_size: int,
     num_classes: int,
-    on_error: str,
 ) -> Iterator[Batch | Skipped]:
     for sample in samples:
         try:
             x, y = _decode(sample, decoder, num_classes)
         except SampleError as exc:
-            if on_error == "fail":
-                raise
             yield Skipped(sample.key, sample.index, exc.reason)
             continue
         if pending.xs and x.shape != pending.xs[0].shape:

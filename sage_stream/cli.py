@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import api
-from .config import BALANCES, CONSENSUS, EXECUTORS, GRAD_MODES, ON_ERROR, SCORERS, load_toml
+from .config import (
+    BALANCES,
+    CONSENSUS,
+    EXECUTORS,
+    GRAD_MODES,
+    ON_ERROR,
+    SCORERS,
+    load_toml,
+    make_config,
+)  # fmt: skip
 from .errors import InputError, SageError
 
 DESCRIPTION = """\
@@ -239,27 +248,27 @@ def _summary(result: api.RunResult | api.EmitResult) -> str:
 
 
 def _run_step(command: str, options: dict[str, Any]) -> str:
-    inputs = options.pop("inputs", None)
-    if command in ("run", "sketch", "score", "emit") and not inputs:
+    cfg = make_config(**options)
+    if command in ("run", "sketch", "score", "emit") and not cfg.inputs:
         raise InputError(
             f"`sage-stream {command}` needs at least one INPUT (or inputs in --config)"
         )
     if command == "run":
-        return _summary(api.run(inputs, **options))
+        return _summary(api.run(config=cfg))
     if command == "sketch":
-        r = api.sketch(inputs, **options)
+        r = api.sketch(config=cfg)
         bound = r.stats["relative_error_bound"]
         return (
             f"sketch: {r.samples} gradients, D={r.dim}, ℓ={r.ell}, C={r.classes}, "
             f"error bound Δ/‖A‖²_F = {bound:.4f} -> {r.url}"
         )
     if command == "score":
-        r = api.score(inputs, **options)
+        r = api.score(config=cfg)
         return f"scores: seen {r.seen}, scored {r.scored}, errored {r.errored} -> {r.url}"
     if command == "select":
-        r = api.select(inputs=inputs or (), **options)
+        r = api.select(config=cfg)
         return f"selection: kept {r.kept} of {r.scored} scored -> {r.url}"
-    return _summary(api.emit(inputs, **options))
+    return _summary(api.emit(config=cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,8 @@
 """The run's configuration: one frozen dataclass, filled from keyword arguments, a TOML file
 (`--config`) and command-line flags, validated once at the edge.
 
-Fields that change what the sketch means (model, gradient mode, head, params, projection, ℓ,
-seed) are fingerprinted into the sketch store; fields that change what is read (inputs, keys,
-preprocess) into the manifest. Two runs that differ in those are never mixed.
+Which fields make up the identity of a sketch and of a run (so that two runs that differ in
+them are never mixed) is said once, in `outputs.identity`.
 """
 
 from __future__ import annotations
@@ -103,17 +102,6 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
-
-    def sketch_identity(self) -> dict[str, Any]:
-        """What makes two sketches comparable, besides the model's weights and D."""
-        return {
-            "grad": self.grad,
-            "head": self.head,
-            "params": self.params if self.grad == "params" else None,
-            "project_dim": self.project_dim,
-            "seed": self.seed if self.project_dim else None,
-            "ell": self.ell,
-        }
 
     def describe(self) -> dict[str, Any]:
         """JSON-able view for the manifest (callables shown by name; no storage secrets).

@@ -36,10 +36,6 @@ class SampleError(SageError, ValueError):
         where = f"{url} (shard {shard!r})" if url else f"shard {shard!r}"
         super().__init__(f"{where}, key {key!r}: {reason}")
 
-    def with_url(self, url: str) -> SampleError:
-        """The same error, naming the URL of its shard (readers and decoders know only names)."""
-        return SampleError(self.shard, self.key, self.reason, url)
-
     def __reduce__(self):  # noqa: ANN204 - see ShardError
         return (type(self), (self.shard, self.key, self.reason, self.url))
 

@@ -10,16 +10,16 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .errors import InputError
-from .resume import read_json
-from .storage import exists, filesystem, join
-from .store import read_sketch
+from .outputs.folder import SCORES, OutputFolder
+from .outputs.sketch_store import SketchStore
+from .outputs.tables import read_table
+from .storage import exists, join, list_names
 
 
 def _sketch_summary(url: str, storage_options: dict) -> str:
-    s = read_sketch(url, storage_options=storage_options)
+    s = SketchStore(url, storage_options).read()
     sigma = s.sigma.double().numpy()
     counts = s.class_counts.tolist()
     lines = [
@@ -35,16 +35,12 @@ def _sketch_summary(url: str, storage_options: dict) -> str:
 
 
 def _scores_table(url: str, storage_options: dict) -> pa.Table:
-    fs, path = filesystem(url, storage_options)
-    paths = (
-        [path]
-        if path.endswith(".parquet")
-        else sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    )
-    tables = []
-    for p in paths:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f).replace_schema_metadata(None))
+    if url.endswith(".parquet"):
+        urls = [url]
+    else:
+        urls = [join(url, n) for n in list_names(url, storage_options) if n.endswith(".parquet")]
+    tables = [read_table(u, storage_options=storage_options).replace_schema_metadata(None)
+              for u in urls]  # fmt: skip
     if not tables:
         raise InputError(f"no scores parts under {url}")
     return pa.concat_tables(tables)
@@ -64,8 +60,9 @@ def _scores_summary(url: str, storage_options: dict) -> str:
 
 
 def _output_summary(url: str, storage_options: dict) -> str:
-    manifest = read_json(join(url, "manifest.json"), storage_options)
-    done = exists(join(url, "_SUCCESS"), storage_options)
+    folder = OutputFolder(url, storage_options)
+    manifest = folder.read_json(folder.manifest)
+    done = folder.is_complete()
     t = manifest["totals"]
     lines = [
         f"output {url}: {'complete (_SUCCESS)' if done else 'INCOMPLETE (no _SUCCESS)'}",
@@ -88,10 +85,11 @@ def describe(url: str, storage_options: dict | None = None) -> str:
         raise InputError(f"nothing at {url}")
     if exists(join(url, "zarr.json"), storage_options):
         return _sketch_summary(url, storage_options)
-    if exists(join(url, "manifest.json"), storage_options):
+    folder = OutputFolder(url, storage_options)
+    if folder.exists(folder.manifest):
         return _output_summary(url, storage_options)
-    if url.endswith(".parquet") or url.rstrip("/").endswith("scores"):
+    if url.endswith(".parquet") or url.rstrip("/").endswith(SCORES):
         return _scores_summary(url, storage_options)
-    if exists(join(url, "scores"), storage_options):
-        return _scores_summary(join(url, "scores"), storage_options)
+    if folder.exists(folder.scores):
+        return _scores_summary(folder.scores, storage_options)
     raise InputError(f"{url} is not a sketch.zarr, a scores table or a sage-stream output")

@@ -1,4 +1,6 @@
-"""Shared fixtures. Shard-making helpers live in ``shardmaker.py`` (import them directly).
+"""Shared fixtures. Helpers live in ``helpers/`` (on sys.path: ``from tiny import mlp``):
+``shardmaker`` makes shards, ``tiny`` tiny data sets and models, ``killer`` decoders that
+count or kill, ``paths`` where things are.
 
 Object storage is tested against a real S3-protocol server on loopback, as s3fs tests itself:
 ``s3`` starts moto's ThreadedMotoServer once per session and points the standard AWS
@@ -15,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import urllib.request
 import uuid
@@ -24,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fsspec
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

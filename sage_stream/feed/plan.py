@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
-from ..resume import read_json
+from ..inputs import expand_inputs, shard_format
+from ..outputs.folder import SHARDS, OutputFolder
+from ..outputs.tables import kept_by_shard, read_selection
 from ..sample import ShardRef
-from ..storage import exists, join
-from ..tables import read_selection
-from ..urls import expand_inputs, shard_format
+from ..storage import join
 
 log = logging.getLogger("sage_stream")
 
@@ -54,38 +54,35 @@ def _resolve(out: str, url: str) -> str:
     return url if "://" in url or url.startswith("/") else join(out, url)
 
 
-def _emitted(out: str, manifest: dict | None, storage_options: dict | None) -> list[FeedShard]:
+def _emitted(folder: OutputFolder, manifest: dict | None) -> list[FeedShard]:
     """Output shards from the manifest, else the wids index, else a listing of OUT/shards."""
     if manifest is not None:
         listed = [(o["url"], o["samples"]) for o in manifest["outputs"]]
-    elif (index := read_json(join(out, "shardindex.json"), storage_options)) is not None:
+    elif (index := folder.read_json(folder.index)) is not None:
         listed = [(s["url"], s.get("nsamples")) for s in index["shardlist"]]
     else:
-        refs = expand_inputs([join(out, "shards")], storage_options)
+        refs = expand_inputs([folder.path(SHARDS)], folder.storage_options)
         return [FeedShard(r, None, None) for r in refs]
-    return [FeedShard(_ref(_resolve(out, url)), None, n) for url, n in listed]
+    return [FeedShard(_ref(_resolve(folder.url, url)), None, n) for url, n in listed]
 
 
 def _original(
-    out: str, manifest: dict | None, inputs: Any, storage_options: dict | None
+    folder: OutputFolder, manifest: dict | None, inputs: Any
 ) -> tuple[list[FeedShard], str]:
     """Input shards with the kept keys of each, from OUT/selection.parquet."""
     if inputs is not None:
-        refs = expand_inputs([inputs] if isinstance(inputs, str) else list(inputs), storage_options)
+        listed = [inputs] if isinstance(inputs, str) else list(inputs)
+        refs = expand_inputs(listed, folder.storage_options)
     elif manifest is not None:
         refs = [ShardRef(i["url"], i["name"], i["format"]) for i in manifest["inputs"]]
     else:
-        raise InputError(f"{out} has no manifest.json: pass the input shards (inputs=...)")
-    selection, params = read_selection(out, storage_options)
-    kept: dict[str, set[str]] = {}
-    for shard, key in zip(
-        selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
-    ):
-        kept.setdefault(shard, set()).add(key)
+        raise InputError(f"{folder.url} has no manifest.json: pass the input shards (inputs=...)")
+    selection, params = read_selection(folder)
+    kept = kept_by_shard(selection)
     unknown = sorted(set(kept) - {r.name for r in refs})
     if unknown:
         raise InputError(
-            f"{out}/selection.parquet keeps samples of shards not in the inputs: {unknown[:5]}"
+            f"{folder.selection} keeps samples of shards not in the inputs: {unknown[:5]}"
         )
     shards = [
         FeedShard(r, frozenset(kept.get(r.name, ())), len(kept.get(r.name, ()))) for r in refs
@@ -102,8 +99,9 @@ def plan_feed(
 ) -> FeedPlan:
     """The shards a feed of run ``out`` reads: its emitted shards, or (``original=True`` or
     ``inputs`` given) the input shards filtered by its selection."""
-    manifest = read_json(join(out, "manifest.json"), storage_options)
-    if manifest is not None and not exists(join(out, "_SUCCESS"), storage_options):
+    folder = OutputFolder(out, storage_options or {})
+    manifest = folder.read_json(folder.manifest)
+    if manifest is not None and not folder.is_complete():
         raise InputError(f"{out} is not a finished run (no _SUCCESS): let the run complete")
     config = (manifest or {}).get("config", {})
     reader = {
@@ -111,8 +109,8 @@ def plan_feed(
         "parquet": {"key_column": config.get("key_column", "__key__")},
     }
     if original or inputs is not None:
-        shards, scorer = _original(out, manifest, inputs, storage_options)
+        shards, scorer = _original(folder, manifest, inputs)
     else:
-        shards = _emitted(out, manifest, storage_options)
+        shards = _emitted(folder, manifest)
         scorer = (manifest or {}).get("selection", {}).get("scorer", "sage")
     return FeedPlan(out, tuple(shards), scorer, config, reader)

@@ -9,12 +9,12 @@ import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ..emit import annotations
 from ..errors import SampleError, ShardError
 from ..formats import read_shard
 from ..formats.tar import SAGE_FIELD
+from ..outputs.folder import OutputFolder
+from ..outputs.tables import annotations, read_part
 from ..sample import Sample
-from ..tables import read_part
 from .plan import RANKED_BY, FeedPlan, FeedShard, plan_feed
 
 log = logging.getLogger("sage_stream")
@@ -52,7 +52,7 @@ def shard_samples(
         return  # nothing kept: the shard is not read at all
     records = None
     if shard.kept is not None:
-        part, _ = read_part(plan.out, ref.name, storage_options=storage_options)
+        part, _ = read_part(OutputFolder(plan.out, storage_options or {}), ref.name)
         records = annotations(part, set(shard.kept), plan.scorer)
     count = 0
     for sample in read_shard(ref, storage_options, **options):
@@ -89,7 +89,7 @@ def kept_records(out: str, *, storage_options: dict | None = None) -> dict[tuple
     found: dict[tuple[str, str], dict] = {}
     for shard in plan.shards:
         if shard.kept:
-            part, _ = read_part(out, shard.ref.name, storage_options=storage_options)
+            part, _ = read_part(OutputFolder(out, storage_options or {}), shard.ref.name)
             for key, record in annotations(part, set(shard.kept), plan.scorer).items():
                 found[(shard.ref.name, key)] = record
     return found

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from sage_stream.errors import ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.storage import open_shard
+from sage_stream.storage.fs import open_shard
 
 # Types of the columns emit adds; other names get the type of their first non-null value.
 SAGE_TYPES: dict[str, pa.DataType] = {

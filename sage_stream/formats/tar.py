@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from sage_stream.errors import InputError, ShardError
 from sage_stream.sample import Sample, ShardRef
-from sage_stream.storage import open_shard
+from sage_stream.storage.fs import open_shard
 
 SAGE_FIELD = "sage.json"
 # webdataset's base_plus_ext, except that a basename starting with a dot never makes a key

@@ -14,12 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..config import Config
+from ..outputs.folder import OutputFolder
+from ..outputs.tables import read_part, write_part
 from ..sample import ShardRef
 from ..scores import ORTHOGONAL, agreement
-from ..storage import join
-from ..store import read_projections
-from ..tables import part_url, read_part, write_scores
 
 
 @dataclass
@@ -31,9 +29,9 @@ class _Part:
     usable: torch.Tensor  # (n,) bool: status ok and z not zero after float16 storage
 
 
-def _read(cfg: Config, shard: str) -> _Part:
-    table, shard_error = read_part(cfg.out, shard, storage_options=cfg.storage_options)
-    z = read_projections(join(cfg.out, "sketch.zarr"), shard, cfg.storage_options)
+def _read(folder: OutputFolder, shard: str) -> _Part:
+    table, shard_error = read_part(folder, shard)
+    z = folder.sketch_store().read_projections(shard)
     z = z.to(torch.float64)  # (n, ℓ)
     norms = z.norm(dim=1, keepdim=True)
     ok = torch.tensor(pc.equal(table["status"], "ok").to_pylist(), dtype=torch.bool)
@@ -44,13 +42,13 @@ def _read(cfg: Config, shard: str) -> _Part:
 
 
 def centroid_consensus(
-    cfg: Config, refs: list[ShardRef], num_classes: int, ell: int
+    folder: OutputFolder, refs: list[ShardRef], num_classes: int, ell: int
 ) -> torch.Tensor:
     """μ_c = mean of unit z_i over usable samples of class c; (C, ℓ) float64, zero if none."""
     sums = torch.zeros(num_classes, ell, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for ref in refs:
-        part = _read(cfg, ref.name)
+        part = _read(folder, ref.name)
         labels = part.labels[part.usable]
         sums.index_add_(0, labels, part.unit[part.usable])
         counts += torch.bincount(labels, minlength=num_classes).to(torch.float64)
@@ -83,13 +81,15 @@ def _with_scores(part: _Part, consensus: torch.Tensor) -> pa.Table:
     return table
 
 
-def rescore_with_centroids(cfg: Config, refs: list[ShardRef], num_classes: int, ell: int) -> int:
+def rescore_with_centroids(
+    folder: OutputFolder, refs: list[ShardRef], num_classes: int, ell: int
+) -> int:
     """Fill in every part's scores from the stored z; returns the number of rows scored."""
-    consensus = centroid_consensus(cfg, refs, num_classes, ell)
+    consensus = centroid_consensus(folder, refs, num_classes, ell)
     scored = 0
     for ref in refs:
-        part = _read(cfg, ref.name)
+        part = _read(folder, ref.name)
         table = _with_scores(part, consensus)
-        write_scores(part_url(cfg.out, ref.name), table, part.shard_error, cfg.storage_options)
+        write_part(folder, ref.name, table, part.shard_error)
         scored += int(part.usable.sum())
     return scored

@@ -20,7 +20,8 @@ import logging
 import numpy as np
 
 from ..errors import InputError
-from ..storage import filesystem, join, write_bytes_atomic
+from ..outputs.folder import OutputFolder
+from ..storage import join, write_bytes_atomic
 from . import figures as figs
 from .data import RunData, class_table, extremes, load_run, shard_table
 from .page import Figure, SampleCard, render
@@ -93,16 +94,13 @@ def _cards(
     return cards
 
 
-def _remove_stale_thumbs(
-    report: str, cards: list[SampleCard], storage_options: dict | None
-) -> None:
+def _remove_stale_thumbs(folder: OutputFolder, cards: list[SampleCard]) -> None:
     """Thumbnails of an earlier report (say, a larger --top) that the new page does not show."""
-    fs, path = filesystem(join(report, "thumbs"), storage_options)
+    thumbs = join(folder.report, "thumbs")
     shown = {c.thumb.rsplit("/", 1)[1] for c in cards if c.thumb}
-    if fs.exists(path):
-        for old in fs.ls(path, detail=False):
-            if old.rsplit("/", 1)[1] not in shown:
-                fs.rm(old)
+    for old in folder.names(thumbs):
+        if old not in shown:
+            folder.remove(join(thumbs, old))
 
 
 def write_report(out: str, *, storage_options: dict | None = None, top: int = 12) -> str:
@@ -116,7 +114,8 @@ def write_report(out: str, *, storage_options: dict | None = None, top: int = 12
     figs.require_matplotlib()
     run = load_run(out, storage_options)
     classes, shards = class_table(run), shard_table(run)
-    report = join(out, "report")
+    folder = OutputFolder(out, storage_options or {})
+    report = folder.report
     placed = _write_figures(report, _draw(run, classes, shards), storage_options)
     most, least = extremes(run, top)
     cards = _cards(run, {"most": most, "least": least}, report, storage_options)
@@ -132,6 +131,6 @@ def write_report(out: str, *, storage_options: dict | None = None, top: int = 12
     )
     url = join(report, "index.html")
     write_bytes_atomic(url, html.encode("utf-8"), storage_options)
-    _remove_stale_thumbs(report, cards["most"] + cards["least"], storage_options)
+    _remove_stale_thumbs(folder, cards["most"] + cards["least"])
     log.info("report: %s", url)
     return url

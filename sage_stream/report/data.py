@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import zarr
 
 from ..errors import InputError
-from ..storage import exists, join, open_input
-from ..store import open_group
-from ..tables import read_part, read_selection, scored_shards
+from ..outputs.folder import OutputFolder
+from ..outputs.tables import kept_by_shard, read_part, read_selection
 
 COLUMNS = ["__key__", "__shard__", "label", "score", "energy", "status"]
 NO_LABEL = -1  # label shown for a sample whose label is null
@@ -48,42 +46,23 @@ class RunData:
     sketch_stats: dict[str, Any] | None  # n, frobenius_sq, delta, captured, ...
 
 
-def read_manifest(out: str, storage_options: dict | None = None) -> dict[str, Any]:
-    url = join(out, "manifest.json")
-    if not exists(url, storage_options):
+def read_manifest(folder: OutputFolder) -> dict[str, Any]:
+    url = folder.manifest
+    if not folder.exists(url):
         raise InputError(
             f"no manifest at {url}: `sage-stream report` needs a finished run "
             "(run `sage-stream run`, or `emit` after `select`)"
         )
-    with open_input(url, storage_options) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{url} is not valid JSON: {exc}") from None
-
-
-def read_sigma(out: str, storage_options: dict | None = None) -> np.ndarray | None:
-    """The sketch's singular values (ℓ,), or None where the run made no complete sketch."""
-    url = join(out, "sketch.zarr")
-    if not exists(url, storage_options):
-        return None
     try:
-        group = open_group(url, "r", storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return None
-    if group.attrs.get("status") != "complete" or "singular_values" not in group:
-        return None
-    return np.asarray(group["singular_values"][...], dtype=np.float64)
+        return folder.read_json(url)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{url} is not valid JSON: {exc}") from None
 
 
 def _kept_keys(selection: pa.Table) -> dict[str, pa.Array]:
-    """shard -> the kept keys of that shard (one pass over the selection)."""
-    by_shard: dict[str, list[str]] = {}
-    for shard, key in zip(
-        selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
-    ):
-        by_shard.setdefault(shard, []).append(key)
-    return {shard: pa.array(keys, pa.string()) for shard, keys in by_shard.items()}
+    """shard -> the kept keys of that shard, as a pyarrow value set."""
+    return {shard: pa.array(sorted(keys), pa.string())
+            for shard, keys in kept_by_shard(selection).items()}  # fmt: skip
 
 
 def _column(tables: list[pa.Table], name: str, null: float | int, dtype: type) -> np.ndarray:
@@ -95,14 +74,15 @@ def _column(tables: list[pa.Table], name: str, null: float | int, dtype: type) -
 
 def load_run(out: str, storage_options: dict | None = None) -> RunData:
     """Read what the report needs from a run's output; InputError naming what is missing."""
-    manifest = read_manifest(out, storage_options)
-    selection, params = read_selection(out, storage_options)
+    folder = OutputFolder(out, storage_options or {})
+    manifest = read_manifest(folder)
+    selection, params = read_selection(folder)
     kept_keys = _kept_keys(selection)
-    names = scored_shards(out, storage_options)
+    names = folder.scored_shards()
     parts, kept, index, errors = [], [], [], {}
     none = pa.array([], pa.string())
     for i, name in enumerate(names):
-        part, error = read_part(out, name, COLUMNS, storage_options)
+        part, error = read_part(folder, name, COLUMNS)
         parts.append(part)
         in_selection = pc.is_in(part["__key__"], value_set=kept_keys.get(name, none))
         kept.append(np.asarray(in_selection.to_numpy(zero_copy_only=False), dtype=bool))
@@ -126,7 +106,7 @@ def load_run(out: str, storage_options: dict | None = None) -> RunData:
         shard_names=names,
         shard_errors=errors,
         # A baseline run leaves no sketch stats; a sketch.zarr there is from an earlier run.
-        sigma=read_sigma(out, storage_options) if sketch else None,
+        sigma=folder.sketch_store().singular_values() if sketch else None,
         sketch_stats=sketch,
     )
 

@@ -1,7 +1,7 @@
 """Storage primitives every stage uses: fsspec access that survives transient errors.
 
 The edge of the flow where bytes meet object storage. Every call here is retried on
-transient errors (``sage_stream.retry``). Shards are read as bounded, resumable streams
+transient errors (``storage.retry``). Shards are read as bounded, resumable streams
 (``open_shard``, ``open_input``) and never copied whole. Every write goes through
 ``atomic_write``, so no partial object is ever visible under its final name. On S3 and GCS a
 write is a multipart upload committed only on success; elsewhere it is a temporary name
@@ -27,7 +27,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from sage_stream.errors import InputError, SageError, ShardError, StorageError
-from sage_stream.retry import RetryingReader, call, describe
+from sage_stream.storage.retry import RetryingReader, call, describe
 
 # Read shards in ranged requests of this size (s3fs would take 50 MiB): memory per open shard
 # stays about one block whatever the shard size. A ``default_block_size`` storage option wins.
@@ -207,3 +207,19 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     """Write ``data`` to ``url`` all-or-nothing (see ``atomic_write``)."""
     with atomic_write(url, storage_options) as f:
         f.write(data)
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Remove a file or a folder tree; nothing happens if it is not there."""
+    if exists(url, storage_options):
+        fs, path = filesystem(normalize_url(url), storage_options)
+        call(fs.rm, path, recursive=True, what=f"remove {url}")
+
+
+def list_names(url: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted names (not paths) of the entries directly under folder ``url``; [] if absent."""
+    if not exists(url, storage_options):
+        return []
+    fs, path = filesystem(normalize_url(url), storage_options)
+    found = call(fs.ls, path, detail=False, what=f"list {url}")
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found)

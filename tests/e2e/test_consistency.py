@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from runs import output_files
 from shardmaker import make_tar_shard, npy_bytes
-from test_run import output_files
 from tiny import blobs, mlp, train_checkpoint, write_tar_set
 
 import sage_stream

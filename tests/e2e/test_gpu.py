@@ -20,7 +20,7 @@ from tiny import blobs, key, mlp, train_checkpoint, write_tar_set
 
 import sage_stream
 from sage_stream.gradients import GradientFeaturizer
-from sage_stream.store import read_sketch
+from sage_stream.outputs.sketch_store import SketchStore
 
 N, ELL = 180, 16
 MODES = {
@@ -52,7 +52,7 @@ def run_on(device: str, data: dict, out: Path, mode: dict) -> tuple[np.ndarray, 
         for row in pq.read_table(part).to_pylist():
             rows[row["__key__"]] = row["score"]
     scores = np.array([rows[key(i)] for i in range(N)], dtype=np.float64)
-    return scores, read_sketch(str(out / "sketch.zarr"))
+    return scores, SketchStore(str(out / "sketch.zarr")).read()
 
 
 def exact_features(data: dict, mode: dict) -> torch.Tensor:

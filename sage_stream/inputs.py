@@ -20,9 +20,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sage_stream.errors import InputError
-from sage_stream.retry import call
 from sage_stream.sample import Format, ShardRef
-from sage_stream.storage import filesystem, join, normalize_url, open_input, storage_reason
+from sage_stream.storage.fs import filesystem, join, normalize_url, open_input, storage_reason
+from sage_stream.storage.retry import call
 
 SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
 

@@ -31,7 +31,7 @@ from sage_stream.feed import (
     selected_samples,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N, SHARDS = 120, 5
 OPTIONS = dict(model="tiny:mlp", ell=16, batch_size=32, device="cpu", keep=0.5, progress=False)
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger("sage_stream")
 T = TypeVar("T")

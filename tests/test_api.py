@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from runs import output_files
 from tiny import blobs, key, mlp, train_checkpoint, write_parquet_set, write_tar_set
 
 import sage_stream
 from sage_stream.errors import MismatchError, OutputExistsError
-from sage_stream.store import read_sketch
+from sage_stream.outputs.sketch_store import SketchStore
 
 N = 180
 OPTIONS = dict(model="tiny:mlp", ell=16, batch_size=32, device="cpu", keep=0.5, progress=False)
@@ -127,7 +128,7 @@ def reference_scores(data, out: Path) -> np.ndarray:
         gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
         grads.append(torch.cat([gw.flatten(), gb]).double())
     g = torch.stack(grads)  # (N, D)
-    sk = read_sketch(str(out / "sketch.zarr"))
+    sk = SketchStore(str(out / "sketch.zarr")).read()
     b = sk.sigma.double()[:, None] * sk.basis.double()  # (ℓ, D)
     labels = torch.from_numpy(data["noisy"]).long()
     sums = torch.zeros(3, g.shape[1], dtype=torch.float64).index_add_(0, labels, g)
@@ -141,10 +142,6 @@ def test_scores_follow_the_formula(tar_run, data):
     scores = all_scores(out)
     got = np.array([scores[key(i)]["score"] for i in range(N)])
     np.testing.assert_allclose(got, reference_scores(data, out), atol=1e-4)
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_two_runs_give_byte_identical_outputs(tar_run, data, tmp_path):
@@ -220,7 +217,8 @@ def test_sketch_from_another_model_is_refused(tar_run, data, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(mlp().state_dict(), other)
     with pytest.raises(MismatchError, match="model"):
-        sage_stream.score(data["tar"], out=str(fresh), checkpoint=str(other), **OPTIONS)
+        options = {k: v for k, v in OPTIONS.items() if k != "keep"}  # score does not select
+        sage_stream.score(data["tar"], out=str(fresh), checkpoint=str(other), **options)
 
 
 def test_overwrite_replaces_a_different_run(data, tmp_path):
@@ -277,7 +275,7 @@ def test_params_mode_with_projection_runs_end_to_end(data, tmp_path):
     out = tmp_path / "params"
     options = {**OPTIONS, "grad": "params", "params": "2.*", "project_dim": 24}
     result = sage_stream.run(data["tar"], out=str(out), checkpoint=data["ckpt"], **options)
-    sk = read_sketch(str(out / "sketch.zarr"))
+    sk = SketchStore(str(out / "sketch.zarr")).read()
     assert sk.basis.shape == (16, 24) and sk.identity["project_dim"] == 24
     assert result.emit.totals["kept"] == 90
     flipped = data["noisy"] != data["true"]

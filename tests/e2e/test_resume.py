@@ -3,19 +3,18 @@ bytes as a run never interrupted; finished work is not redone."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_run import output_files
+from paths import HELPERS
+from runs import output_files
 from tiny import blobs, train_checkpoint, write_tar_set
 
 import sage_stream
+from sage_stream.passes import emit as emit_module
 
-emit_module = importlib.import_module("sage_stream.emit")  # the package exports emit()
 N = 180  # 3 shards of 60: decode calls 1-180 are pass 1, 181-360 pass 2
 
 
@@ -33,7 +32,7 @@ def cli(urls, ckpt, out, env=None):
             "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "16",
             "--batch-size", "16", "--device", "cpu", "--preprocess", "killer:decode",
             "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
-    tests = str(Path(__file__).parent)
+    tests = str(HELPERS)
     env = {**os.environ, "PYTHONPATH": tests, **(env or {})}
     return subprocess.run(args, env=env, capture_output=True, text=True, cwd=tests)
 
@@ -85,8 +84,8 @@ def test_emit_interrupted_between_shards_resumes(job, reference, tmp_path, monke
             raise KeyboardInterrupt  # stands for a kill between two shards
         return real(*args, **kwargs)
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(HELPERS)
     monkeypatch.setattr(emit_module, "emit_shard", dying_emit)
     with pytest.raises(KeyboardInterrupt):
         sage_stream.run(urls, out=str(out), **options)

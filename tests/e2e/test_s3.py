@@ -19,15 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from paths import HELPERS
 from shardmaker import digit_samples, make_parquet_shard, tar_bytes
 from tiny import blobs, train_checkpoint, write_tar_set
 
 import sage_stream
-from sage_stream import storage
 from sage_stream.errors import ShardError
 from sage_stream.formats import copy_selected, read_parquet, read_tar
 from sage_stream.sample import ShardRef
 from sage_stream.storage import atomic_write, filesystem
+from sage_stream.storage import fs as storage
 
 s3fs = pytest.importorskip("s3fs")
 boto3 = pytest.importorskip("boto3")
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.s3
 
 N = 90
 OPTIONS = dict(model="tiny:mlp", ell=16, batch_size=32, device="cpu", keep=0.5, progress=False)
-TESTS = Path(__file__).parent
+TESTS = HELPERS  # the cwd of CLI subprocesses: `tiny:mlp` imports there
 
 
 @pytest.fixture(scope="module")

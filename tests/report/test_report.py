@@ -34,7 +34,7 @@ from sage_stream.report.thumbs import THUMB_MIN, thumbnail_png, to_image  # noqa
 N, SIDE, CLASSES, TOP = 60, 8, 3, 4
 OPTIONS = dict(ell=16, batch_size=32, device="cpu", keep=0.5, progress=False)
 FIGURES = ("spectrum", "scores", "classes", "energy", "shards")
-SETUP_SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "setup-chromium"
+SETUP_SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "setup-chromium"
 
 
 def images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

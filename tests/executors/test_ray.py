@@ -1,8 +1,8 @@
 """--executor ray on a local 2-CPU Ray cluster: the local answer, the FD bound, and faults.
 
 One cluster for the whole session (start-up is seconds and ~1.5 GB). The runs go through
-`sage_stream.executors.ray` the way `api.run` wires it (`ray_run` below); the pipeline test
-goes through `pipelines/ray_job.py`, the CLI and `api`.
+`sage_stream.run` (or its separate steps) with `executor="ray"` (`ray_run` below); the
+pipeline test goes through `pipelines/ray_job.py`, the CLI and `api`.
 """
 
 from __future__ import annotations
@@ -20,26 +20,25 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from paths import HELPERS
+from runs import assert_same_outputs, kept_keys, output_files
 from shardmaker import make_tar_shard, npy_bytes
 from tiny import blobs, mlp, train_checkpoint, write_tar_set
 
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sage-stream[ray]'")
 
 import sage_stream  # noqa: E402
-from sage_stream import api  # noqa: E402
 from sage_stream.config import make_config  # noqa: E402
-from sage_stream.emit import clear_success  # noqa: E402
 from sage_stream.errors import InputError, SampleError  # noqa: E402
-from sage_stream.executors import ray as ray_executor  # noqa: E402
-from sage_stream.executors.ray_worker import ShardWorker, plan_blocks  # noqa: E402
-from sage_stream.passes.context import build_context  # noqa: E402
-from sage_stream.passes.scoring import run_score_pass  # noqa: E402
-from sage_stream.resume import claim_output, run_identity  # noqa: E402
-from sage_stream.store import read_sketch  # noqa: E402
-from sage_stream.urls import expand_inputs  # noqa: E402
+from sage_stream.executors import open_executor  # noqa: E402
+from sage_stream.executors.ray_worker import ShardWorker  # noqa: E402
+from sage_stream.outputs.sketch_store import SketchStore  # noqa: E402
+from sage_stream.passes.loop import build_context  # noqa: E402
+from sage_stream.passes.sketch import plan_blocks  # noqa: E402
 
 pytestmark = pytest.mark.ray
 TESTS = Path(__file__).parent
+PYTHONPATH = [str(TESTS), str(HELPERS)]  # this module (CountingDecoder) and `tiny:mlp`
 N, SHARDS = 180, 4  # shards of 45: two workers get two shards each
 OPTIONS = dict(
     model="tiny:mlp", ell=16, batch_size=32, device="cpu", keep=0.5, progress=False,
@@ -80,7 +79,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def runtime_env() -> dict:
     """`tiny:mlp` must import on the workers: this folder goes on their PYTHONPATH."""
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (*PYTHONPATH, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": path}}
 
 
@@ -117,38 +116,18 @@ def data(tmp_path_factory):
 
 def ray_run(
     urls: list[str], out: Path, workers: int, emit_on_tasks: bool = False, **options
-) -> sage_stream.api.EmitResult:
-    """`api.run` for --executor ray, as api is to wire it: claim OUT; the two passes, select
-    (on the driver) and emit, with one set of Ray workers."""
-    options = {**OPTIONS, **options}
-    cfg = make_config(inputs=urls, out=str(out), executor="ray", **options)
-    ctx = build_context(cfg)  # the driver fingerprints the model to claim OUT
-    claim_output(cfg, run_identity(cfg, ctx.refs, ctx.fingerprint))
-    clear_success(cfg.out, cfg.storage_options)
-    with ray_executor.RayWorkers(cfg, workers) as pool:  # one model load per worker
-        ray_executor.sketch_pass(cfg, ctx.refs, pool)
-        sketch = read_sketch(str(out / "sketch.zarr"), expected=ctx.identity())
-        ray_executor.score_pass(cfg, ctx.refs, sketch, pool)
-        sage_stream.select(inputs=urls, out=str(out), executor="ray", **options)
-        if not emit_on_tasks:
-            return ray_executor.emit_pass(cfg, ctx.refs, api._sketch_stats(cfg), pool)
-    # One task per shard, as `sage-stream emit` does; after the actors free their CPUs.
-    return ray_executor.emit_pass(cfg, ctx.refs, api._sketch_stats(cfg))
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-
-
-def assert_same_outputs(a: Path, b: Path) -> None:
-    """Every file byte for byte, manifest.json included (it records what, not how)."""
-    first, second = output_files(a), output_files(b)
-    assert first.keys() == second.keys()
-    assert [n for n in first if first[n] != second[n]] == []
-
-
-def kept_keys(out: Path) -> set[str]:
-    return set(pq.read_table(out / "selection.parquet", columns=["__key__"])["__key__"].to_pylist())
+) -> sage_stream.EmitResult:
+    """`sage_stream.run` on Ray with `workers` actors for both passes and emit; with
+    `emit_on_tasks`, the separate steps instead, whose emit runs as one Ray task per shard (as
+    `sage-stream emit` does)."""
+    options = {**OPTIONS, **options, "executor": "ray", "workers": workers}
+    if not emit_on_tasks:
+        return sage_stream.run(urls, out=str(out), **options).emit
+    keep = options.pop("keep")
+    sage_stream.sketch(urls, out=str(out), **options)
+    sage_stream.score(urls, out=str(out), **options)
+    sage_stream.select(urls, out=str(out), keep=keep)
+    return sage_stream.emit(urls, out=str(out), executor="ray", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +188,8 @@ def test_stage_errors_come_back_typed(cluster, data, tmp_path):
         inputs=[make_tar_shard(tmp_path / "bad.tar", samples)], out=str(tmp_path / "out"),
         checkpoint=data["ckpt"], on_error="fail", executor="ray", **OPTIONS,
     )  # fmt: skip
-    with pytest.raises(SampleError) as raised:
-        ray_executor.sketch_pass(cfg, expand_inputs(cfg.inputs), 1)
+    with pytest.raises(SampleError) as raised, open_executor(cfg.replace(workers=1)) as running:
+        running.sketch(build_context(cfg))
     assert (raised.value.shard, raised.value.key) == ("bad.tar", "b")
     # A worker whose model does not load raises on every call instead of dying (in process).
     worker = ShardWorker(cfg.replace(model="nosuch:factory"))
@@ -233,7 +212,7 @@ def head_gradients(data) -> torch.Tensor:
 
 def test_two_workers_keep_the_fd_bound_for_all_rows(data, two_workers_out, local_out):
     a = head_gradients(data)  # (N, D), D = 3 * 17 = 51 > ℓ = 16: the sketch is lossy
-    sk = read_sketch(str(two_workers_out / "sketch.zarr"))
+    sk = SketchStore(str(two_workers_out / "sketch.zarr")).read()
     b = sk.sigma.double()[:, None] * sk.basis.double()  # (ℓ, D)
     err = torch.linalg.matrix_norm(a.T @ a - b.T @ b, ord=2).item()
     frob = a.square().sum().item()
@@ -241,7 +220,7 @@ def test_two_workers_keep_the_fd_bound_for_all_rows(data, two_workers_out, local
     assert sk.stats["n"] == N and sk.stats["frobenius_sq"] == pytest.approx(frob, rel=1e-5)
     assert 0 < err <= delta * (1 + 1e-4) + 1e-6 * frob
     assert delta <= frob / 16
-    local = read_sketch(str(local_out / "sketch.zarr"))
+    local = SketchStore(str(local_out / "sketch.zarr")).read()
     assert delta != local.stats["delta"]  # two partials were merged: not the one-stream sketch
 
 
@@ -255,6 +234,7 @@ def test_two_workers_keep_nearly_the_local_selection(two_workers_out, local_out)
 
 def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_out, tmp_path):
     """Workers store z per shard, the driver scores against the centroids: same bytes."""
+    results = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor
         shutil.copytree(two_workers_out / "sketch.zarr", out / "sketch.zarr")
@@ -263,11 +243,10 @@ def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_o
             executor=executor, **OPTIONS,
         )  # fmt: skip
         ctx = build_context(cfg)
-        sketch = read_sketch(str(out / "sketch.zarr"), expected=ctx.identity())
-        if executor == "local":
-            expected = run_score_pass(ctx, sketch)
-        else:
-            got = ray_executor.score_pass(cfg, ctx.refs, sketch, 2)
+        sketch = SketchStore(str(out / "sketch.zarr")).read(expected=ctx.identity())
+        with open_executor(cfg.replace(workers=2)) as running:
+            results[executor] = running.score(ctx, sketch)
+    expected, got = results["local"], results["ray"]
     assert got.seen == N and (got.scored, got.errored) == (expected.scored, expected.errored)
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
     assert list((tmp_path / "ray" / "sketch.zarr" / "projections").iterdir()) != []
@@ -275,7 +254,7 @@ def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_o
 
 DRIVER = """
 import sys
-sys.path[:0] = [{tests!r}]
+sys.path[:0] = {tests!r}
 import ray, test_ray
 ray.init(address={address!r}, runtime_env=test_ray.runtime_env(), log_to_driver=False)
 decoder = test_ray.CountingDecoder({counter!r}, pause_at={pause_at})
@@ -292,7 +271,7 @@ def test_driver_killed_and_restarted_resumes_from_checkpoints(
     emit runs as one Ray task per shard, where the other runs use the worker actors.)"""
     out, counter = tmp_path / "out", str(tmp_path / "calls")
     script = DRIVER.format(
-        tests=str(TESTS), address=cluster, counter=counter, pause_at=120, urls=data["urls"],
+        tests=PYTHONPATH, address=cluster, counter=counter, pause_at=120, urls=data["urls"],
         out=str(out), ckpt=data["ckpt"],
     )  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -325,22 +304,22 @@ def s3_options():
     server.stop()
 
 
-def spy(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+def spy(monkeypatch, owner, names: tuple[str, ...]) -> list[str]:
     calls: list[str] = []
     for name in names:
-        real = getattr(module, name)
+        real = getattr(owner, name)
 
         def wrapper(*args, _real=real, _name=name, **kwargs):  # noqa: ANN001, ANN202
             calls.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, wrapper)
+        monkeypatch.setattr(owner, name, wrapper)
     return calls
 
 
 def job_config(data, s3_options: dict) -> str:
     """pipelines/ray-s3-gpu.toml, pointed at the tiny shards in S3 and the CPU."""
-    config = (TESTS.parent / "pipelines" / "ray-s3-gpu.toml").read_text()
+    config = (HELPERS.parents[1] / "pipelines" / "ray-s3-gpu.toml").read_text()
     assert 'executor = "ray"' in config
     changes = {
         "inputs": [f"s3://bucket/train/{Path(u).name}" for u in data["urls"]],
@@ -365,14 +344,16 @@ def test_pipeline_job_runs_the_s3_config_on_ray(
     fs.mkdir("bucket")
     fs.put([str(u) for u in data["urls"]], "bucket/train/")
     (tmp_path / "job.toml").write_text(job_config(data, s3_options))
-    calls = spy(monkeypatch, ray_executor, ("sketch_pass", "score_pass", "emit_pass"))
-    sys.path.insert(0, str(TESTS.parent / "pipelines"))
+    from sage_stream.executors.ray import RayExecutor
+
+    calls = spy(monkeypatch, RayExecutor, ("sketch_shards", "score_shards", "emit_jobs"))
+    sys.path.insert(0, str(HELPERS.parents[1] / "pipelines"))
     try:
         import ray_job
     finally:
-        sys.path.remove(str(TESTS.parent / "pipelines"))
+        sys.path.remove(str(HELPERS.parents[1] / "pipelines"))
     assert ray_job.main(["--config", str(tmp_path / "job.toml"), "--no-progress"]) == 0
-    assert calls == ["sketch_pass", "score_pass", "emit_pass"]  # api went through Ray
+    assert calls == ["sketch_shards", "score_shards", "emit_jobs"]  # api went through Ray
     assert fs.exists("bucket/train-sage/_SUCCESS")
     with fs.open("bucket/train-sage/selection.parquet") as f:
         kept = set(pq.read_table(f, columns=["__key__"])["__key__"].to_pylist())

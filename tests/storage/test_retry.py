@@ -16,13 +16,12 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from shardmaker import digit_samples, make_parquet_shard, make_tar_shard, write_bytes
 
-from sage_stream import retry
 from sage_stream.errors import InputError
 from sage_stream.formats import read_parquet, read_tar
-from sage_stream.retry import RetryingReader, RetryPolicy, call, describe, is_transient
+from sage_stream.inputs import expand_inputs
 from sage_stream.sample import ShardRef
-from sage_stream.storage import atomic_write, exists
-from sage_stream.urls import expand_inputs
+from sage_stream.storage import atomic_write, exists, retry
+from sage_stream.storage.retry import RetryingReader, RetryPolicy, call, describe, is_transient
 
 botocore_exc = pytest.importorskip("botocore.exceptions")
 aiohttp = pytest.importorskip("aiohttp")

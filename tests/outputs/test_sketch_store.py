@@ -7,7 +7,7 @@ import torch
 import zarr
 
 from sage_stream.errors import InputError, MismatchError
-from sage_stream.store import read_projections, read_sketch, write_projections, write_sketch
+from sage_stream.outputs.sketch_store import SketchStore
 
 IDENTITY = {"model": "abc", "grad": "last-layer", "ell": 4, "dim": 6, "classes": 2}
 
@@ -20,7 +20,7 @@ def write(url: str) -> dict:
         "consensus": torch.randn(2, 4),
         "class_counts": torch.tensor([5, 7]),
     }
-    write_sketch(url, identity=IDENTITY, stats={"n": 12}, **arrays)
+    SketchStore(url).write(identity=IDENTITY, stats={"n": 12}, **arrays)
     return arrays
 
 
@@ -28,7 +28,7 @@ def write(url: str) -> dict:
 def test_round_trip(where, mem_url, tmp_path):
     url = f"{mem_url}/sketch.zarr" if where == "memory" else str(tmp_path / "sketch.zarr")
     arrays = write(url)
-    stored = read_sketch(url, expected=IDENTITY)
+    stored = SketchStore(url).read(expected=IDENTITY)
     for name in ("sigma", "basis", "consensus", "class_counts"):
         assert torch.equal(getattr(stored, name), arrays[name])
     assert stored.stats == {"n": 12} and stored.identity == IDENTITY
@@ -38,23 +38,32 @@ def test_identity_mismatch_names_what_differs(tmp_path):
     url = str(tmp_path / "sketch.zarr")
     write(url)
     with pytest.raises(MismatchError, match=r"ell: stored 4, now 8.*model: stored 'abc'"):
-        read_sketch(url, expected={**IDENTITY, "ell": 8, "model": "xyz"})
+        SketchStore(url).read(expected={**IDENTITY, "ell": 8, "model": "xyz"})
 
 
 def test_incomplete_or_missing_sketch_is_refused(tmp_path):
     url = str(tmp_path / "sketch.zarr")
     with pytest.raises(InputError, match="no sketch"):
-        read_sketch(url)
+        SketchStore(url).read()
     write(url)
     zarr.open_group(url, mode="a").attrs["status"] = "in-progress"
     with pytest.raises(InputError, match="not complete"):
-        read_sketch(url)
+        SketchStore(url).read()
 
 
 def test_projections_are_float16_per_shard(tmp_path):
     url = str(tmp_path / "sketch.zarr")
     write(url)
     z = torch.randn(5, 4)
-    write_projections(url, "shard-0.tar", z)
-    back = read_projections(url, "shard-0.tar")
+    SketchStore(url).write_projections("shard-0.tar", z)
+    back = SketchStore(url).read_projections("shard-0.tar")
     assert back.dtype == torch.float16 and torch.equal(back, z.half())
+
+
+def test_singular_values_only_of_a_complete_sketch(tmp_path):
+    store = SketchStore(str(tmp_path / "sketch.zarr"))
+    assert store.singular_values() is None  # absent
+    arrays = write(store.url)
+    assert store.singular_values().tolist() == arrays["sigma"].tolist()
+    zarr.open_group(store.url, mode="a").attrs["status"] = "in-progress"
+    assert store.singular_values() is None

@@ -8,21 +8,22 @@ z = B g go to the sketch store first (float16) and are scored once every z is kn
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import torch
 
 from ..batches import Batch, Skipped
-from ..errors import SampleError, ShardError
+from ..outputs.folder import OutputFolder
+from ..outputs.sketch_store import StoredSketch
+from ..outputs.tables import SCORE_COLUMNS, errored_count, read_part, write_part
 from ..progress import Progress
 from ..sample import ShardRef
-from ..scores import NONFINITE_LOSS, ScoredBatch, score_batch
-from ..storage import exists, join
-from ..store import StoredSketch, write_projections
-from ..tables import SCORE_COLUMNS, errored_count, part_url, read_part, write_scores
+from ..scores import ScoredBatch, score_batch
 from .centroid import rescore_with_centroids
-from .context import StageContext
+from .loop import Broken, Featured, StageContext, shard_items
 
 log = logging.getLogger("sage_stream")
 
@@ -101,35 +102,16 @@ def score_shard(
     centroid = sketch is not None and ctx.cfg.consensus == "centroid"
     ell = sketch.sigma.shape[0] if centroid else None
     tensors = _sketch_tensors(ctx, sketch)
-    rows = ShardScores(ref.name)
-    try:
-        for item in ctx.batches(ref):
-            if isinstance(item, Skipped):
-                rows.add_skipped(item, ell)
-                progress.advance(1)
-                continue
-            try:
-                feats = ctx.features(ref, item)
-            except SampleError as exc:
-                if ctx.cfg.on_error == "fail":
-                    raise
-                for key, index, label in zip(item.keys, item.indices, item.y.tolist(), strict=True):
-                    rows.add_skipped(Skipped(key, index, exc.reason, label), ell)
-                progress.advance(len(item.keys))
-                continue
-            y = item.y.to(ctx.device)
-            scored = score_batch(feats.grads, feats.loss, y, tensors, keep_z=centroid)
-            if ctx.cfg.on_error == "fail" and NONFINITE_LOSS in scored.reasons:
-                key = item.keys[scored.reasons.index(NONFINITE_LOSS)]
-                raise SampleError(ref.name, key, NONFINITE_LOSS, ref.url)
-            rows.add_batch(item, scored)
-            progress.advance(len(item.keys))
-    except ShardError as exc:
-        if ctx.cfg.on_error == "fail":
-            raise
-        log.warning("pass 2: the rest of %s is lost: %s", ref.name, exc.reason)
-        return rows, exc.reason
-    return rows, None
+    rows, error = ShardScores(ref.name), None
+    for item in shard_items(ctx, ref, progress):
+        if isinstance(item, Featured):
+            scored = score_batch(item.grads, item.loss, item.y, tensors, keep_z=centroid)
+            rows.add_batch(item.batch, scored)
+        elif isinstance(item, Broken):
+            error = item.reason
+        else:
+            rows.add_skipped(item, ell)
+    return rows, error
 
 
 @dataclass
@@ -144,42 +126,70 @@ class ScoreResult:
 
 def score_and_write(
     ctx: StageContext, ref: ShardRef, sketch: StoredSketch | None, progress: Progress
-) -> tuple[pa.Table, str | None]:
-    """Score one shard and write its part (after its projections, for centroid consensus)."""
-    cfg = ctx.cfg
+) -> dict[str, Any]:
+    """Score one shard and write its part (after its projections, for centroid consensus);
+    returns the part's counts."""
     rows, error = score_shard(ctx, ref, sketch, progress)
     table = rows.table()
-    if sketch is not None and cfg.consensus == "centroid":
-        store_url = join(cfg.out, "sketch.zarr")
+    if sketch is not None and ctx.cfg.consensus == "centroid":
         # unit rows: centroid scoring needs only directions, and raw z (σ grows like √N·‖g‖)
         # would overflow float16 at scale
         unit = torch.nn.functional.normalize(rows.projections(), dim=1)
-        write_projections(store_url, ref.name, unit, cfg.storage_options)
-    write_scores(part_url(cfg.out, ref.name), table, error, cfg.storage_options)
-    return table, error
+        ctx.out.sketch_store().write_projections(ref.name, unit)
+    write_part(ctx.out, ref.name, table, error)
+    return part_counts(table, error)
 
 
-def run_score_pass(ctx: StageContext, sketch: StoredSketch | None) -> ScoreResult:
-    """Pass 2 over every shard that has no scores part yet (a part that exists is complete).
+def part_counts(table: pa.Table, error: str | None) -> dict[str, Any]:
+    errored = errored_count(table)
+    return {"seen": table.num_rows, "scored": table.num_rows - errored, "error": error}
+
+
+def finished_parts(folder: OutputFolder, refs: list[ShardRef]) -> dict[str, dict[str, Any]]:
+    """Counts of the shards whose part exists: those are done (parts are written atomically)."""
+    found = {}
+    for ref in refs:
+        if folder.exists(folder.part(ref.name)):
+            table, error = read_part(folder, ref.name, ["status"])
+            found[ref.name] = part_counts(table, error)
+    return found
+
+
+# How an executor scores shards: each shard's part counts, yielded in the order of `refs`.
+ScoreShards = Callable[
+    [StageContext, list[ShardRef], StoredSketch | None, Progress], Iterable[dict[str, Any]]
+]
+
+
+def run_score_pass(
+    ctx: StageContext, sketch: StoredSketch | None, score_shards: ScoreShards
+) -> ScoreResult:
+    """Pass 2 over every shard that has no scores part yet (`score_shards` says where).
 
     With centroid consensus, the scores are filled in afterwards from the stored z.
     """
-    cfg = ctx.cfg
-    progress = Progress("pass 2 (score)", len(ctx.refs), cfg.progress)
-    seen = scored = 0
-    shard_errors: list[dict[str, str]] = []
-    for ref in ctx.refs:
-        if exists(part_url(cfg.out, ref.name), cfg.storage_options):
-            table, error = read_part(cfg.out, ref.name, ["status"], cfg.storage_options)
-        else:
-            table, error = score_and_write(ctx, ref, sketch, progress)
-        if error is not None:
-            shard_errors.append({"shard": ref.name, "url": ref.url, "reason": error})
-        seen += table.num_rows
-        scored += table.num_rows - errored_count(table)
+    cfg, refs = ctx.cfg, ctx.refs
+    centroid = sketch is not None and cfg.consensus == "centroid"
+    if centroid:
+        ctx.out.sketch_store().prepare_projections()
+    progress = Progress("pass 2 (score)", len(refs), cfg.progress)
+    counts = finished_parts(ctx.out, refs)
+    for ref in refs:
+        if ref.name in counts:
+            progress.shard_done(ref.name)
+    todo = [ref for ref in refs if ref.name not in counts]
+    for ref, got in zip(todo, score_shards(ctx, todo, sketch, progress), strict=True):
+        counts[ref.name] = got
         progress.shard_done(ref.name)
-    if sketch is not None and cfg.consensus == "centroid":
-        ell = sketch.sigma.shape[0]
-        scored = rescore_with_centroids(cfg, ctx.refs, ctx.num_classes, ell)
+    seen = sum(counts[r.name]["seen"] for r in refs)
+    scored = sum(counts[r.name]["scored"] for r in refs)
+    shard_errors = [
+        {"shard": r.name, "url": r.url, "reason": counts[r.name]["error"]}
+        for r in refs
+        if counts[r.name]["error"] is not None
+    ]
+    if centroid:  # the consensus needs every z first; it reads the stored z, no model
+        classes, ell = sketch.consensus.shape
+        scored = rescore_with_centroids(ctx.out, refs, classes, ell)
     seconds = progress.close()
-    return ScoreResult(join(cfg.out, "scores"), seen, scored, seen - scored, shard_errors, seconds)
+    return ScoreResult(ctx.out.scores, seen, scored, seen - scored, shard_errors, seconds)

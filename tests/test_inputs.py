@@ -9,9 +9,9 @@ import pytest
 from shardmaker import write_bytes
 
 from sage_stream.errors import InputError
+from sage_stream.inputs import expand_inputs
 from sage_stream.sample import ShardRef
 from sage_stream.storage import atomic_write, filesystem, join, write_bytes_atomic
-from sage_stream.urls import expand_inputs
 
 
 def touch(*urls: str) -> None:

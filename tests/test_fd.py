@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sage_stream.errors import InputError
-from sage_stream.sketch import FrequentDirections
+from sage_stream.fd import FrequentDirections
 
 
 def gaussian(n: int, d: int, seed: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from paths import HELPERS
 from shardmaker import npy_bytes, tar_bytes, write_bytes
 from tiny import DIM, blobs, mlp, write_parquet_set
 
@@ -28,7 +29,7 @@ import sage_stream
 from sage_stream.cli import main
 from sage_stream.scores import NONFINITE_LOSS
 
-TESTS = Path(__file__).parent
+TESTS = HELPERS  # the cwd of CLI subprocesses: `tiny:mlp` imports there
 MAX_MEMBER = 4096
 STEP = ["--model", "tiny:mlp", "--ell", "8", "--device", "cpu", "--no-progress"]
 STEP += ["--max-member-bytes", str(MAX_MEMBER)]

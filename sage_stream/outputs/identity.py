@@ -1,0 +1,64 @@
+"""Run identity: what the contents of OUT depend on, defined once.
+
+Two identities, one nested in the other:
+
+- the *sketch identity* is what must match for a stored sketch to be used with this run: the
+  model's fingerprint, the gradient configuration, the head, D and C. It lives in the sketch
+  store's attributes and is checked on every open, and on every Ray partial before a merge.
+- the *run identity* is the sketch's options plus what is read (inputs, keys, preprocess,
+  limits) and how pass 2 scores. It is written to OUT/_work/run.json when OUT is claimed and
+  kept in manifest.json; a rerun with another one is refused unless --overwrite.
+
+The selection (keep, balance, min_score) is not part of either: it may be redone on the same
+scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..sample import ShardRef
+
+# The manifest records these under "selection", not under "config".
+SELECTION_FIELDS = ("keep", "balance", "min_score")
+
+
+def sketch_options(cfg: Config) -> dict[str, Any]:
+    """The options that make two sketches comparable, besides the model's weights and D."""
+    return {
+        "grad": cfg.grad,
+        "head": cfg.head,
+        "params": cfg.params if cfg.grad == "params" else None,
+        "project_dim": cfg.project_dim,
+        "seed": cfg.seed if cfg.project_dim else None,
+        "ell": cfg.ell,
+    }
+
+
+def sketch_identity(
+    cfg: Config, fingerprint: str, head: str, dim: int, classes: int
+) -> dict[str, Any]:
+    """Everything that must match for a stored sketch to be usable with this run."""
+    return {"model": fingerprint, **sketch_options(cfg), "head": head, "dim": dim,
+            "classes": classes}  # fmt: skip
+
+
+def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[str, Any]:
+    """What the contents of OUT depend on, besides the selection (which may be redone)."""
+    described = cfg.describe()
+    return {
+        "inputs": [ref.url for ref in refs],
+        "model": fingerprint,
+        **{k: described[k] for k in ("input_key", "label_key", "key_column", "preprocess")},
+        "max_member_bytes": cfg.max_member_bytes,
+        **sketch_options(cfg),
+        "batch_size": cfg.batch_size,
+        "consensus": cfg.consensus,
+        "sketched": cfg.scorer == "sage",
+    }
+
+
+def run_config(cfg: Config) -> dict[str, Any]:
+    """The configuration the manifest records: that of the command which made the scores."""
+    return {k: v for k, v in cfg.describe().items() if k not in SELECTION_FIELDS}

@@ -1,0 +1,90 @@
+"""manifest.json and shardindex.json: what a finished run says about itself.
+
+Both are computed from the per-shard counts that emit returns, never from the samples, so the
+driver's memory grows with the number of shards only. The manifest is deterministic: no
+timings, no output location, so a copied output stays valid and a resumed run, a run of the
+separate steps, and a one-worker Ray run all write the same bytes.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+from .folder import SHARDS, OutputFolder
+
+MANIFEST_VERSION = 1
+PACKAGES = ("sage-stream", "torch", "numpy", "pyarrow", "zarr", "fsspec", "webdataset")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def totals(shards: list[dict[str, Any]]) -> dict[str, int]:
+    summed = {k: sum(s[k] for s in shards) for k in ("seen", "scored", "errored", "kept")}
+    summed["dropped"] = summed["scored"] - summed["kept"]
+    return summed
+
+
+def manifest(
+    folder: OutputFolder,
+    shards: list[dict[str, Any]],
+    selection: dict[str, Any],
+    config: dict[str, Any],
+    sketch_stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "format_version": MANIFEST_VERSION,
+        "identity": folder.stored_identity(),
+        "config": config,
+        "selection": selection,
+        "versions": versions(),
+        "inputs": shards,
+        "outputs": outputs(shards),
+        "totals": totals(shards),
+        "shard_errors": [s for s in shards if s["shard_error"]],
+        "sketch": sketch_stats,
+    }
+
+
+def outputs(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"url": f"{SHARDS}/{s['name']}", "samples": s["kept"]} for s in shards if s["emitted"]]
+
+
+def shard_index(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """wids index of the output tar shards; URLs are relative to the index's own location."""
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": "sage-stream selection",
+        "shardlist": [
+            {"url": f"{SHARDS}/{s['name']}", "nsamples": s["kept"]}
+            for s in shards
+            if s["format"] == "tar" and s["emitted"]
+        ],
+    }
+
+
+def commit(
+    folder: OutputFolder,
+    shards: list[dict[str, Any]],
+    selection: dict[str, Any],
+    config: dict[str, Any],
+    sketch_stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """manifest.json, shardindex.json, then `_SUCCESS`; the scratch in _work/ goes last."""
+    written = manifest(folder, shards, selection, config, sketch_stats)
+    folder.remove_temporaries()
+    folder.write_json(folder.manifest, written)
+    folder.write_json(folder.index, shard_index(shards))
+    folder.mark_success()
+    folder.finish()
+    return written

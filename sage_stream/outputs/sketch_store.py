@@ -1,0 +1,152 @@
+"""The sketch store, `OUT/sketch.zarr` (zarr v3): what pass 1 leaves for pass 2.
+
+    basis            ℓ×D  float32  V, orthonormal rows (zero rows where σ = 0)
+    singular_values  ℓ    float32  σ, descending
+    consensus        C×ℓ  float32  μ_c (zero row: class without consensus)
+    class_counts     C    int64    samples per class that entered the sketch
+    projections/part-<shard>  n×ℓ float16  z/‖z‖, z = B g, per sample (--consensus centroid)
+    attrs: format_version, status, identity (model fingerprint, gradient config, D, C), stats
+
+The identity is checked on every open: a sketch made with another model, gradient mode,
+projection or ℓ is refused with the list of what differs, never used for a wrong answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+
+from ..errors import InputError, MismatchError
+from ..storage import exists, filesystem
+
+FORMAT_VERSION = 1
+COLUMN_CHUNK = 8192  # basis chunks are ℓ × 8192 float32: 8 MiB at ℓ = 256
+PROJECTIONS = "projections"
+
+
+@dataclass
+class StoredSketch:
+    sigma: Tensor  # (ℓ,) float32
+    basis: Tensor  # (ℓ, D) float32
+    consensus: Tensor  # (C, ℓ) float32
+    class_counts: Tensor  # (C,) int64
+    identity: dict[str, Any]
+    stats: dict[str, Any]
+
+
+def _put(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+    if data.size:
+        array[...] = data
+
+
+@dataclass(frozen=True, eq=False)
+class SketchStore:
+    """One sketch.zarr: OUT's (`OutputFolder.sketch_store()`) or any URL (`inspect`)."""
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def group(self, mode: str) -> zarr.Group:
+        """zarr accepts storage_options only with a remote URL, and no `file://` URLs at all."""
+        fs, path = filesystem(self.url, self.storage_options)
+        if "file" in fs.protocol or "local" in fs.protocol:
+            return zarr.open_group(path, mode=mode, zarr_format=3)
+        if self.storage_options:
+            return zarr.open_group(
+                self.url, mode=mode, zarr_format=3, storage_options=self.storage_options
+            )
+        return zarr.open_group(self.url, mode=mode, zarr_format=3)
+
+    def write(
+        self,
+        *,
+        sigma: Tensor,
+        basis: Tensor,
+        consensus: Tensor,
+        class_counts: Tensor,
+        identity: dict[str, Any],
+        stats: dict[str, Any],
+    ) -> None:
+        """Write the finished sketch; status turns "complete" only after every array is in."""
+        group = self.group("w")
+        group.attrs.update({"format_version": FORMAT_VERSION, "status": "in-progress"})
+        ell, dim = basis.shape
+        _put(group, "basis", basis.float().cpu().numpy(), (ell, min(dim, COLUMN_CHUNK)))
+        _put(group, "singular_values", sigma.float().cpu().numpy(), (ell,))
+        _put(group, "consensus", consensus.float().cpu().numpy(), consensus.shape)
+        counts = class_counts.to(torch.int64).cpu().numpy()
+        _put(group, "class_counts", counts, class_counts.shape)
+        group.attrs.update({"identity": identity, "stats": stats, "status": "complete"})
+
+    def _complete_group(self) -> zarr.Group:
+        try:
+            group = self.group("r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise InputError(f"no sketch at {self.url}: run `sage-stream sketch` first") from None
+        attrs = group.attrs
+        if attrs.get("format_version") != FORMAT_VERSION or attrs.get("status") != "complete":
+            raise InputError(
+                f"the sketch at {self.url} is not complete (status {attrs.get('status')!r})"
+            )
+        return group
+
+    def read(self, *, expected: dict[str, Any] | None = None) -> StoredSketch:
+        """Open a complete sketch; with `expected`, refuse one whose identity differs."""
+        group = self._complete_group()
+        attrs = dict(group.attrs)
+        if expected is not None:
+            self.check_identity(attrs["identity"], expected)
+        return StoredSketch(
+            sigma=torch.from_numpy(group["singular_values"][...]),
+            basis=torch.from_numpy(group["basis"][...]),
+            consensus=torch.from_numpy(group["consensus"][...]),
+            class_counts=torch.from_numpy(group["class_counts"][...]),
+            identity=attrs["identity"],
+            stats=attrs["stats"],
+        )
+
+    def singular_values(self) -> np.ndarray | None:
+        """σ (ℓ,) float64 of a complete sketch, or None; the basis (ℓ×D) is never loaded."""
+        if not exists(self.url, self.storage_options):
+            return None
+        try:
+            group = self._complete_group()
+        except InputError:
+            return None
+        if "singular_values" not in group:
+            return None
+        return np.asarray(group["singular_values"][...], dtype=np.float64)
+
+    def check_identity(self, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+        diffs = [
+            f"{k}: stored {stored.get(k)!r}, now {expected.get(k)!r}"
+            for k in sorted(set(stored) | set(expected))
+            if stored.get(k) != expected.get(k)
+        ]
+        if diffs:
+            raise MismatchError(
+                f"the sketch at {self.url} was made with another model or configuration "
+                f"({'; '.join(diffs)}); re-run `sage-stream sketch` or use another --out"
+            )
+
+    def prepare_projections(self) -> None:
+        """Create the projections group once, before workers racing to create it could fail."""
+        self.group("a").require_group(PROJECTIONS)
+
+    def write_projections(self, shard: str, z: Tensor) -> None:
+        """Store one shard's z rows (n×ℓ) as float16, for centroid consensus and re-scoring."""
+        group = self.group("a")
+        data = z.to(torch.float16).cpu().numpy()
+        proj = group.require_group(PROJECTIONS)
+        if f"part-{shard}" in proj:
+            del proj[f"part-{shard}"]
+        _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
+
+    def read_projections(self, shard: str) -> Tensor:
+        return torch.from_numpy(self.group("r")[f"{PROJECTIONS}/part-{shard}"][...])

@@ -1,0 +1,146 @@
+"""The run's tables under OUT: scores/part-<shard>.parquet and selection.parquet.
+
+A scores part is written whole under a temporary name and moved into place, so a part that
+exists is complete. A shard whose stream broke part-way still gets its part (the rows before
+the break) and the reason in the part's metadata, which the manifest reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from ..storage import open_input
+from .folder import OutputFolder
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("__key__", pa.string()),
+        ("__shard__", pa.string()),
+        ("label", pa.int64()),
+        ("score", pa.float64()),
+        ("loss", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("energy", pa.float64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
+SHARD_ERROR_KEY = b"sage_stream.shard_error"
+SELECTION_KEY = b"sage_stream.selection"
+# What an emitted sample carries about itself (`<key>.sage.json`, `sage_*` columns).
+ANNOTATION_COLUMNS = ("label", "score", "loss", "grad_norm", "energy")
+
+
+def errored_count(table: pa.Table) -> int:
+    """Rows of a scores table with status "error" (the rest are scored)."""
+    if table.num_rows == 0:
+        return 0
+    return int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0)
+
+
+def _write_table(folder: OutputFolder, url: str, table: pa.Table) -> None:
+    with folder.writer(url) as f:
+        pq.write_table(table, f)
+
+
+def write_part(folder: OutputFolder, shard: str, table: pa.Table, shard_error: str | None) -> None:
+    metadata = {SHARD_ERROR_KEY: (shard_error or "").encode()}
+    table = table.cast(SCORE_SCHEMA).replace_schema_metadata(metadata)
+    _write_table(folder, folder.part(shard), table)
+
+
+def read_table(url: str, columns: list[str] | None = None, storage_options=None) -> pa.Table:
+    """A Parquet file at any URL, read through the retried storage helpers."""
+    with open_input(url, storage_options) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_part(
+    folder: OutputFolder, shard: str, columns: list[str] | None = None
+) -> tuple[pa.Table, str | None]:
+    """One shard's scores and its shard-level error (None if its stream was whole)."""
+    url = folder.part(shard)
+    if not folder.exists(url):
+        raise InputError(f"no scores for shard {shard!r} at {url}: run `sage-stream score` first")
+    table = read_table(url, columns, folder.storage_options)
+    error = (table.schema.metadata or {}).get(SHARD_ERROR_KEY, b"").decode() or None
+    return table.replace_schema_metadata(None), error
+
+
+def read_scores(
+    folder: OutputFolder, shards: Iterable[str], columns: list[str] | None = None
+) -> pa.Table:
+    """The scores of the given shards, concatenated in shard order."""
+    tables = [read_part(folder, s, columns)[0] for s in shards]
+    if not tables:
+        return SCORE_SCHEMA.empty_table().select(columns or list(SCORE_COLUMNS))
+    return pa.concat_tables(tables)
+
+
+def write_selection(folder: OutputFolder, table: pa.Table, params: dict) -> str:
+    meta = {SELECTION_KEY: json.dumps(params, sort_keys=True).encode()}
+    _write_table(folder, folder.selection, table.replace_schema_metadata(meta))
+    return folder.selection
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def annotations(
+    part: pa.Table, kept_keys: set[str] | frozenset[str], scorer: str
+) -> dict[str, dict[str, Any]]:
+    """Per kept key, what the output carries about it: scores of the run and the scorer used."""
+    rows = part.select(["__key__", "status", *ANNOTATION_COLUMNS]).to_pylist()
+    return {
+        row["__key__"]: {
+            **{c: _finite_or_none(row[c]) for c in ANNOTATION_COLUMNS},
+            "scorer": scorer,
+        }
+        for row in rows
+        if row["__key__"] in kept_keys and row["status"] == "ok"  # a duplicate's error row too
+    }
+
+
+def kept_by_shard(selection: pa.Table) -> dict[str, set[str]]:
+    """shard -> the kept keys of that shard, from a selection table (one pass over it)."""
+    kept: dict[str, set[str]] = {}
+    for shard, key in zip(
+        selection["__shard__"].to_pylist(), selection["__key__"].to_pylist(), strict=True
+    ):
+        kept.setdefault(shard, set()).add(key)
+    return kept
+
+
+def read_selection(folder: OutputFolder) -> tuple[pa.Table, dict]:
+    url = folder.selection
+    if not folder.exists(url):
+        raise InputError(f"no selection at {url}: run `sage-stream select` first")
+    table = read_table(url, storage_options=folder.storage_options)
+    params = json.loads((table.schema.metadata or {}).get(SELECTION_KEY, b"{}"))
+    return table.replace_schema_metadata(None), params
+
+
+__all__ = [
+    "ANNOTATION_COLUMNS",
+    "SCORE_COLUMNS",
+    "annotations",
+    "SCORE_SCHEMA",
+    "errored_count",
+    "kept_by_shard",
+    "read_part",
+    "read_scores",
+    "read_selection",
+    "read_table",
+    "write_part",
+    "write_selection",
+]
