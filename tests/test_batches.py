@@ -1,0 +1,71 @@
+"""decode → batch: model-ready batches in stream order, a Skipped record per unusable sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sage_stream.batches import Batch, Skipped, decoded_batches
+from sage_stream.errors import SampleError, ShardError
+from sage_stream.sample import Sample
+
+
+def decoder(sample: Sample):
+    if sample.fields.get("bad"):
+        raise SampleError(sample.shard, sample.key, "cannot decode")
+    return torch.full(sample.fields.get("shape", (2,)), float(sample.index)), sample.fields["y"]
+
+
+def samples(n: int, special: dict[int, dict] | None = None) -> list[Sample]:
+    out = []
+    for i in range(n):
+        fields = {"y": i % 3, **(special or {}).get(i, {})}
+        out.append(Sample(f"k{i}", "s.tar", fields, index=i))
+    return out
+
+
+def kinds(items) -> list[str]:
+    return [f"B{len(i.keys)}" if isinstance(i, Batch) else f"S:{i.key}" for i in items]
+
+
+def test_batches_of_batch_size_in_order():
+    items = list(decoded_batches(samples(7), decoder, batch_size=3, num_classes=3))
+    assert kinds(items) == ["B3", "B3", "B1"]
+    assert items[0].keys == ["k0", "k1", "k2"] and items[0].indices == [0, 1, 2]
+    assert items[0].x.dtype == torch.float32 and items[0].x.shape == (3, 2)
+    assert items[1].y.tolist() == [0, 1, 2]
+
+
+def test_bad_samples_become_skips_in_stream_order():
+    stream = samples(5, {1: {"bad": True}, 3: {"y": 7}})
+    stream[4].error = "reader: repeated field"
+    items = list(decoded_batches(stream, decoder, batch_size=8, num_classes=3))
+    assert kinds(items) == ["S:k1", "S:k3", "S:k4", "B2"]
+    assert items[1].reason == "label 7 outside [0, 3)"
+    assert items[2].reason == "reader: repeated field"
+
+
+def test_another_shape_starts_its_own_batch():
+    stream = samples(4, {2: {"shape": (3,)}})
+    items = list(decoded_batches(stream, decoder, batch_size=8, num_classes=3))
+    assert kinds(items) == ["B2", "B1", "B1"]
+
+
+def test_a_user_preprocess_error_is_this_samples_skip():
+    def broken(sample):
+        raise KeyError("nope")
+
+    items = list(decoded_batches(samples(1), broken, batch_size=2, num_classes=3))
+    assert isinstance(items[0], Skipped) and "preprocess failed" in items[0].reason
+
+
+def test_a_broken_stream_yields_the_complete_samples_first():
+    def stream():
+        yield from samples(3)
+        raise ShardError("s.tar", "truncated")
+
+    got = []
+    with pytest.raises(ShardError, match="truncated"):
+        for item in decoded_batches(stream(), decoder, batch_size=8, num_classes=3):
+            got.append(item)
+    assert kinds(got) == ["B3"]
