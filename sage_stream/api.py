@@ -88,7 +88,7 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
 
 
 def _select(cfg: Config, shards: list[str]) -> SelectResult:
-    folder = OutputFolder(cfg.out, cfg.storage_options)
+    folder = cfg.output
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
     table = read_scores(folder, shards)
@@ -107,7 +107,7 @@ def _select(cfg: Config, shards: list[str]) -> SelectResult:
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
-    folder = OutputFolder(cfg.out, cfg.storage_options)
+    folder = cfg.output
     if cfg.scorer != "sage" or not folder.exists(folder.sketch):
         return None
     stored = folder.sketch_store().read()
@@ -262,7 +262,7 @@ def select(
     options = dict(locals())
     del options["config"]
     cfg = _config(select, config, options)
-    folder = OutputFolder(cfg.out, cfg.storage_options)
+    folder = cfg.output
     shards = [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
     return _select(cfg, shards)
 
@@ -287,7 +287,7 @@ def emit(
     options = dict(locals())
     del options["config"]
     cfg = _config(emit, config, options)
-    folder = OutputFolder(cfg.out, cfg.storage_options)
+    folder = cfg.output
     refs = _run_inputs(cfg, folder)
     folder.clear_success()
     with open_executor(cfg) as executor_:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .outputs.folder import OutputFolder
 from .selection import BALANCES, SCORERS
 from .storage import exists, open_input
 
@@ -100,6 +102,11 @@ class Config:
                 flag = name.replace("_", "-")
                 raise InputError(f"--{flag} expects a number, got {value!r}") from None
 
+    @property
+    def output(self) -> OutputFolder:
+        """OUT, with the storage options it is read and written with."""
+        return OutputFolder(self.out, self.storage_options)
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -121,11 +128,19 @@ class Config:
         return out
 
 
-def shard_options(cfg: Config, fmt: str) -> dict[str, Any]:
-    """The reader options of one shard format (for reading and for copying kept samples)."""
+def shard_options(options: Config | Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """The reader options of one shard format, from a Config or from the `config` a manifest
+    recorded (for reading, for copying kept samples out, and for reading them back)."""
+
+    def get(name: str) -> Any:
+        if isinstance(options, Config):
+            return getattr(options, name)
+        value = options.get(name)
+        return getattr(Config, name) if value is None else value
+
     if fmt == "tar":
-        return {"max_member_bytes": cfg.max_member_bytes}
-    return {"key_column": cfg.key_column}
+        return {"max_member_bytes": int(get("max_member_bytes"))}
+    return {"key_column": get("key_column")}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

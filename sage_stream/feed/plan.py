@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import shard_options
 from ..errors import InputError
 from ..inputs import expand_inputs, shard_format
 from ..outputs.folder import SHARDS, OutputFolder
@@ -104,10 +105,7 @@ def plan_feed(
     if manifest is not None and not folder.is_complete():
         raise InputError(f"{out} is not a finished run (no _SUCCESS): let the run complete")
     config = (manifest or {}).get("config", {})
-    reader = {
-        "tar": {"max_member_bytes": config.get("max_member_bytes", 256 * 2**20)},
-        "parquet": {"key_column": config.get("key_column", "__key__")},
-    }
+    reader = {fmt: shard_options(config, fmt) for fmt in ("tar", "parquet")}
     if original or inputs is not None:
         shards, scorer = _original(folder, manifest, inputs)
     else:

@@ -20,7 +20,6 @@ from ..config import Config, shard_options
 from ..errors import ShardError
 from ..formats import copy_selected
 from ..outputs import manifest
-from ..outputs.folder import OutputFolder
 from ..outputs.identity import run_config
 from ..outputs.tables import annotations, errored_count, kept_by_shard, read_part, read_selection
 from ..progress import Progress
@@ -65,7 +64,7 @@ def emit_shard(cfg: Config, job: EmitJob) -> dict[str, Any]:
     A shard that cannot be read again is fine only if pass 2 already recorded it as broken and
     nothing of it is kept: then there is no output shard for it, and the manifest says so.
     """
-    folder, ref = OutputFolder(cfg.out, cfg.storage_options), job.ref
+    folder, ref = cfg.output, job.ref
     part, error = read_part(folder, ref.name)
     keep = annotations(part, job.kept, job.scorer)
     try:
@@ -90,7 +89,7 @@ def emit_shard(cfg: Config, job: EmitJob) -> dict[str, Any]:
 def emit_marked(cfg: Config, job: EmitJob) -> dict[str, Any]:
     """Emit one shard, then its marker: a shard with a marker is never emitted again."""
     counts = emit_shard(cfg, job)
-    OutputFolder(cfg.out, cfg.storage_options).write_json(job.marker, counts)
+    cfg.output.write_json(job.marker, counts)
     return counts
 
 
@@ -99,7 +98,7 @@ def run_emit(
 ) -> EmitResult:
     """Emit every shard not yet emitted for this selection (`emit_jobs` says where), then the
     manifest, the index and `_SUCCESS`, in that order."""
-    folder = OutputFolder(cfg.out, cfg.storage_options)
+    folder = cfg.output
     selection, params = read_selection(folder)
     kept = kept_by_shard(selection)
     scorer = params.get("scorer", cfg.scorer)

@@ -102,7 +102,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
     decoder = make_decoder(
         input_key=cfg.input_key, label_key=cfg.label_key, preprocess=cfg.preprocess
     )
-    out = OutputFolder(cfg.out, cfg.storage_options)
+    out = cfg.output
     return StageContext(cfg, out, refs, model, digest, device, featurizer, decoder)
 
 

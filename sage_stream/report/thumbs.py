@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..config import shard_options
 from ..decode import IMAGE_EXTENSIONS, INPUT_EXTENSIONS, decode_image, decode_npy
 from ..errors import SageError
 from ..formats import read_shard
+from ..outputs.folder import OutputFolder
 from ..sample import ShardRef
-from ..storage import join
 
 log = logging.getLogger("sage_stream")
 THUMB_MAX = 96  # pixels, longer side
@@ -114,12 +115,6 @@ def _encode(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _reader_options(config: Mapping[str, Any], fmt: str) -> dict[str, Any]:
-    if fmt == "tar":
-        return {"max_member_bytes": int(config.get("max_member_bytes") or 256 * 2**20)}
-    return {"key_column": config.get("key_column") or "__key__"}
-
-
 def _sources(manifest: Mapping[str, Any], out: str, shard: str) -> list[ShardRef]:
     """Where a shard's samples can be read: its input, then the run's output shard."""
     refs = []
@@ -127,7 +122,7 @@ def _sources(manifest: Mapping[str, Any], out: str, shard: str) -> list[ShardRef
         if entry.get("name") == shard and entry.get("url"):
             fmt = entry.get("format", "tar")
             refs.append(ShardRef(url=entry["url"], name=shard, format=fmt))
-            refs.append(ShardRef(url=join(out, "shards", shard), name=shard, format=fmt))
+            refs.append(ShardRef(url=OutputFolder(out).shard(shard), name=shard, format=fmt))
     return refs
 
 
@@ -163,7 +158,7 @@ def thumbnails(
         for ref in _sources(manifest, out, shard):
             if not missing:
                 break
-            options = _reader_options(config, ref.format)
+            options = shard_options(config, ref.format)
             for key, fields in _read_some(ref, missing, options, storage_options).items():
                 missing.discard(key)
                 png = thumbnail_png(fields, input_key)
