@@ -44,8 +44,8 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Image bytes -> float32 tensor (C, H, W) in [0, 1]; L gives 1 channel, all else RGB."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened if opened.mode in ("L", "RGB") else opened.convert("RGB")
         array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)

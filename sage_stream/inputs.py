@@ -111,7 +111,7 @@ def _expand_one(item: str, storage_options: dict | None) -> list[str]:
     return urls
 
 
-def _listing(fs: fsspec.AbstractFileSystem, op: str, path: str, **kw: object) -> Any:
+def _listing(fs: fsspec.AbstractFileSystem, op: str, path: str, **kw: Any) -> Any:
     """``fs.<op>(path)`` (info, ls, glob), retried; access denied becomes an InputError."""
     url = _canonical(fs, path)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ def load_checkpoint(model: nn.Module, url: str, storage_options: dict | None = N
         raise InputError(f"checkpoint {url} does not exist")
     with open_input(url, storage_options) as f:
         try:
-            state: Any = torch.load(f, map_location="cpu", weights_only=True)
+            # torch.load reads any file-like object; its stub asks for IO[bytes]
+            state: Any = torch.load(cast(IO[bytes], f), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises a zoo of types for bad or unsafe files
             raise InputError(f"checkpoint {url} cannot be loaded safely: {exc}") from None
     for nested in ("state_dict", "model"):

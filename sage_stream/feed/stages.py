@@ -1,7 +1,5 @@
 """The feed as plain webdataset stages: samples in, kept samples with scores out."""
 
-from __future__ import annotations
-
 import json
 import logging
 import math

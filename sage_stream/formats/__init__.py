@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import Any, BinaryIO
 
 from sage_stream.errors import InputError
@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 
-def read_shard(ref: ShardRef, storage_options: dict | None = None, **kw: Any) -> Iterator[Sample]:
+def read_shard(
+    ref: ShardRef, storage_options: dict | None = None, **kw: Any
+) -> Generator[Sample, None, None]:
     """Stream the samples of one shard; ``kw`` goes to ``read_tar`` or ``read_parquet``."""
     if ref.format == "tar":
         return read_tar(ref, storage_options, **kw)

@@ -13,7 +13,7 @@ the shard through ``storage.open_shard`` (bounded reads, resumed after transient
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from sage_stream.errors import ShardError
 from sage_stream.sample import Sample, ShardRef
 from sage_stream.storage.fs import open_shard
+from sage_stream.storage.retry import RetryingReader
 
 # Types of the columns emit adds; other names get the type of their first non-null value.
 SAGE_TYPES: dict[str, pa.DataType] = {
@@ -38,7 +39,7 @@ _ROW_GROUP_ROWS = 65536
 _ROW_GROUP_BYTES = 64 * 2**20
 
 
-def _open(ref: ShardRef, f: BinaryIO) -> pq.ParquetFile:
+def _open(ref: ShardRef, f: RetryingReader) -> pq.ParquetFile:
     try:
         # pre_buffer would read every row group at once; stream them one by one instead
         return pq.ParquetFile(f, pre_buffer=False)
@@ -61,6 +62,7 @@ def _row_keys(
     errors: list[str | None] = []
     for offset, value in enumerate(values):
         index = start + offset
+        error: str | None
         if key_column and value is None:
             key, error = f"{index:09d}", f"null key in column {key_column!r}"
         else:
@@ -117,7 +119,7 @@ def read_parquet(
     key_column: str = "__key__",
     batch_rows: int = 1024,
     columns: list[str] | None = None,
-) -> Iterator[Sample]:
+) -> Generator[Sample, None, None]:
     """Stream the rows of a Parquet shard as samples: ``fields`` maps column -> Python value.
 
     ``columns`` limits what is read (the key column is always read, and never a field). A row

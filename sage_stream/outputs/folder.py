@@ -28,12 +28,13 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from ..errors import InputError, OutputExistsError
 from ..storage import atomic_write, exists, filesystem, join, list_names, open_input, remove
+from ..storage.retry import RetryingReader
 from .sketch_store import SketchStore
 
 log = logging.getLogger("sage_stream")
@@ -112,7 +113,7 @@ class OutputFolder:
     def exists(self, url: str) -> bool:
         return exists(url, self.storage_options)
 
-    def open(self, url: str) -> BinaryIO:
+    def open(self, url: str) -> RetryingReader:
         return open_input(url, self.storage_options)
 
     def writer(self, url: str):  # noqa: ANN201 - storage.atomic_write's context manager

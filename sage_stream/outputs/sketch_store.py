@@ -14,7 +14,7 @@ projection or ℓ is refused with the list of what differs, never used for a wro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,11 @@ class StoredSketch:
     stats: dict[str, Any]
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, which the sketch layout makes an array (zarr types it Array | Group)."""
+    return cast(zarr.Array, group[name])
+
+
 def _put(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
     array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
     if data.size:
@@ -52,7 +57,7 @@ class SketchStore:
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
 
-    def group(self, mode: str) -> zarr.Group:
+    def group(self, mode: Literal["r", "a", "w"]) -> zarr.Group:
         """zarr accepts storage_options only with a remote URL, and no `file://` URLs at all."""
         fs, path = filesystem(self.url, self.storage_options)
         if "file" in fs.protocol or "local" in fs.protocol:
@@ -99,14 +104,14 @@ class SketchStore:
     def read(self, *, expected: dict[str, Any] | None = None) -> StoredSketch:
         """Open a complete sketch; with `expected`, refuse one whose identity differs."""
         group = self._complete_group()
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)  # JSON values; these two are objects
         if expected is not None:
             self.check_identity(attrs["identity"], expected)
         return StoredSketch(
-            sigma=torch.from_numpy(group["singular_values"][...]),
-            basis=torch.from_numpy(group["basis"][...]),
-            consensus=torch.from_numpy(group["consensus"][...]),
-            class_counts=torch.from_numpy(group["class_counts"][...]),
+            sigma=torch.from_numpy(_array(group, "singular_values")[...]),
+            basis=torch.from_numpy(_array(group, "basis")[...]),
+            consensus=torch.from_numpy(_array(group, "consensus")[...]),
+            class_counts=torch.from_numpy(_array(group, "class_counts")[...]),
             identity=attrs["identity"],
             stats=attrs["stats"],
         )
@@ -121,7 +126,7 @@ class SketchStore:
             return None
         if "singular_values" not in group:
             return None
-        return np.asarray(group["singular_values"][...], dtype=np.float64)
+        return np.asarray(_array(group, "singular_values")[...], dtype=np.float64)
 
     def check_identity(self, stored: dict[str, Any], expected: dict[str, Any]) -> None:
         diffs = [
@@ -149,4 +154,4 @@ class SketchStore:
         _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
 
     def read_projections(self, shard: str) -> Tensor:
-        return torch.from_numpy(self.group("r")[f"{PROJECTIONS}/part-{shard}"][...])
+        return torch.from_numpy(_array(self.group("r"), f"{PROJECTIONS}/part-{shard}")[...])

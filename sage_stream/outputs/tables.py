@@ -5,8 +5,6 @@ exists is complete. A shard whose stream broke part-way still gets its part (the
 the break) and the reason in the part's metadata, which the manifest reports.
 """
 
-from __future__ import annotations
-
 import json
 import math
 from collections.abc import Iterable

@@ -65,7 +65,7 @@ def _kept_keys(selection: pa.Table) -> dict[str, pa.Array]:
             for shard, keys in kept_by_shard(selection).items()}  # fmt: skip
 
 
-def _column(tables: list[pa.Table], name: str, null: float | int, dtype: type) -> np.ndarray:
+def _column(tables: list[pa.Table], name: str, null: float | str, dtype: type) -> np.ndarray:
     if not tables:
         return np.zeros(0, dtype=dtype)
     column = pa.concat_arrays([t[name].combine_chunks() for t in tables])

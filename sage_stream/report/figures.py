@@ -194,7 +194,8 @@ def shard_keep_rates(rows: list[dict[str, Any]]) -> bytes | None:
         ax.set_xticks(x, [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
         ax.set(ylabel="kept / scored", ylim=(0, 1.0), title="Keep rate per shard")
     else:
-        ax.hist(rates[finite], bins=np.linspace(0, 1, 51), color=KEPT)
+        # matplotlib takes any array-like bins; its stub lists only Sequence[float]
+        ax.hist(rates[finite], bins=np.linspace(0, 1, 51), color=KEPT)  # type: ignore[arg-type]
         ax.axvline(overall, color="gray", ls="--", lw=1, label=f"overall {overall:.3f}")
         ax.set(xlabel="kept / scored", ylabel="shards", title=f"Keep rate of {len(rows)} shards")
     ax.legend(fontsize=8)

@@ -107,9 +107,11 @@ def _encode(pixels: np.ndarray) -> bytes:
     longest = max(image.size)
     if longest < THUMB_MIN:
         factor = -(-THUMB_MIN // longest)
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        image = image.resize(
+            (image.width * factor, image.height * factor), Image.Resampling.NEAREST
+        )
     elif longest > THUMB_MAX:
-        image.thumbnail((THUMB_MAX, THUMB_MAX), Image.BILINEAR)
+        image.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

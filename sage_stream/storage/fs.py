@@ -132,7 +132,7 @@ class _ShardStream(RetryingReader):
             raise ShardError(self._what, f"{where}: {storage_reason(e)}") from e
 
 
-def open_shard(url: str, storage_options: dict | None = None) -> BinaryIO:
+def open_shard(url: str, storage_options: dict | None = None) -> RetryingReader:
     """Open an input shard as a bounded, resumable stream; ShardError if it cannot be read."""
     try:
         return _ShardStream(_opener(url, storage_options), url)
