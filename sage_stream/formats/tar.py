@@ -23,9 +23,9 @@ import io
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from sage_stream.errors import InputError, ShardError
 from sage_stream.sample import Sample, ShardRef
@@ -50,22 +50,36 @@ class _CheckedTarInfo(tarfile.TarInfo):
 
     In stream mode tarfile treats an empty, short or corrupt header after the first member as
     a normal end of archive, so a shard cut at a member boundary would look complete. Only a
-    zero block (the end-of-archive marker) is a clean end; anything else is truncation.
+    zero block (the end-of-archive marker) followed by nothing but zeros is a clean end;
+    anything else is truncation, and a zero block with data after it is a zeroed header.
     """
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
-            tarfile_.sage_end = None  # type: ignore[attr-defined]
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # private, not in typeshed
+            tarfile_.sage_end = _after_end_marker(tarfile_)  # type: ignore[attr-defined]
             raise
-        except tarfile.EmptyHeaderError:
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]  # as above
             tarfile_.sage_end = "missing end-of-archive marker"  # type: ignore[attr-defined]
             raise
         except tarfile.HeaderError as e:
             tarfile_.sage_end = f"bad member header: {e}"  # type: ignore[attr-defined]
             raise
+
+
+# What may follow the end-of-archive marker: the second zero block and the record's padding
+# (tar writers pad to 10 KiB records; more than this many zero bytes is not read).
+_TRAILER_BYTES = 20 * tarfile.RECORDSIZE
+
+
+def _after_end_marker(tf: tarfile.TarFile) -> str | None:
+    """None if only zeros follow the zero block that ended the headers, else why not."""
+    trailer = tf.fileobj.read(_TRAILER_BYTES) if tf.fileobj is not None else b""
+    if trailer.strip(b"\0"):
+        return "a zeroed member header with data after it (corrupt shard)"
+    return None
 
 
 @dataclass
@@ -130,7 +144,7 @@ def _raw_samples(
 def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
     """``(header, key, field)`` of the members that belong to samples, in stream order."""
     for info in tf:
-        tf.members = []  # stream mode keeps every header otherwise: O(members) memory
+        tf.members = []  # type: ignore[attr-defined]  # private; else stream mode keeps every header
         split = split_member_name(info.name) if info.isreg() else None
         if split is not None:
             yield info, split[0], split[1]
@@ -150,7 +164,7 @@ def _check_size(
 
 def read_tar(
     ref: ShardRef, storage_options: dict | None = None, *, max_member_bytes: int = 256 * 2**20
-) -> Iterator[Sample]:
+) -> Generator[Sample, None, None]:
     """Stream the samples of a tar shard: ``fields`` maps field -> raw member bytes.
 
     A sample whose key appeared earlier in the shard (not consecutively) comes out with
