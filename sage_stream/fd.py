@@ -16,10 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from sage_stream.errors import InputError
+
+# Which BLAS libraries are loaded, found once: a fresh threadpool_limits() scans the process's
+# libraries every time (2 ms, as long as a small shrink's eigh).
+_BLAS: ThreadpoolController | None = None
+
+
+def _one_blas_thread():  # noqa: ANN202 - threadpoolctl's context manager
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1)
+
 
 _STATE_KEYS = ("ell", "dim", "rows", "n_rows", "frobenius_sq_counted", "uncounted_from", "delta")
 
@@ -28,28 +40,49 @@ def _fix_signs(rows: Tensor) -> Tensor:
     """Flip each row so its largest-|.| entry is positive: singular vectors have no sign."""
     if rows.numel() == 0:
         return rows
-    idx = rows.abs().argmax(dim=1, keepdim=True)  # (m, 1), first maximum on ties
-    sign = torch.where(rows.gather(1, idx) < 0, -1.0, 1.0).to(rows.dtype)  # (m, 1)
+    # The largest-|.| entry is the row's max or its min: two reductions, no |rows| copy.
+    top, bottom = rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True)  # (m, 1)
+    sign = torch.where(-bottom > top, -1.0, 1.0).to(rows.dtype)  # ties keep the + sign
     return rows * sign
 
 
-def _shrink(rows: Tensor, ell: int) -> tuple[Tensor, float]:
+def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float]:
     """One FD shrink of `rows` (m, D): subtract δ = σ_ℓ² from every σ_j², clamp at 0.
 
     Returns (B, δ) with B = diag(σ')Vᵀ, float32 (k, D), k ≤ ℓ − 1 rows with σ' > 0 (δ = 0 and
     no row dropped when m < ℓ). We go through the Gram matrix: m ≤ 4ℓ ≪ D, so the m×m
-    eigenproblem is much cheaper than an SVD of the m×D matrix, and forming it in float64 (the
-    products of float32 entries are exact there) keeps the eigenvalues accurate.
+    eigenproblem is much cheaper than an SVD of the m×D matrix.
+
+    The products are float32 on the rows' device; only the m×m eigenproblem is float64. The
+    first `orthogonal` rows are the B of the previous shrink, whose rows are orthogonal, so
+    their block of the Gram matrix is diag(‖b_j‖²) and only the new rows' blocks need
+    products: (k + n)·n·D multiply-adds instead of m²·D. Float32 rounding makes the
+    eigenvalues known to about √D·ε₃₂·λ_max (the tests' tolerances say so).
     """
-    m64 = rows.double()  # (m, D)
-    lam, u = _host_eigh(m64 @ m64.T)  # (m,), (m, m), ascending
+    gram = _gram(rows, orthogonal).double()  # (m, m)
+    lam, u = _host_eigh(gram)  # (m,), (m, m), ascending
     lam, u = lam.flip(0), u.flip(1)  # descending: λ_j = σ_j²
     delta = max(float(lam[ell - 1]), 0.0) if lam.numel() >= ell else 0.0  # λ < 0 is rounding
     keep = lam > delta  # hence λ > 0 below: no 0/0, all-zero rows give k = 0
     lam, u = lam[keep], u[:, keep]  # (k,), (m, k)
     # uᵀM = σ vᵀ, so scaling row j by σ'_j / σ_j = sqrt((λ − δ) / λ) gives σ'_j vᵀ_j.
-    b = torch.sqrt((lam - delta) / lam)[:, None] * (u.T @ m64)  # (k, D)
-    return _fix_signs(b).float(), delta
+    scale = torch.sqrt((lam - delta) / lam)[:, None] * u.T  # (k, m) float64
+    b = scale.to(rows.dtype) @ rows  # (k, D) float32
+    return _fix_signs(b), delta
+
+
+def _gram(rows: Tensor, orthogonal: int) -> Tensor:
+    """rows rowsᵀ (m, m) float32, knowing that rows[:orthogonal] are mutually orthogonal."""
+    m, o = rows.shape[0], orthogonal
+    if o == 0:
+        return rows @ rows.T
+    old, new = rows[:o], rows[o:]  # (o, D), (n, D)
+    gram = torch.empty(m, m, dtype=rows.dtype, device=rows.device)
+    gram[:o, :o] = torch.diag(torch.linalg.vector_norm(old, dim=1).square())
+    cross = old @ new.T  # (o, n)
+    gram[:o, o:], gram[o:, :o] = cross, cross.T
+    gram[o:, o:] = new @ new.T
+    return gram
 
 
 def _host_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,7 +92,7 @@ def _host_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     torch's threaded eigh was measured 20-50× slower than numpy's on a 2-core machine under
     load (MKL threads spinning), for a matrix that costs milliseconds.
     """
-    with threadpool_limits(1):  # milliseconds of work; extra threads only contend
+    with _one_blas_thread():  # milliseconds of work; extra threads only contend
         lam, u = np.linalg.eigh(gram.cpu().numpy())
     return torch.from_numpy(lam).to(gram.device), torch.from_numpy(u).to(gram.device)
 
@@ -71,7 +104,8 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def _sq_norm(rows: Tensor) -> float:
-    return float(rows.double().square().sum())
+    """‖rows‖²_F accumulated in float64 (millions of small squares), without a float64 copy."""
+    return float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
 
 
 class FrequentDirections:
@@ -87,6 +121,7 @@ class FrequentDirections:
         self._ell, self._dim, self._device = ell, dim, torch.device(device)
         self._buf = torch.zeros(2 * ell, dim, dtype=torch.float32, device=self._device)  # (2ℓ, D)
         self._m = 0  # rows in use: _buf[:_m] is B, then rows not yet shrunk
+        self._orthogonal = 0  # _buf[:_orthogonal] is the B of the last shrink: orthogonal rows
         self._n_rows = 0
         self._delta = 0.0  # Δ = Σ δ
         # ‖A‖²_F is counted per shrink over _buf[_uncounted_from:_m], so it does not depend on
@@ -153,9 +188,10 @@ class FrequentDirections:
             # A direct SVD, run once on ≤ ℓ rows: unlike the Gram route it gives orthonormal
             # V even for directions whose σ is at rounding level.
             rows = self._buf[: self._m].double().cpu().numpy()  # (m, D), m ≤ ℓ; host LAPACK
-            with threadpool_limits(1):  # as in _host_eigh
-                _, s, vh = np.linalg.svd(rows, full_matrices=False)
-            s, vh = torch.from_numpy(s).to(self._device), torch.from_numpy(vh).to(self._device)
+            with _one_blas_thread():  # as in _host_eigh
+                _, s_np, vh_np = np.linalg.svd(rows, full_matrices=False)
+            s = torch.from_numpy(s_np).to(self._device)
+            vh = torch.from_numpy(vh_np).to(self._device)
             sigma[: s.numel()], basis[: s.numel()] = s, _fix_signs(vh)
         sigma32, basis32 = sigma.float(), basis.float()
         basis32[sigma32 == 0] = 0.0
@@ -172,10 +208,12 @@ class FrequentDirections:
             )
         stacked = torch.cat([self._buf[: self._m], other._buf[: other._m].to(self._device)])
         frob, delta = self.frobenius_sq + other.frobenius_sq, self._delta + other.delta
+        orthogonal = self._orthogonal  # the stack starts with our rows
         if stacked.shape[0] > self._ell:  # (m1 + m2, D), up to 4ℓ rows
-            stacked, d = _shrink(stacked, self._ell)
+            stacked, d = _shrink(stacked, self._ell, orthogonal)
             delta += d
-        self._set_rows(stacked)
+            orthogonal = stacked.shape[0]
+        self._set_rows(stacked, orthogonal)
         self._frob_counted, self._delta = frob, delta
         self._n_rows += other.n_rows
 
@@ -189,6 +227,7 @@ class FrequentDirections:
             "frobenius_sq_counted": self._frob_counted,
             "uncounted_from": self._uncounted_from,
             "delta": self._delta,
+            "orthogonal_rows": self._orthogonal,
         }
 
     @classmethod
@@ -210,7 +249,11 @@ class FrequentDirections:
             )
         if not 0 <= int(state["uncounted_from"]) <= rows.shape[0]:
             raise InputError("sketch state 'uncounted_from' is out of range")
-        sketch._set_rows(rows.to(sketch.device))
+        # A state without the count (older checkpoints) is safe: every product is made.
+        orthogonal = int(state.get("orthogonal_rows", 0))
+        if not 0 <= orthogonal <= rows.shape[0]:
+            raise InputError("sketch state 'orthogonal_rows' is out of range")
+        sketch._set_rows(rows.to(sketch.device), orthogonal)
         sketch._uncounted_from = int(state["uncounted_from"])
         sketch._n_rows = int(state["n_rows"])
         sketch._frob_counted, sketch._delta = (
@@ -239,11 +282,13 @@ class FrequentDirections:
 
     def _shrink_buffer(self) -> None:
         self._frob_counted += _sq_norm(self._buf[self._uncounted_from : self._m])
-        b, delta = _shrink(self._buf[: self._m], self._ell)
-        self._set_rows(b)
+        b, delta = _shrink(self._buf[: self._m], self._ell, self._orthogonal)
+        self._set_rows(b, b.shape[0])
         self._delta += delta
 
-    def _set_rows(self, b: Tensor) -> None:
-        """Make `b` (k, D), k < 2ℓ, the buffer content, all of it counted in ‖A‖²_F."""
+    def _set_rows(self, b: Tensor, orthogonal: int) -> None:
+        """Make `b` (k, D), k < 2ℓ, the buffer content, all of it counted in ‖A‖²_F; its first
+        `orthogonal` rows are known to be mutually orthogonal."""
         self._buf[: b.shape[0]] = b
         self._m = self._uncounted_from = b.shape[0]
+        self._orthogonal = orthogonal
