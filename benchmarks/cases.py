@@ -93,6 +93,7 @@ def sage_options(p: dict[str, Any]) -> dict[str, Any]:
         batch_size=p.get("batch_size", 256),
         device=p.get("device", "cpu"),
         progress=False,
+        loader_workers=0,  # the forward-only pass's reader; benchmarks/loader.py has workers
     )
 
 

@@ -131,7 +131,10 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
 
     shutil.rmtree(p["out"], ignore_errors=True)  # a finished sketch there would be resumed
     device, model = p["device"], resnet(p["width"]).to(p["device"])
-    opts = dict(model=model, ell=p["ell"], batch_size=p["batch"], device=device, progress=False)
+    # loader_workers=0: the same in-process reader as the forward-only pass (benchmarks/loader.py
+    # measures the loader's workers)
+    opts = dict(model=model, ell=p["ell"], batch_size=p["batch"], device=device, progress=False,
+                loader_workers=0)  # fmt: skip
     phase = Phases(device)
     _forward({"shards": p["shards"][:1]}, {**opts, "out": p["out"] + "/warm"})  # warm-up
     with phase("forward"):
@@ -140,6 +143,10 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
         stats = sage_stream.sketch(p["shards"], out=p["out"] + "/ll", **opts).stats
     with phase("score"):
         sage_stream.score(p["shards"], out=p["out"] + "/ll", **opts)
+    with phase("sketch_bf16"):
+        sage_stream.sketch(p["shards"], out=p["out"] + "/bf16", precision="bf16", **opts)
+    with phase("score_bf16"):
+        sage_stream.score(p["shards"], out=p["out"] + "/bf16", precision="bf16", **opts)
     params = dict(grad="params", params=p["params"], project_dim=p["project_dim"])
     few = p["shards"][: p["params_shards"]]
     with phase("sketch_params_projected"):
@@ -151,13 +158,15 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(s: dict[str, Any], r: dict[str, Any], params_samples: int) -> dict[str, Any]:
     ph = r["phases"]
-    per_s = {name: rate(s["n"], ph[name]["wall_s"]) for name in ("forward", "sketch", "score")}
+    names = ("forward", "sketch", "score", "sketch_bf16", "score_bf16")
+    per_s = {name: rate(s["n"], ph[name]["wall_s"]) for name in names}
     per_s["sketch_params_projected"] = rate(params_samples, ph["sketch_params_projected"]["wall_s"])
     per_s["model_only_no_reader"] = round(r["model_only"], 1)
     return {
         "samples_per_s": per_s,
         "sketch_over_forward": round(per_s["sketch"] / per_s["forward"], 4),
         "score_over_forward": round(per_s["score"] / per_s["forward"], 4),
+        "sketch_over_model_only": round(per_s["sketch"] / per_s["model_only_no_reader"], 4),
         "phases": ph,
         "sketch_stats": r["sketch_stats"],
         "fd": [{**f, "rows_per_s": rate(f["rows"], f["seconds"])} for f in r["fd"]],

@@ -23,3 +23,15 @@ def small_cnn(channels: int = 3, classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(64, classes),
     )
+
+
+def tiny_cnn(channels: int = 3, classes: int = 10) -> nn.Module:
+    """A CNN so small that decoding its JPEG input costs more than its forward pass (the
+    decode-bound case of benchmarks/loader.py): one strided convolution, then the head."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 5, stride=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )

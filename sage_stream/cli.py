@@ -20,6 +20,7 @@ from .config import (
     EXECUTORS,
     GRAD_MODES,
     ON_ERROR,
+    PRECISIONS,
     SCORERS,
     load_toml,
     make_config,
@@ -73,6 +74,13 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
     )
     g.add_argument("--max-member-bytes", type=int, help="refuse members larger than this")
     g.add_argument("--batch-size", type=int, help="samples per model batch (default 64)")
+    g.add_argument(
+        "--loader-workers",
+        type=int,
+        metavar="N",
+        help="processes that read and decode shards (0: in this process; default: up to 8 "
+        "spare cores beside a GPU, 0 on a CPU node); outputs are the same for any N",
+    )
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -100,6 +108,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ell", type=int, metavar="N", help="sketch size ℓ (default 256)")
     g.add_argument("--chunk-size", type=int, help="vmap chunk for --grad params (default 64)")
     g.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="the model's forward under autocast: fp32 (default), bf16 (recommended on "
+        "CUDA), fp16; gradient features and the sketch stay float32",
+    )
     g.add_argument("--consensus", choices=CONSENSUS, help="mean-gradient (default) or centroid")
     g.add_argument("--executor", choices=EXECUTORS, help="local (default) or ray")
     g.add_argument(
@@ -256,18 +270,18 @@ def _run_step(command: str, options: dict[str, Any]) -> str:
     if command == "run":
         return _summary(api.run(config=cfg))
     if command == "sketch":
-        r = api.sketch(config=cfg)
-        bound = r.stats["relative_error_bound"]
+        sk = api.sketch(config=cfg)
+        bound = sk.stats["relative_error_bound"]
         return (
-            f"sketch: {r.samples} gradients, D={r.dim}, ℓ={r.ell}, C={r.classes}, "
-            f"error bound Δ/‖A‖²_F = {bound:.4f} -> {r.url}"
+            f"sketch: {sk.samples} gradients, D={sk.dim}, ℓ={sk.ell}, C={sk.classes}, "
+            f"error bound Δ/‖A‖²_F = {bound:.4f} -> {sk.url}"
         )
     if command == "score":
-        r = api.score(config=cfg)
-        return f"scores: seen {r.seen}, scored {r.scored}, errored {r.errored} -> {r.url}"
+        sc = api.score(config=cfg)
+        return f"scores: seen {sc.seen}, scored {sc.scored}, errored {sc.errored} -> {sc.url}"
     if command == "select":
-        r = api.select(config=cfg)
-        return f"selection: kept {r.kept} of {r.scored} scored -> {r.url}"
+        sel = api.select(config=cfg)
+        return f"selection: kept {sel.kept} of {sel.scored} scored -> {sel.url}"
     return _summary(api.emit(config=cfg))
 
 

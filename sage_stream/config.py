@@ -22,14 +22,24 @@ from .storage import exists, open_input
 GRAD_MODES = ("last-layer", "params")
 # How a run is carried out, not what it computes: left out of the manifest, so that the same
 # run resumed, run elsewhere, or on one Ray worker, writes the same bytes.
-HOW_NOT_WHAT = ("out", "progress", "overwrite", "checkpoint_every", "executor", "workers")
+HOW_NOT_WHAT = (
+    "out",
+    "progress",
+    "overwrite",
+    "checkpoint_every",
+    "executor",
+    "workers",
+    "loader_workers",
+)
 NUMERIC_FIELDS: dict[str, type] = {
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
-    "max_member_bytes": int, "workers": int, "keep": float, "min_score": float, "checkpoint_every": float,
+    "max_member_bytes": int, "workers": int, "loader_workers": int, "keep": float,
+    "min_score": float, "checkpoint_every": float,
 }  # fmt: skip
 CONSENSUS = ("mean-gradient", "centroid")
 ON_ERROR = ("skip", "fail")
 EXECUTORS = ("local", "ray")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class Config:
     batch_size: int = 64
     chunk_size: int = 64
     device: str = "auto"
+    precision: str = "fp32"  # the model's forward (autocast); features and sketch stay fp32+
+    loader_workers: int | None = None  # decode processes; None: from the cores (loader.py)
     seed: int = 0
     on_error: str = "skip"
     max_member_bytes: int = 256 * 2**20
@@ -71,11 +83,14 @@ class Config:
         _check_choice("consensus", self.consensus, CONSENSUS)
         _check_choice("on-error", self.on_error, ON_ERROR)
         _check_choice("executor", self.executor, EXECUTORS)
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("balance", self.balance, BALANCES)
         for name in ("ell", "batch_size", "chunk_size", "max_member_bytes"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise InputError("--loader-workers must be 0 (decode in this process) or more")
         if self.workers is not None and self.workers < 1:
             raise InputError("--workers must be a positive integer")
         if self.project_dim is not None and self.project_dim < 1:

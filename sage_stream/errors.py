@@ -50,3 +50,7 @@ class MismatchError(SageError, ValueError):
 
 class OutputExistsError(SageError, FileExistsError):
     """The output already holds a finished run with another configuration."""
+
+
+class LoaderError(SageError, RuntimeError):
+    """A loader worker process died (out of memory, a crash in native code) mid-shard."""

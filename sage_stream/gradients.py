@@ -18,8 +18,10 @@ scorer records them per sample.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,11 @@ from .errors import InputError
 from .projection import Projector
 
 MODES = ("last-layer", "params")
+# --precision: the dtype the model's forward runs in under autocast. Gradient features, the
+# loss and everything after them are computed in float32 (or better) whatever this is.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}  # fmt: skip
 
 
 @dataclass
@@ -45,7 +52,7 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear
     if name is None:
         if not linears:
             raise InputError("the model has no nn.Linear head; use --grad params")
-        return linears[-1], model.get_submodule(linears[-1])
+        return linears[-1], cast(nn.Linear, model.get_submodule(linears[-1]))
     modules = dict(model.named_modules())
     if not isinstance(modules.get(name), nn.Linear):
         what = "is not an nn.Linear" if name in modules else "is not a module of the model"
@@ -103,12 +110,16 @@ class GradientFeaturizer:
         project_dim: int | None = None,
         seed: int = 0,
         chunk_size: int = 64,
+        precision: str = "fp32",
     ):
         if mode not in MODES:
             raise InputError(f"gradient mode {mode!r} is not one of {list(MODES)}")
         _positive_int("chunk_size", chunk_size)
         _positive_int("project_dim", project_dim)
+        if precision not in PRECISIONS:
+            raise InputError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
         self.model, self.mode, self.chunk_size = model, mode, chunk_size
+        self.autocast = PRECISIONS[precision]  # None: the model's own dtype
         self.head_name: str | None = None
         self.head: nn.Linear | None = None
         self.num_classes: int | None = None
@@ -140,8 +151,8 @@ class GradientFeaturizer:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Features:
         """Features of a batch: x on the model's device, y (B,) int64 labels in [0, C)."""
         if self.num_classes is None:  # params mode, no Linear: learn C from one sample
-            with torch.no_grad():
-                self._check_width(self.model(x[:1]))
+            with torch.no_grad(), self._autocast(x):
+                self._check_width(self.model(x[:1]).float())
         y = self._check_labels(x, y)
         if self.mode == "last-layer":
             grads, loss, logits = self._last_layer(x, y)
@@ -168,13 +179,16 @@ class GradientFeaturizer:
 
     def _last_layer(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        head = self.head
+        if head is None:  # set by _init_last_layer, the only mode that calls this
+            raise RuntimeError("last-layer features without a head")
 
         def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             seen.append((inputs[0], output, output._version))
 
-        handle = self.head.register_forward_hook(hook)
+        handle = head.register_forward_hook(hook)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast(x):
                 out = self.model(x)
         finally:
             handle.remove()
@@ -185,7 +199,7 @@ class GradientFeaturizer:
             e = torch.softmax(logits, dim=1)  # (B, C)
             e[torch.arange(len(y), device=y.device), y] -= 1
             gw = e[:, :, None] * h[:, None, :]  # (B, C, H), W's row-major layout
-            parts = [gw.flatten(1)] + [e] * (self.head.bias is not None)
+            parts = [gw.flatten(1)] + [e] * (head.bias is not None)
             grads = torch.cat(parts, dim=1)  # (B, C·H [+ C])
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
         f32 = torch.float32
@@ -216,7 +230,7 @@ class GradientFeaturizer:
             raise InputError(
                 f"{where} gets input of shape {tuple(h.shape)}, not (B, H); use --grad params"
             )
-        return h, out
+        return h, cast(torch.Tensor, out)
 
     def _params(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(y) == 0:  # vmap cannot map over an empty batch
@@ -236,10 +250,17 @@ class GradientFeaturizer:
         per_sample = vmap(
             grad(loss_of_one, has_aux=True), in_dims=(None, 0, 0), chunk_size=self.chunk_size
         )
-        g, (loss, logits) = per_sample(chosen, x, y)  # {name: (B, *shape)}, (B,), (B, C)
+        with self._autocast(x):
+            g, (loss, logits) = per_sample(chosen, x, y)  # {name: (B, *shape)}, (B,), (B, C)
         self._check_width(logits)
         grads = torch.cat([g[n].flatten(1).to(torch.float32) for n in self.param_names], dim=1)
         return grads, loss.to(torch.float32), logits.to(torch.float32)
+
+    def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The forward under autocast to `precision`, or as it is for fp32."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast)
 
     def _check_width(self, logits: torch.Tensor) -> None:
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:

@@ -282,3 +282,23 @@ def test_params_mode_with_projection_runs_end_to_end(data, tmp_path):
     scores = all_scores(out)
     s = np.array([scores[key(i)]["score"] for i in range(N)])
     assert s[flipped].mean() < s[~flipped].mean()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(v)).astype(np.float64) for v in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_scores_rank_like_fp32(data, tmp_path, precision):
+    """The forward under autocast, features and sketch in float32: the same ranking."""
+    scores = {}
+    for p in ("fp32", precision):
+        out = tmp_path / p
+        sage_stream.run(data["tar"], out=str(out), checkpoint=data["ckpt"], precision=p, **OPTIONS)
+        rows = pq.read_table(out / "scores").to_pylist()
+        scores[p] = np.array([r["score"] for r in sorted(rows, key=lambda r: r["__key__"])])
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["identity"]["precision"] == p  # never mixed with another precision
+    assert spearman(scores["fp32"], scores[precision]) >= 0.99
+    assert not np.array_equal(scores["fp32"], scores[precision])  # autocast really ran

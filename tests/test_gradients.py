@@ -256,3 +256,17 @@ def test_empty_batch(mode):
     out = feat(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
     assert out.grads.shape == (0, feat.dim) and out.loss.shape == (0,)
     assert out.logits.shape == (0, 4)
+
+
+@pytest.mark.parametrize("mode", ["last-layer", "params"])
+def test_bf16_forward_keeps_float32_features_close_to_fp32(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    exact = GradientFeaturizer(model, mode=mode)(x, y)
+    mixed = GradientFeaturizer(model, mode=mode, precision="bf16")(x, y)
+    assert mixed.grads.dtype == mixed.loss.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(exact.grads, mixed.grads, dim=1)
+    assert cos.min() > 0.98 and not torch.equal(exact.grads, mixed.grads)
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        GradientFeaturizer(model, mode=mode, precision="fp8")

@@ -120,7 +120,10 @@ class RayWorkers:
         # The GPU Ray gives an actor is its cuda:0, whatever number the driver's config names.
         # The config goes by value (it is small): a restarted actor gets its arguments again.
         worker_cfg = cfg.replace(device="cuda") if gpus else cfg
-        self.actors = [actor.remote(worker_cfg) for _ in range(count)]
+        # An actor has one CPU: it decodes in its own process; Ray scales by actors instead.
+        worker_cfg = worker_cfg.replace(loader_workers=0)
+        # ActorHandle[ShardWorker]s; Any because Ray types their methods without `.remote`
+        self.actors: list[Any] = [actor.remote(worker_cfg) for _ in range(count)]
 
     def __len__(self) -> int:
         return len(self.actors)

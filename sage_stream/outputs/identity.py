@@ -33,11 +33,12 @@ def sketch_options(cfg: Config) -> dict[str, Any]:
         "project_dim": cfg.project_dim,
         "seed": cfg.seed if cfg.project_dim else None,
         "ell": cfg.ell,
+        "precision": cfg.precision,
     }
 
 
 def sketch_identity(
-    cfg: Config, fingerprint: str, head: str, dim: int, classes: int
+    cfg: Config, fingerprint: str, head: str | None, dim: int, classes: int
 ) -> dict[str, Any]:
     """Everything that must match for a stored sketch to be usable with this run."""
     return {"model": fingerprint, **sketch_options(cfg), "head": head, "dim": dim,

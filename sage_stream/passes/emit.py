@@ -7,8 +7,6 @@ Every output object is written under a temporary name and moved into place when 
 each emitted shard leaves a marker in OUT/_work/, so a rerun emits only what is missing.
 """
 
-from __future__ import annotations
-
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass

@@ -11,18 +11,19 @@ the shard's URL and the key; under `skip` every problem becomes a record the pas
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from ..batches import Batch, Decoder, Skipped, decoded_batches
+from ..batches import Batch, Decoder, Skipped
 from ..config import Config, shard_options
 from ..decode import make_decoder
 from ..errors import InputError, SampleError, ShardError
-from ..formats import read_shard
 from ..gradients import GradientFeaturizer
 from ..inputs import expand_inputs
 from ..model import load_model, resolve_device
@@ -31,6 +32,7 @@ from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import NONFINITE_GRAD, NONFINITE_LOSS
+from .loader import ReadSpec, decoded_shards, resolve_workers
 
 log = logging.getLogger("sage_stream")
 
@@ -47,10 +49,12 @@ class StageContext:
     device: torch.device
     featurizer: GradientFeaturizer
     decoder: Decoder
+    loader_workers: int = 0  # decode processes (0: in this process), resolved from the cfg
 
     @property
     def num_classes(self) -> int:
-        return self.featurizer.num_classes
+        # None only in params mode with no nn.Linear, until the featurizer's first call
+        return cast(int, self.featurizer.num_classes)
 
     def identity(self) -> dict:
         """The sketch identity of this run (outputs.identity)."""
@@ -98,22 +102,41 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         project_dim=cfg.project_dim,
         seed=cfg.seed,
         chunk_size=cfg.chunk_size,
+        precision=cfg.precision,
     )
     decoder = make_decoder(
         input_key=cfg.input_key, label_key=cfg.label_key, preprocess=cfg.preprocess
     )
-    out = cfg.output
-    return StageContext(cfg, out, refs, model, digest, device, featurizer, decoder)
+    workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
+    return StageContext(cfg, cfg.output, refs, model, digest, device, featurizer, decoder, workers)
+
+
+def shard_stream(
+    ctx: StageContext, refs: Sequence[ShardRef], progress: Progress
+) -> Iterator[tuple[ShardRef, Iterator[Item]]]:
+    """(shard, its items) for each of `refs` in order, read and decoded by the loader's
+    `--loader-workers` processes (passes/loader.py); consume each shard's items in turn."""
+    batches = decoded_shards(read_spec(ctx), refs, ctx.loader_workers)
+    with contextlib.closing(batches):
+        for ref, shard in batches:
+            yield ref, _items(ctx, ref, shard, progress)
 
 
 def shard_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
-    """Stream one shard as Featured / Skipped items, then a Broken one if its stream broke.
+    """One shard's items, read and decoded in this process."""
+    return _items(ctx, ref, shard_batches(ctx, ref), progress)
+
+
+def _items(
+    ctx: StageContext, ref: ShardRef, batches: Iterator[Batch | Skipped], progress: Progress
+) -> Iterator[Item]:
+    """Featured / Skipped items, then a Broken one if the shard's stream broke.
 
     `progress` advances by an item's samples once the consumer is done with it.
     """
     fail = ctx.cfg.on_error == "fail"
     try:
-        for entry in shard_batches(ctx, ref):
+        for entry in batches:
             if isinstance(entry, Skipped):
                 if fail:
                     raise SampleError(ref.name, entry.key, entry.reason, ref.url)
@@ -134,13 +157,22 @@ def shard_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterato
         yield Broken(exc.reason)
 
 
-def shard_batches(ctx: StageContext, ref: ShardRef) -> Iterator[Batch | Skipped]:
-    """One shard read, decoded and batched, before the model (forward-only benchmarks too)."""
+def read_spec(ctx: StageContext) -> ReadSpec:
+    """What the loader needs to read and decode this run's shards, in or out of process."""
     cfg = ctx.cfg
-    samples = read_shard(ref, cfg.storage_options, **shard_options(cfg, ref.format))
-    return decoded_batches(
-        samples, ctx.decoder, batch_size=cfg.batch_size, num_classes=ctx.num_classes
+    return ReadSpec(
+        decoder=ctx.decoder,
+        storage_options=cfg.storage_options,
+        reader_options={fmt: shard_options(cfg, fmt) for fmt in ("tar", "parquet")},
+        batch_size=cfg.batch_size,
+        num_classes=ctx.num_classes,
     )
+
+
+def shard_batches(ctx: StageContext, ref: ShardRef) -> Iterator[Batch | Skipped]:
+    """One shard read, decoded and batched in this process, before the model (forward-only
+    benchmarks too)."""
+    return read_spec(ctx).batches(ref)
 
 
 def _featurize(
@@ -148,8 +180,10 @@ def _featurize(
 ) -> Featured | list[Skipped]:
     """Gradient features of a batch; a batch the model cannot take is a skip for each of its
     samples (naming the first key under fail), and under fail a non-finite sample raises."""
-    x = batch.x.to(ctx.device, non_blocking=True)
-    y = batch.y.to(ctx.device, non_blocking=True)
+    x, y = batch.x, batch.y
+    if ctx.device.type == "cuda":  # from pinned memory, the copies are truly asynchronous
+        x, y = x.pin_memory(), y.pin_memory()
+    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
     try:
         feats = ctx.featurizer(x, y)
     except torch.cuda.OutOfMemoryError:

@@ -23,7 +23,7 @@ from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import ScoredBatch, score_batch
 from .centroid import rescore_with_centroids
-from .loop import Broken, Featured, StageContext, shard_items
+from .loop import Broken, Featured, Item, StageContext
 
 log = logging.getLogger("sage_stream")
 
@@ -95,15 +95,15 @@ def _sketch_tensors(
     return sketch.sigma.to(dev), sketch.basis.to(dev), sketch.consensus.to(dev)
 
 
-def score_shard(
-    ctx: StageContext, ref: ShardRef, sketch: StoredSketch | None, progress: Progress
+def score_items(
+    ctx: StageContext, ref: ShardRef, items: Iterable[Item], sketch: StoredSketch | None
 ) -> tuple[ShardScores, str | None]:
-    """Score one shard; returns its rows and the shard-level error, if its stream broke."""
+    """Score one shard's items; returns its rows and the shard-level error, if it broke."""
     centroid = sketch is not None and ctx.cfg.consensus == "centroid"
-    ell = sketch.sigma.shape[0] if centroid else None
+    ell = sketch.sigma.shape[0] if sketch is not None and centroid else None
     tensors = _sketch_tensors(ctx, sketch)
     rows, error = ShardScores(ref.name), None
-    for item in shard_items(ctx, ref, progress):
+    for item in items:
         if isinstance(item, Featured):
             scored = score_batch(item.grads, item.loss, item.y, tensors, keep_z=centroid)
             rows.add_batch(item.batch, scored)
@@ -125,11 +125,11 @@ class ScoreResult:
 
 
 def score_and_write(
-    ctx: StageContext, ref: ShardRef, sketch: StoredSketch | None, progress: Progress
+    ctx: StageContext, ref: ShardRef, items: Iterable[Item], sketch: StoredSketch | None
 ) -> dict[str, Any]:
     """Score one shard and write its part (after its projections, for centroid consensus);
     returns the part's counts."""
-    rows, error = score_shard(ctx, ref, sketch, progress)
+    rows, error = score_items(ctx, ref, items, sketch)
     table = rows.table()
     if sketch is not None and ctx.cfg.consensus == "centroid":
         # unit rows: centroid scoring needs only directions, and raw z (σ grows like √N·‖g‖)
@@ -188,7 +188,7 @@ def run_score_pass(
         for r in refs
         if counts[r.name]["error"] is not None
     ]
-    if centroid:  # the consensus needs every z first; it reads the stored z, no model
+    if centroid and sketch is not None:  # the consensus needs every z first; it reads the stored z
         classes, ell = sketch.consensus.shape
         scored = rescore_with_centroids(ctx.out, refs, classes, ell)
     seconds = progress.close()

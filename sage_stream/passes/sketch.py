@@ -26,7 +26,7 @@ from ..fd import FrequentDirections
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import consensus_directions
-from .loop import Broken, Featured, StageContext, shard_items
+from .loop import Broken, Featured, Item, StageContext, shard_stream
 
 log = logging.getLogger("sage_stream")
 Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the block's identity
@@ -94,9 +94,11 @@ class SketchResult:
     seconds: float
 
 
-def sketch_shard(ctx: StageContext, ref: ShardRef, state: SketchState, progress: Progress) -> None:
+def sketch_items(
+    ctx: StageContext, ref: ShardRef, items: Iterable[Item], state: SketchState
+) -> None:
     """Add one shard's usable gradients to the sketch and the class sums."""
-    for item in shard_items(ctx, ref, progress):
+    for item in items:
         if isinstance(item, Featured):
             state.add(item, ctx.num_classes)
         elif isinstance(item, Broken):
@@ -117,8 +119,8 @@ def sketch_shards(
     progress = Progress("pass 1 (sketch)", len(refs), cfg.progress)
     progress.shards = len(refs) - len(todo)
     last_save = time.monotonic()
-    for ref in todo:
-        sketch_shard(ctx, ref, state, progress)
+    for ref, items in shard_stream(ctx, todo, progress):
+        sketch_items(ctx, ref, items, state)
         state.shards_done.append(ref.name)
         progress.shard_done(ref.name)
         if checkpoint_url and time.monotonic() - last_save >= cfg.checkpoint_every:
