@@ -97,6 +97,26 @@ def _host_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(lam).to(gram.device), torch.from_numpy(u).to(gram.device)
 
 
+def _host_svd(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """σ (m,) and V (m, D) of `rows` (m, D), m ≤ ℓ ≪ D, float64 on the host, run once per sketch.
+
+    Unlike the Gram route it gives orthonormal V even for directions whose σ is at rounding
+    level: Bᵀ = QR (thin QR, D×m), then the SVD of the small R = U_R S V_Rᵀ, so B = V_R S
+    (Q U_R)ᵀ. On one thread, so that the bits do not depend on the machine's core count; a
+    direct SVD of the m×D matrix took 3× longer here (docs/benchmarks.md).
+    """
+    m64 = rows.double().cpu()  # (m, D)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, r = torch.linalg.qr(m64.T)  # (D, m), (m, m)
+        u_r, s, _ = torch.linalg.svd(r, full_matrices=False)  # R = U_R S V_Rᵀ
+        vh = (q @ u_r).T  # (m, D): right singular vectors of B
+    finally:
+        torch.set_num_threads(threads)
+    return s, vh.contiguous()
+
+
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(f"{what} must be an integer >= 1, got {value!r}")
@@ -185,13 +205,8 @@ class FrequentDirections:
         sigma = torch.zeros(self._ell, dtype=torch.float64, device=self._device)  # (ℓ,)
         basis = torch.zeros(self._ell, self._dim, dtype=torch.float64, device=self._device)
         if self._m:
-            # A direct SVD, run once on ≤ ℓ rows: unlike the Gram route it gives orthonormal
-            # V even for directions whose σ is at rounding level.
-            rows = self._buf[: self._m].double().cpu().numpy()  # (m, D), m ≤ ℓ; host LAPACK
-            with _one_blas_thread():  # as in _host_eigh
-                _, s_np, vh_np = np.linalg.svd(rows, full_matrices=False)
-            s = torch.from_numpy(s_np).to(self._device)
-            vh = torch.from_numpy(vh_np).to(self._device)
+            s, vh = _host_svd(self._buf[: self._m])
+            s, vh = s.to(self._device), vh.to(self._device)
             sigma[: s.numel()], basis[: s.numel()] = s, _fix_signs(vh)
         sigma32, basis32 = sigma.float(), basis.float()
         basis32[sigma32 == 0] = 0.0

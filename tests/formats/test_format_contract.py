@@ -453,6 +453,7 @@ PQ_CORRUPTIONS: dict[str, Corruption] = {
 # row groups before the corrupt one can come out (and must be correct).
 PQ_KW = {"batch_rows": 1}
 
+
 def corruption_cases() -> list:
     cases = []
     for name, corrupt in TAR_CORRUPTIONS.items():
