@@ -9,12 +9,15 @@ a regular file; names whose basename has no dot or starts with a dot (so ``._x.p
 resource forks); ``__*__`` metadata names (``__index__``, ``__meta__/...``).
 
 Shards are untrusted: member names are only split into key and field, never used as paths, and
-a member larger than ``max_member_bytes`` is refused before it is read. A broken stream never
+a member larger than ``max_member_bytes`` is refused before it is read. A sample with a member
+name that a consumer could not extract safely (absolute, a ``..`` component, a backslash or a
+NUL) or that is not valid UTF-8 comes out with an error, so it is recorded and never copied;
+its key is made writable (invalid bytes as ``\\xff`` escapes). A broken stream never
 passes silently: the complete samples before the break come out, then ShardError.
 
 ``copy_selected_tar`` re-reads a shard for emit and copies the members of kept samples byte for
 byte, adding one ``<key>.sage.json`` member each; it never decodes a payload, and stops reading
-once the last kept sample is out.
+once the last kept sample is out. Copied headers are made safe to extract (see ``safe_mode``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,43 @@ SAGE_FIELD = "sage.json"
 # webdataset's base_plus_ext, except that a basename starting with a dot never makes a key
 _NAME_RE = re.compile(r"^((?:.*/|)[^./][^./]*)[.]([^/]+)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")  # C:evil, C:/evil: absolute on Windows
+
+
+def writable_text(text: str) -> str:
+    """``text`` with what is not valid UTF-8 (surrogates from tarfile) as backslash escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def member_name_problem(name: str) -> str | None:
+    """Why a member name must not be read or copied (None if it is fine).
+
+    Names that are not valid UTF-8 cannot be written to Parquet or JSON; names that would
+    extract outside the consumer's folder (absolute, a ``..`` component, a drive letter) or
+    that hide tricks (a backslash, a NUL) would reach every consumer of an output shard.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"member name {writable_text(name)!r} is not valid UTF-8"
+    if name.startswith("/") or _DRIVE_RE.match(name) or ".." in name.split("/"):
+        return f"unsafe member name {name!r}: an absolute path or a '..' component"
+    if "\\" in name or "\0" in name:
+        return f"unsafe member name {name!r}: a backslash or NUL in the name"
+    return None
+
+
+def safe_mode(mode: int) -> int:
+    """A copied member's mode, as tarfile's ``data`` filter would extract it.
+
+    No setuid, setgid or sticky bit, no group/other write, always owner read/write: 0o644
+    and 0o755 stay as they are.
+    """
+    return (mode | 0o600) & 0o755
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -124,6 +164,9 @@ def _raw_samples(
                     )
                     seen.add(key)
                     index += 1
+                problem = member_name_problem(info.name)
+                if problem is not None and pending.error is None:
+                    pending.error = problem
                 data = None
                 if wanted is None or wanted(key):
                     _check_size(ref, info, key, max_member_bytes, last_key)
@@ -169,15 +212,17 @@ def read_tar(
 
     A sample whose key appeared earlier in the shard (not consecutively) comes out with
     ``error="duplicate key in shard"``; one with a field twice with ``"repeated field <f>"``
-    (first value kept). The caller records these. Raises ShardError for a shard that cannot
+    (first value kept); one with an unsafe or non-UTF-8 member name with why (its key and
+    field names made writable, see ``writable_text``). The caller records these. Raises ShardError for a shard that cannot
     be opened, a member over ``max_member_bytes``, or a truncated/corrupt stream (after the
     complete samples before the break; a possibly incomplete last sample is dropped).
     """
     for raw in _raw_samples(ref, storage_options, max_member_bytes):
         fields: dict[str, bytes] = {}
         for _, fld, data in raw.members:
-            fields.setdefault(fld, data or b"")
-        yield Sample(key=raw.key, shard=ref.name, fields=fields, index=raw.index, error=raw.error)
+            fields.setdefault(fld if raw.error is None else writable_text(fld), data or b"")
+        key = raw.key if raw.error is None else writable_text(raw.key)
+        yield Sample(key=key, shard=ref.name, fields=fields, index=raw.index, error=raw.error)
 
 
 class TarShardWriter:
@@ -201,14 +246,17 @@ class TarShardWriter:
             self.write_member(name, data)
 
     def write_member(self, name: str, data: bytes, like: tarfile.TarInfo | None = None) -> None:
-        """Write one member; ``like`` supplies mtime/mode/owner (copying), else fixed values."""
+        """Write one regular file member; ``like`` (copying) supplies mtime and mode.
+
+        The owner is always 0/"" and a copied mode goes through ``safe_mode``, so an output
+        shard extracts without setuid/setgid bits or foreign owners whatever the input had.
+        """
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
         info.uname = info.gname = ""
         if like is not None:
-            info.mtime, info.mode, info.uid, info.gid = like.mtime, like.mode, like.uid, like.gid
-            info.uname, info.gname = like.uname, like.gname
+            info.mtime, info.mode = like.mtime, safe_mode(like.mode)
         self._tar.addfile(info, io.BytesIO(data))
 
     def close(self) -> None:
@@ -233,9 +281,10 @@ def copy_selected_tar(
     """Copy the kept samples of a shard to ``out``; returns the number of samples written.
 
     Each sample whose key is in ``keep`` is written with all its members (data byte for byte,
-    original names, order, mtime, mode and owner) plus ``<key>.sage.json`` = ``keep[key]``. An
+    original names, order and mtime; mode through ``safe_mode``, owner 0) plus
+    ``<key>.sage.json`` = ``keep[key]``. An
     existing ``sage.json`` member (a shard that is itself an output) is replaced. Samples the
-    reader flags (duplicate key, repeated field) are never copied: the kept copy is the clean
+    reader flags (duplicate key, repeated field, unsafe name) are never copied: the kept copy is the clean
     first occurrence. Reading stops once every kept sample is out (with nothing kept the shard
     is not opened), so a break in the shard after them, which the passes have recorded, does
     not stop emit. Raises ShardError as ``read_tar`` does.

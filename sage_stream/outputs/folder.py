@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, OutputExistsError
+from ..errors import InputError, OutputExistsError, StorageError
 from ..storage import atomic_write, exists, filesystem, join, list_names, open_input, remove
+from ..storage.fs import is_temporary
 from ..storage.retry import RetryingReader
 from .sketch_store import SketchStore
 
@@ -51,7 +52,6 @@ WORK = "_work"
 # Everything a run writes into OUT; --overwrite removes exactly these, nothing else.
 ENTRIES = (SKETCH, SCORES, SELECTION, SHARDS, MANIFEST, INDEX, SUCCESS, REPORT, WORK)
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
-TEMPORARY = ".tmp-"  # storage.atomic_write's sibling name: `<name>.tmp-<hex>`
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,12 +199,34 @@ class OutputFolder:
         self.remove(self.success)
 
     def remove_temporaries(self) -> None:
-        """Delete what killed writers left behind (`<name>.tmp-<hex>`, see atomic_write)."""
+        """Delete what killed writers left behind (`<name>.tmp-<12 hex>`, see atomic_write).
+
+        Only exact temporary names match (storage.fs.is_temporary): an input shard's name
+        ends in .tar/.parquet/.pq, so `night.tmp-2024.tar` and its part are never taken.
+        """
         for folder in (self.url, self.scores, self.path(SHARDS)):
             for name in self.names(folder):
-                if TEMPORARY in name:
+                if is_temporary(name):
                     fs, path = filesystem(join(folder, name), self.storage_options)
                     fs.rm(path)
+
+    def check_outputs(self, shards: list[dict[str, Any]]) -> None:
+        """Before _SUCCESS: every shard's scores part, and every emitted shard, is there.
+
+        ``shards`` are the manifest's shard entries (``name``, ``emitted``). Raises a
+        StorageError naming each missing file, so a run never commits with a hole in it.
+        """
+        missing = [self.part(s["name"]) for s in shards if not self.exists(self.part(s["name"]))]
+        missing += [
+            self.shard(s["name"])
+            for s in shards
+            if s.get("emitted") and not self.exists(self.shard(s["name"]))
+        ]
+        if missing:
+            raise StorageError(
+                f"{len(missing)} output file(s) missing before _SUCCESS, not committing: "
+                + ", ".join(missing)
+            )
 
     def finish(self) -> None:
         """After _SUCCESS: the scratch of the run goes."""

@@ -83,6 +83,7 @@ def commit(
     """manifest.json, shardindex.json, then `_SUCCESS`; the scratch in _work/ goes last."""
     written = manifest(folder, shards, selection, config, sketch_stats)
     folder.remove_temporaries()
+    folder.check_outputs(shards)  # nothing listed may be missing under _SUCCESS
     folder.write_json(folder.manifest, written)
     folder.write_json(folder.index, shard_index(shards))
     folder.mark_success()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -36,6 +37,20 @@ READ_BLOCK_BYTES = 16 * 2**20
 # discard()ed: a multipart upload that is invisible until it completes.
 _DEFERRED_COMMIT = frozenset({"s3", "s3a", "gs", "gcs"})
 log = logging.getLogger("sage_stream")
+# The sibling that ``_write_then_move`` writes before moving it into place: the final name plus
+# ``.tmp-`` and 12 lowercase hex digits, at the very end. No input shard or scores part can
+# have such a name (both end in .tar, .parquet or .pq), so a match is always a temporary.
+_TEMPORARY_RE = re.compile(r".+\.tmp-[0-9a-f]{12}")
+
+
+def temporary_name(name: str) -> str:
+    """A fresh temporary sibling name for ``name`` (see ``is_temporary``)."""
+    return f"{name}.tmp-{secrets.token_hex(6)}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` (a basename) is exactly a name that ``temporary_name`` makes."""
+    return _TEMPORARY_RE.fullmatch(name) is not None
 
 
 def filesystem(
@@ -190,7 +205,7 @@ def _write_then_commit(fs: fsspec.AbstractFileSystem, path: str, url: str) -> It
 
 @contextlib.contextmanager
 def _write_then_move(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
-    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    tmp = temporary_name(path)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(fs._parent(path), exist_ok=True)
     try:

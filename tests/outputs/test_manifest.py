@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from sage_stream.errors import StorageError
 from sage_stream.outputs import manifest
 from sage_stream.outputs.folder import OutputFolder
 
@@ -29,6 +32,10 @@ def test_index_lists_emitted_tar_shards_relative_to_itself():
 def test_commit_writes_manifest_index_then_success_and_drops_work(mem_url):
     folder = OutputFolder(mem_url)
     folder.claim({"inputs": ["in/a.tar"]}, {"ell": 16}, overwrite=False)
+    for shard in SHARDS:
+        folder.write_bytes(folder.part(shard["name"]), b"part")
+        if shard["emitted"]:
+            folder.write_bytes(folder.shard(shard["name"]), b"shard")
     written = manifest.commit(folder, SHARDS, {"keep": 0.5}, {"ell": 16}, None)
     assert folder.is_complete() and not folder.exists(folder.work())
     on_disk = folder.read_json(folder.manifest)
@@ -39,3 +46,13 @@ def test_commit_writes_manifest_index_then_success_and_drops_work(mem_url):
     assert [s["name"] for s in on_disk["shard_errors"]] == ["c.tar"]
     assert folder.read_json(folder.index)["shardlist"][0]["nsamples"] == 4
     assert "timings" not in on_disk and "out" not in on_disk["config"]
+
+
+def test_commit_refuses_when_a_listed_output_is_missing(mem_url):
+    folder = OutputFolder(mem_url)
+    for shard in SHARDS:
+        folder.write_bytes(folder.part(shard["name"]), b"part")
+    folder.write_bytes(folder.shard("a.tar"), b"shard")  # b.parquet's output is missing
+    with pytest.raises(StorageError, match=r"missing before _SUCCESS.*shards/b\.parquet"):
+        manifest.commit(folder, SHARDS, {"keep": 0.5}, {}, None)
+    assert not folder.is_complete() and not folder.exists(folder.manifest)
