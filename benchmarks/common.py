@@ -8,6 +8,13 @@ the peak of each phase from /proc/self/status VmHWM (reset between phases). Each
 wall-clock cap and an address-space cap, so a method that runs out is recorded as "timeout" or
 "oom" at that N instead of being left running.
 
+The address-space cap (RLIMIT_AS) counts from what the child has mapped once torch is imported:
+`--mem-gib` is what the case may map beyond that. torch's own libraries differ by build, and a
+cap on the total would mean another budget on each: the CPU build maps about 0.6 GiB at import,
+the CUDA build (PyPI's default on Linux) about 3 GiB even on a machine without a GPU, so a 2 GiB
+total cap stopped the CUDA build's child at `import torch` ("failed to map segment"), an error
+instead of an "oom".
+
 Threads: each case gets `--threads` BLAS/OpenMP threads (default 1). On a 2-core machine shared
 with other jobs, multithreaded BLAS spins and the same pass 1 ran 21× slower (see
 docs/benchmarks.md); one thread per case keeps ratios between methods meaningful.
@@ -19,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -51,7 +57,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads per case")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock cap per case, s")
-    p.add_argument("--mem-gib", type=float, default=20.0, help="address-space cap per case")
+    p.add_argument(
+        "--mem-gib",
+        type=float,
+        default=20.0,
+        help="address-space cap per case, GiB beyond what the case has mapped once torch is loaded",
+    )
     return p
 
 
@@ -83,8 +94,28 @@ def thread_env(threads: int) -> dict[str, str]:
     return {name: n for name in names}
 
 
-def _limit_memory(cap_bytes: int) -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+# How the child starts: `python -c _CAPPED_START BUDGET cases.py CASE PARAMS`. It imports torch,
+# sets RLIMIT_AS to the address space mapped by then plus BUDGET bytes, and runs cases.py as
+# `python cases.py CASE PARAMS` would (argv, sys.path[0], __main__).
+_CAPPED_START = """
+import os, resource, runpy, sys
+import torch  # noqa: F401  (mapped before the cap: its size depends on the build)
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+cap = mapped + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+sys.argv = sys.argv[2:]
+if sys.path[:1] == [""]:  # python -c put the working folder first; a script has its own
+    del sys.path[0]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def child_command(case: str, params: dict[str, Any], caps: Caps) -> list[str]:
+    """The command line of one capped case (see _CAPPED_START)."""
+    budget = str(int(caps.mem_gib * GIB))
+    return [sys.executable, "-c", _CAPPED_START, budget, str(CASES), case, json.dumps(params)]
 
 
 def run_case(case: str, params: dict[str, Any], caps: Caps, threads: int = 1) -> dict[str, Any]:
@@ -97,12 +128,11 @@ def run_case(case: str, params: dict[str, Any], caps: Caps, threads: int = 1) ->
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, str(CASES), case, json.dumps(params)],
+            child_command(case, params, caps),
             stdout=out,
             stderr=err,
             env=env,
             start_new_session=True,  # its own process group, so a kill takes its helpers too
-            preexec_fn=lambda: _limit_memory(int(caps.mem_gib * GIB)),
         )
         status, rusage, killed = _wait(proc, caps.timeout_s)
         wall = time.monotonic() - start

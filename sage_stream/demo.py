@@ -6,18 +6,29 @@ label noise creeps in; a small proxy model is trained on the noisy set for a few
 the stage runs exactly as a user would run it (`api.run` on tar shards on disk) and the demo
 reports what it kept: the share of flipped labels among the kept samples against the share
 among all, and what a model trained on the kept half does on clean held-out digits.
+
+Its figures are the same on every machine (checked: 1 and 2 threads, AVX-512, AVX2 and
+baseline x86 kernels, the CPU and CUDA builds of torch), so the README can print them. Three
+things make them so, each found by a figure that moved: the demo runs on one thread (a float sum
+split over threads is added up in another order); its models start from weights drawn by numpy
+(torch's own uniform draws differ between its AVX2 and baseline CPU kernels); and they train in
+float64 (300 Adam steps in float32 carry one kernel's last-bit rounding into other kept samples).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from . import api
@@ -27,6 +38,7 @@ from .formats.tar import TarShardWriter
 NUM_SHARDS = 8
 TEST_SIZE = 397  # the last 397 digits, labels untouched, judge the trained models
 FLIP_SHARE = 0.2
+DEMO_THREADS = 1  # see the module docstring: the same figures for any core count
 
 
 def digits_mlp() -> nn.Module:
@@ -72,9 +84,29 @@ def write_shards(folder: Path, x: np.ndarray, y: np.ndarray) -> list[str]:
 def train(x: np.ndarray, y: np.ndarray, *, steps: int = 300, seed: int = 0) -> nn.Module:
     """Full-batch Adam on (x, y): a second or two on a CPU."""
     torch.manual_seed(seed)
-    model = digits_mlp()
+    return _fit(digits_mlp(), x, y, steps)
+
+
+def train_reproducible(
+    x: np.ndarray, y: np.ndarray, *, steps: int = 300, seed: int = 0
+) -> nn.Module:
+    """`train` with the same result on every machine: numpy draws the starting weights (from
+    torch's default ranges, U(±1/sqrt(fan_in))) and the steps run in float64."""
+    rng = np.random.default_rng(seed)
+    model = digits_mlp().double()
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                for param in (layer.weight, layer.bias):
+                    param.copy_(torch.from_numpy(rng.uniform(-bound, bound, param.shape)))
+    return _fit(model, x, y, steps)
+
+
+def _fit(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int) -> nn.Module:
+    dtype = next(model.parameters()).dtype
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x).to(dtype), torch.from_numpy(y)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(xt), yt).backward()
@@ -83,8 +115,9 @@ def train(x: np.ndarray, y: np.ndarray, *, steps: int = 300, seed: int = 0) -> n
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    xt = torch.from_numpy(x).to(next(model.parameters()).dtype)
     with torch.no_grad():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+        return float((model(xt).argmax(1).numpy() == y).mean())
 
 
 def _kept_indices(out: Path) -> np.ndarray:
@@ -92,7 +125,24 @@ def _kept_indices(out: Path) -> np.ndarray:
     return np.array(sorted(int(k) for k in keys), dtype=np.int64)
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch and the BLAS/OpenMP pools on `n` threads inside the block; as before after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(out: str = "sage-demo", keep: float = 0.5, device: str = "auto") -> str:
+    with _threads(DEMO_THREADS):
+        return _run_demo(out, keep, device)
+
+
+def _run_demo(out: str, keep: float, device: str) -> str:
     start = time.monotonic()
     root = Path(out)
     x, y = load_digits_data()
@@ -102,8 +152,8 @@ def run_demo(out: str = "sage-demo", keep: float = 0.5, device: str = "auto") ->
     flipped = y_noisy != y_clean
     urls = write_shards(root / "input", x_train, y_noisy)
     (root / "input" / "flipped.json").write_text(json.dumps(np.flatnonzero(flipped).tolist()))
-    proxy = train(x_train, y_noisy)
-    torch.save(proxy.state_dict(), root / "proxy.pt")
+    proxy = train_reproducible(x_train, y_noisy)
+    torch.save(proxy.float().state_dict(), root / "proxy.pt")  # the stage runs in float32
     result = api.run(
         urls,
         model="sage_stream.demo:digits_mlp",
@@ -116,9 +166,9 @@ def run_demo(out: str = "sage-demo", keep: float = 0.5, device: str = "auto") ->
     rng = np.random.default_rng(1)
     rand = np.sort(rng.choice(n_train, size=len(kept), replace=False))
     acc = {
-        "all": accuracy(train(x_train, y_noisy), x_test, y_test),
-        "kept": accuracy(train(x_train[kept], y_noisy[kept]), x_test, y_test),
-        "random": accuracy(train(x_train[rand], y_noisy[rand]), x_test, y_test),
+        "all": accuracy(train_reproducible(x_train, y_noisy), x_test, y_test),
+        "kept": accuracy(train_reproducible(x_train[kept], y_noisy[kept]), x_test, y_test),
+        "random": accuracy(train_reproducible(x_train[rand], y_noisy[rand]), x_test, y_test),
     }
     t = result.emit.totals
     return "\n".join(

@@ -91,6 +91,14 @@ def test_a_case_past_the_memory_cap_is_recorded_as_oom():
     assert result["status"] == "oom", result
 
 
+def test_the_memory_cap_counts_from_what_torch_maps_at_import():
+    # torch's CUDA build maps about 3 GiB at import, its CPU build about 0.6 GiB: under a cap
+    # on the total, this 1 GiB case fitted 2 GiB with one build and failed to import the other
+    common = _common()
+    result = common.run_case("allocate", {"gib": 1}, common.Caps(timeout_s=120, mem_gib=2))
+    assert result["status"] == "ok", result
+
+
 def test_a_case_past_the_time_cap_is_recorded_as_timeout():
     common = _common()
     result = common.run_case("sleep", {"seconds": 60}, common.Caps(timeout_s=2, mem_gib=4))
