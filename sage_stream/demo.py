@@ -95,7 +95,7 @@ def train_reproducible(
     rng = np.random.default_rng(seed)
     model = digits_mlp().double()
     with torch.no_grad():
-        for layer in model:
+        for layer in model.children():
             if isinstance(layer, nn.Linear):
                 bound = 1.0 / math.sqrt(layer.in_features)
                 for param in (layer.weight, layer.bias):
