@@ -110,8 +110,8 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
     folder = cfg.output
     if cfg.scorer != "sage" or not folder.exists(folder.sketch):
         return None
-    stored = folder.sketch_store().read()
-    return {**stored.stats, "identity": stored.identity}
+    head = folder.sketch_store().header()  # metadata only: emit never needs the basis
+    return {**head["stats"], "identity": head["identity"]}
 
 
 def _run(cfg: Config) -> RunResult:

@@ -116,6 +116,18 @@ class SketchStore:
             stats=attrs["stats"],
         )
 
+    def header(self, *, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+        """identity, stats and the shapes (ell, dim, classes) of a complete sketch, read from
+        its metadata only: the basis (ℓ×D, megabytes) is not loaded. `expected` as in read."""
+        group = self._complete_group()
+        attrs: dict[str, Any] = dict(group.attrs)
+        if expected is not None:
+            self.check_identity(attrs["identity"], expected)
+        ell, dim = _array(group, "basis").shape
+        (classes,) = _array(group, "class_counts").shape
+        return {"identity": attrs["identity"], "stats": attrs["stats"], "ell": ell, "dim": dim,
+                "classes": classes}  # fmt: skip
+
     def singular_values(self) -> np.ndarray | None:
         """σ (ℓ,) float64 of a complete sketch, or None; the basis (ℓ×D) is never loaded."""
         if not exists(self.url, self.storage_options):

@@ -237,13 +237,12 @@ def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> Sket
 def stored_result(ctx: StageContext) -> SketchResult | None:
     """The finished sketch of an earlier run with this identity, if there is one."""
     try:
-        stored = ctx.out.sketch_store().read(expected=ctx.identity())
+        head = ctx.out.sketch_store().header(expected=ctx.identity())
     except InputError:  # absent or incomplete: sketch it (a mismatch still raises)
         return None
-    ell, dim = stored.basis.shape
-    n, classes = stored.stats["n"], stored.class_counts.shape[0]
-    return SketchResult(ctx.out.sketch, n, classes, dim, ell, stored.stats,
-                        stored.stats["shard_errors"], 0.0)  # fmt: skip
+    stats = head["stats"]
+    return SketchResult(ctx.out.sketch, stats["n"], head["classes"], head["dim"], head["ell"],
+                        stats, stats["shard_errors"], 0.0)  # fmt: skip
 
 
 def sketch_here(ctx: StageContext) -> SketchResult:

@@ -67,3 +67,13 @@ def test_singular_values_only_of_a_complete_sketch(tmp_path):
     assert store.singular_values().tolist() == arrays["sigma"].tolist()
     zarr.open_group(store.url, mode="a").attrs["status"] = "in-progress"
     assert store.singular_values() is None
+
+
+def test_header_reads_metadata_and_checks_identity(tmp_path):
+    store = SketchStore(str(tmp_path / "sketch.zarr"))
+    write(store.url)
+    head = store.header(expected=IDENTITY)
+    assert (head["ell"], head["dim"], head["classes"]) == (4, 6, 2)
+    assert head["identity"] == IDENTITY and head["stats"] == {"n": 12}
+    with pytest.raises(MismatchError, match="ell: stored 4, now 8"):
+        store.header(expected={**IDENTITY, "ell": 8})
