@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sage-stream",
         description=DESCRIPTION,
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -190,21 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
         "emit": ("write kept samples to OUT/shards/, manifest, _SUCCESS", "*", False, False),
     }
     for name, (text, nargs, model, selection) in steps.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         _add_data(p, nargs)
         if model:
             _add_model(p)
         if selection:
             _add_select(p)
         _add_common(p)
-    p = sub.add_parser("inspect", help="summary of a sketch, a scores table or a run's output")
+    p = sub.add_parser(
+        "inspect", allow_abbrev=False, help="summary of a sketch, a scores table or a run's output"
+    )
     p.add_argument("url", help="OUT, OUT/sketch.zarr, OUT/scores, or a scores part")
     p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
-    p = sub.add_parser("report", help="HTML page + PNG figures of what a run kept (OUT/report/)")
+    p = sub.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="HTML page + PNG figures of what a run kept (OUT/report/)",
+    )
     p.add_argument("out", metavar="OUT", help="a finished run's output folder or URL")
     p.add_argument("--top", type=int, default=12, help="most/least agreeing samples shown (12)")
     p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
-    p = sub.add_parser("demo", help="the whole stage on real handwritten digits, on this machine")
+    p = sub.add_parser(
+        "demo",
+        allow_abbrev=False,
+        help="the whole stage on real handwritten digits, on this machine",
+    )
     p.add_argument("--out", default="sage-demo", help="folder for data and results (sage-demo)")
     p.add_argument("--keep", type=float, default=0.5, help="fraction to keep (default 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -138,3 +138,11 @@ def test_config_file_with_flags_winning(shards, tmp_path, capsys):
     config.write_text("nonsense-key = 1\n")
     assert main(["run", "--config", str(config)]) == 2
     assert "nonsense_key" in capsys.readouterr().err
+
+
+def test_options_are_never_abbreviated(tmp_path, capsys):
+    # `emit` has no --checkpoint; argparse's prefix matching used to take it as --checkpoint-every
+    with pytest.raises(SystemExit) as done:
+        main(["emit", str(tmp_path), "--out", str(tmp_path / "o"), "--checkpoint", "net.pt"])
+    assert done.value.code == 2
+    assert "unrecognized arguments: --checkpoint net.pt" in capsys.readouterr().err
