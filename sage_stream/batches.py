@@ -4,6 +4,12 @@ A sample that cannot be used (a reader's error, a decode failure, a missing or o
 label, an input of another shape) becomes a `Skipped` record in the same stream, in order, so
 that pass 2 can write it to scores/ with its reason. What to do about it (`--on-error`) is
 decided by the shard loop (`passes.loop`), not here.
+
+Samples of differing input shapes (native-size images, no --crop) cannot share a batch. They
+are grouped by shape: each shape fills its own batch, so a shard that alternates between a few
+sizes still runs in full batches. At most `HELD_BATCHES` batches' worth of samples wait across
+all shapes (bounded memory); past that, the group that started first is sent as it is. With
+one shape this is exactly one batch after another, in stream order.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from .errors import SampleError, ShardError
 from .sample import Sample
 
 Decoder = Callable[[Sample], tuple[Tensor, int]]
+HELD_BATCHES = 4  # samples waiting across shapes: at most this many batches' worth
 
 
 @dataclass
@@ -73,6 +80,34 @@ class _Pending:
         return batch
 
 
+class _Groups:
+    """Pending batches by input shape, in the order their first sample arrived."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.by_shape: dict[tuple[int, ...], _Pending] = {}  # insertion order = arrival order
+        self.held = 0
+
+    def add(self, sample: Sample, x: Tensor, y: int) -> Iterator[Batch]:
+        shape = tuple(x.shape)
+        group = self.by_shape.setdefault(shape, _Pending())
+        group.add(sample, x, y)
+        self.held += 1
+        if len(group.keys) == self.batch_size:
+            yield self._take(shape)
+        elif self.held > HELD_BATCHES * self.batch_size:
+            yield self._take(next(iter(self.by_shape)))  # the oldest group, as it is
+
+    def flush(self) -> Iterator[Batch]:
+        while self.by_shape:
+            yield self._take(next(iter(self.by_shape)))
+
+    def _take(self, shape: tuple[int, ...]) -> Batch:
+        batch = self.by_shape.pop(shape).take()
+        self.held -= len(batch.keys)
+        return batch
+
+
 def decoded_batches(
     samples: Iterable[Sample],
     decoder: Decoder,
@@ -80,37 +115,22 @@ def decoded_batches(
     batch_size: int,
     num_classes: int,
 ) -> Iterator[Batch | Skipped]:
-    """Batches of up to `batch_size` decoded samples, and a `Skipped` for every unusable one.
+    """Batches of up to `batch_size` decoded samples of one shape, and a `Skipped` for every
+    unusable one.
 
     If the stream itself breaks (a truncated shard), the complete samples before the break are
-    still yielded as a last batch, and then the reader's error is raised.
+    still yielded (the last batches), and then the reader's error is raised.
     """
-    pending = _Pending()
+    groups = _Groups(batch_size)
     try:
-        yield from _fill(samples, decoder, pending, batch_size, num_classes)
+        for sample in samples:
+            try:
+                x, y = _decode(sample, decoder, num_classes)
+            except SampleError as exc:
+                yield Skipped(sample.key, sample.index, exc.reason)
+                continue
+            yield from groups.add(sample, x, y)
     except ShardError:
-        if pending.keys:
-            yield pending.take()
+        yield from groups.flush()
         raise
-    if pending.keys:
-        yield pending.take()
-
-
-def _fill(
-    samples: Iterable[Sample],
-    decoder: Decoder,
-    pending: _Pending,
-    batch_size: int,
-    num_classes: int,
-) -> Iterator[Batch | Skipped]:
-    for sample in samples:
-        try:
-            x, y = _decode(sample, decoder, num_classes)
-        except SampleError as exc:
-            yield Skipped(sample.key, sample.index, exc.reason)
-            continue
-        if pending.xs and x.shape != pending.xs[0].shape:
-            yield pending.take()  # another shape starts its own batch; the model judges it
-        pending.add(sample, x, y)
-        if len(pending.keys) == batch_size:
-            yield pending.take()
+    yield from groups.flush()

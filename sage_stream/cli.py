@@ -66,6 +66,20 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
         metavar="MOD:FN",
         help="function Sample -> (tensor, label) for inputs the built-in decoders do not handle",
     )
+    g = p.add_argument_group("images (built-in decoder; see docs/inputs.md)")
+    g.add_argument("--resize", type=int, metavar="N", help="shorter side to N pixels, aspect kept")
+    g.add_argument("--crop", type=int, metavar="N", help="centre N×N crop (after --resize)")
+    g.add_argument(
+        "--normalize",
+        metavar="STATS",
+        help="imagenet, none (default), MEAN,STD or M1,M2,M3,S1,S2,S3 per channel",
+    )
+    g.add_argument(
+        "--image-mode",
+        choices=("RGB", "L"),
+        help="convert images to RGB or L (default: L stays L, all else RGB)",
+    )
+    g = p.add_argument_group("decoding and batching")
     g.add_argument(
         "--on-error",
         choices=ON_ERROR,

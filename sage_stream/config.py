@@ -18,6 +18,7 @@ from .errors import InputError
 from .outputs.folder import OutputFolder
 from .selection import BALANCES, SCORERS
 from .storage import exists, open_input
+from .transforms import check_options
 
 GRAD_MODES = ("last-layer", "params")
 # How a run is carried out, not what it computes: left out of the manifest, so that the same
@@ -31,7 +32,11 @@ HOW_NOT_WHAT = (
     "workers",
     "loader_workers",
 )
+# Options added after outputs already existed: recorded (manifest, run identity) only when set,
+# so that a run that does not use them writes the same bytes as before they existed.
+RECORDED_WHEN_SET = ("resize", "crop", "normalize", "image_mode")
 NUMERIC_FIELDS: dict[str, type] = {
+    "resize": int, "crop": int,
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
     "max_member_bytes": int, "workers": int, "loader_workers": int, "keep": float,
     "min_score": float, "checkpoint_every": float,
@@ -52,6 +57,10 @@ class Config:
     label_key: str = "cls"
     key_column: str = "__key__"  # Parquet: the column holding the sample key, if any
     preprocess: Any = None  # "module:function" or a callable: Sample -> (tensor, label)
+    resize: int | None = None  # images: shorter side to N pixels (transforms.py)
+    crop: int | None = None  # images: centre N×N
+    normalize: str | None = None  # images: imagenet | none | MEAN,STD | M1,M2,M3,S1,S2,S3
+    image_mode: str | None = None  # images: RGB | L (default: L stays L, else RGB)
     grad: str = "last-layer"
     head: str | None = None
     params: str | None = None
@@ -101,6 +110,7 @@ class Config:
             raise InputError("give --keep or --min-score, not both")
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise InputError(f"--min-score must be a finite number, got {self.min_score}")
+        check_options(self.resize, self.crop, self.normalize, self.image_mode)
         if self.params and self.grad != "params":
             raise InputError("--params only applies with --grad params")
 
@@ -133,7 +143,7 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in HOW_NOT_WHAT:
+            if f.name in HOW_NOT_WHAT or (f.name in RECORDED_WHEN_SET and value is None):
                 continue
             if f.name == "storage_options":
                 value = sorted(value)  # keys only: values may be credentials

@@ -25,6 +25,7 @@ from PIL import Image
 
 from sage_stream.errors import InputError, SampleError
 from sage_stream.sample import Sample
+from sage_stream.transforms import ImageTransform
 
 Decoder = Callable[[Sample], tuple[torch.Tensor, int]]
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
@@ -42,9 +43,14 @@ def decode_npy(data: bytes) -> np.ndarray:
     return array
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Image bytes -> float32 tensor (C, H, W) in [0, 1]; L gives 1 channel, all else RGB."""
+def decode_image(data: bytes, transform: ImageTransform | None = None) -> torch.Tensor:
+    """Image bytes -> float32 tensor (C, H, W) in [0, 1]; L gives 1 channel, all else RGB.
+
+    With a `transform` (--resize, --crop, --normalize, --image-mode) it does the conversion.
+    """
     with Image.open(io.BytesIO(data)) as opened:
+        if transform is not None:
+            return transform(opened)
         image = opened if opened.mode in ("L", "RGB") else opened.convert("RGB")
         array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
     tensor = torch.from_numpy(array.copy())
@@ -106,6 +112,7 @@ def make_decoder(
     input_key: str | None = None,
     label_key: str | None = "cls",
     preprocess: str | Callable[[Sample], tuple[Any, Any]] | None = None,
+    transform: ImageTransform | None = None,
 ) -> Decoder:
     """A function ``Sample -> (input tensor, label)`` raising SampleError on a bad sample.
 
@@ -113,12 +120,15 @@ def make_decoder(
     early) the user function does all the work. Otherwise the input is field ``input_key`` or
     the single field that looks like one (``*.npy``/image bytes, or a list-valued Parquet
     column), and the label is field ``label_key`` (``None``: unlabeled, every label 0). The
-    result is picklable when ``preprocess`` is an importable function.
+    result is picklable when ``preprocess`` is an importable function. ``transform`` applies
+    to image members (``transforms.ImageTransform``); a preprocess does its own.
     """
     if preprocess is not None:
         fn = load_callable(preprocess) if isinstance(preprocess, str) else preprocess
         return functools.partial(_decode_with, fn)
-    return functools.partial(_decode_builtin, input_key=input_key, label_key=label_key)
+    return functools.partial(
+        _decode_builtin, input_key=input_key, label_key=label_key, transform=transform
+    )
 
 
 def _decode_with(
@@ -142,14 +152,18 @@ def _decode_with(
 
 
 def _decode_builtin(
-    sample: Sample, *, input_key: str | None, label_key: str | None
+    sample: Sample,
+    *,
+    input_key: str | None,
+    label_key: str | None,
+    transform: ImageTransform | None = None,
 ) -> tuple[torch.Tensor, int]:
     name = input_key if input_key is not None else _find_input(sample)
     value = _field(sample.fields, name)
     if value is None:
         _fail(sample, f"missing input field {name!r}; fields are {sorted(sample.fields)}")
     try:
-        x = _decode_value(name, value)
+        x = _decode_value(name, value, transform)
     except Exception as e:  # decoders raise many types (PIL, numpy, zlib); all mean "bad member"
         _fail(sample, f"cannot decode {name!r}: {e}")
     return x, _label(sample, label_key)
@@ -181,13 +195,15 @@ def _label(sample: Sample, label_key: str | None) -> int:
         _fail(sample, f"bad label in {label_key!r}: {e}")
 
 
-def _decode_value(name: str, value: object) -> torch.Tensor:
+def _decode_value(
+    name: str, value: object, transform: ImageTransform | None = None
+) -> torch.Tensor:
     """Bytes by extension (or by content when the name has none we know); lists via numpy."""
     if isinstance(value, bytes):
         ext = _extension(name)
         if ext == "npy" or (ext not in IMAGE_EXTENSIONS and value.startswith(_NPY_MAGIC)):
             return torch.from_numpy(np.asarray(decode_npy(value), dtype=np.float32))
-        return decode_image(value)
+        return decode_image(value, transform)
     array = np.asarray(value, dtype=np.float32)
     if not np.isfinite(array).all():  # a Parquet null inside a list arrives here as NaN
         raise ValueError("contains null or non-finite values")

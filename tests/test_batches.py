@@ -45,10 +45,41 @@ def test_bad_samples_become_skips_in_stream_order():
     assert items[2].reason == "reader: repeated field"
 
 
-def test_another_shape_starts_its_own_batch():
+def test_shapes_are_batched_apart_in_the_order_they_first_came():
     stream = samples(4, {2: {"shape": (3,)}})
     items = list(decoded_batches(stream, decoder, batch_size=8, num_classes=3))
-    assert kinds(items) == ["B2", "B1", "B1"]
+    assert kinds(items) == ["B3", "B1"]
+    assert items[0].keys == ["k0", "k1", "k3"] and items[1].keys == ["k2"]
+
+
+def test_alternating_shapes_still_fill_whole_batches():
+    # two image sizes taking turns: before grouping, every sample was a batch of its own
+    stream = samples(16, {i: {"shape": (3,)} for i in range(1, 16, 2)})
+    items = list(decoded_batches(stream, decoder, batch_size=4, num_classes=3))
+    assert kinds(items) == ["B4"] * 4
+    assert sorted(k for b in items for k in b.keys) == sorted(f"k{i}" for i in range(16))
+    assert all(len({tuple(x.shape) for x in b.x}) == 1 for b in items)
+
+
+def test_samples_held_across_shapes_are_bounded():
+    # every sample a new shape: no batch can fill, so the oldest group goes out once
+    # HELD_BATCHES batches' worth wait, and nothing is lost
+    stream = samples(30, {i: {"shape": (i + 1,)} for i in range(30)})
+    items = list(decoded_batches(stream, decoder, batch_size=2, num_classes=3))
+    assert kinds(items) == ["B1"] * 30
+    assert [b.keys[0] for b in items] == [f"k{i}" for i in range(30)]
+
+
+def test_a_broken_stream_flushes_every_shape_before_the_error():
+    def stream():
+        yield from samples(3, {1: {"shape": (5,)}})
+        raise ShardError("s.tar", "truncated")
+
+    got = []
+    with pytest.raises(ShardError, match="truncated"):
+        for item in decoded_batches(stream(), decoder, batch_size=8, num_classes=3):
+            got.append(item)
+    assert kinds(got) == ["B2", "B1"]
 
 
 def test_a_user_preprocess_error_is_this_samples_skip():

@@ -14,6 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..decode import make_decoder
 from ..errors import InputError, SageError, ShardError
 from ..sample import Sample
+from ..transforms import image_transform
 from .plan import ON_ERROR, FeedShard, plan_feed
 from .stages import ranked_score, shard_samples
 
@@ -111,6 +112,7 @@ class SelectedDataset(IterableDataset):
             input_key=input_key if input_key is not None else config.get("input_key"),
             label_key=label_key if label_key is not None else config.get("label_key", "cls"),
             preprocess=preprocess,
+            transform=image_transform(config),
         )
 
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Config
+from ..config import RECORDED_WHEN_SET, Config
 from ..sample import ShardRef
 
 # The manifest records these under "selection", not under "config".
@@ -52,6 +52,7 @@ def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[st
         "inputs": [ref.url for ref in refs],
         "model": fingerprint,
         **{k: described[k] for k in ("input_key", "label_key", "key_column", "preprocess")},
+        **{k: described[k] for k in RECORDED_WHEN_SET if k in described},
         "max_member_bytes": cfg.max_member_bytes,
         **sketch_options(cfg),
         "batch_size": cfg.batch_size,

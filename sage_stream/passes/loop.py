@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -32,6 +32,7 @@ from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import NONFINITE_GRAD, NONFINITE_LOSS
+from ..transforms import image_transform
 from .loader import ReadSpec, decoded_shards, resolve_workers
 
 log = logging.getLogger("sage_stream")
@@ -50,6 +51,7 @@ class StageContext:
     featurizer: GradientFeaturizer
     decoder: Decoder
     loader_workers: int = 0  # decode processes (0: in this process), resolved from the cfg
+    warned: set[str] = field(default_factory=set)  # warnings already given in this run
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +107,10 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         precision=cfg.precision,
     )
     decoder = make_decoder(
-        input_key=cfg.input_key, label_key=cfg.label_key, preprocess=cfg.preprocess
+        input_key=cfg.input_key,
+        label_key=cfg.label_key,
+        preprocess=cfg.preprocess,
+        transform=image_transform(cfg),
     )
     workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
     return StageContext(cfg, cfg.output, refs, model, digest, device, featurizer, decoder, workers)
@@ -135,6 +140,7 @@ def _items(
     `progress` advances by an item's samples once the consumer is done with it.
     """
     fail = ctx.cfg.on_error == "fail"
+    shapes: set[tuple[int, ...]] = set()
     try:
         for entry in batches:
             if isinstance(entry, Skipped):
@@ -143,6 +149,9 @@ def _items(
                 yield entry
                 progress.advance(1)
                 continue
+            shapes.add(tuple(entry.x.shape[1:]))
+            if len(shapes) > 1:
+                _warn_shapes(ctx, ref, shapes)
             featured = _featurize(ctx, ref, entry, fail)
             if isinstance(featured, list):  # the model refused the batch: a skip per sample
                 yield from featured
@@ -155,6 +164,21 @@ def _items(
             raise
         log.warning("%s: the rest of %s is lost: %s", progress.name, ref.name, exc.reason)
         yield Broken(exc.reason)
+
+
+def _warn_shapes(ctx: StageContext, ref: ShardRef, shapes: set[tuple[int, ...]]) -> None:
+    """Once per run: inputs of several shapes run in smaller batches, and a model trained on
+    fixed-size, normalised images judges native-size ones poorly."""
+    if "shapes" in ctx.warned:
+        return
+    ctx.warned.add("shapes")
+    some = ", ".join(str(s) for s in sorted(shapes)[:3])
+    log.warning(
+        "inputs of different shapes in %s (%s): they are batched by shape; for images give "
+        "--resize N --crop N (and --normalize) as the model was trained",
+        ref.name,
+        some,
+    )
 
 
 def read_spec(ctx: StageContext) -> ReadSpec:
