@@ -54,7 +54,7 @@ class Config:
     model: Any = None  # "module:function", a callable, or an nn.Module
     checkpoint: str | None = None
     input_key: str | None = None
-    label_key: str = "cls"
+    label_key: str | None = "cls"  # None (`none`): unlabeled, every sample class 0
     key_column: str = "__key__"  # Parquet: the column holding the sample key, if any
     preprocess: Any = None  # "module:function" or a callable: Sample -> (tensor, label)
     resize: int | None = None  # images: shorter side to N pixels (transforms.py)
@@ -88,6 +88,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
+        self._coerce_label_key()
         _check_choice("grad", self.grad, GRAD_MODES)
         _check_choice("consensus", self.consensus, CONSENSUS)
         _check_choice("on-error", self.on_error, ON_ERROR)
@@ -126,6 +127,18 @@ class Config:
             except (TypeError, ValueError):
                 flag = name.replace("_", "-")
                 raise InputError(f"--{flag} expects a number, got {value!r}") from None
+
+    def _coerce_label_key(self) -> None:
+        """`--label-key none` (any case; TOML `label-key = "none"`) means unlabeled: one class."""
+        key = self.label_key
+        if isinstance(key, str) and key.strip().lower() == "none":
+            object.__setattr__(self, "label_key", None)
+        elif key is not None and not isinstance(key, str):
+            raise InputError(
+                f"--label-key expects a field name, or none for unlabeled data; got {key!r}"
+            )
+        elif isinstance(key, str) and not key.strip():
+            raise InputError("--label-key is empty: give a field name, or none")
 
     @property
     def output(self) -> OutputFolder:

@@ -23,14 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sage_stream import fields
 from sage_stream.errors import InputError, SampleError
+from sage_stream.fields import IMAGE_EXTENSIONS, NPY_MAGIC
 from sage_stream.sample import Sample
 from sage_stream.transforms import ImageTransform
 
 Decoder = Callable[[Sample], tuple[torch.Tensor, int]]
-IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
-INPUT_EXTENSIONS = IMAGE_EXTENSIONS | {"npy"}
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -159,9 +158,9 @@ def _decode_builtin(
     transform: ImageTransform | None = None,
 ) -> tuple[torch.Tensor, int]:
     name = input_key if input_key is not None else _find_input(sample)
-    value = _field(sample.fields, name)
+    value = fields.lookup(sample.fields, name)
     if value is None:
-        _fail(sample, f"missing input field {name!r}; fields are {sorted(sample.fields)}")
+        _fail(sample, f"missing input field {name!r}; fields are {fields.names(sample.fields)}")
     try:
         x = _decode_value(name, value, transform)
     except Exception as e:  # decoders raise many types (PIL, numpy, zlib); all mean "bad member"
@@ -170,14 +169,12 @@ def _decode_builtin(
 
 
 def _find_input(sample: Sample) -> str:
-    candidates = [
-        name
-        for name, value in sample.fields.items()
-        if (isinstance(value, bytes) and _extension(name) in INPUT_EXTENSIONS)
-        or isinstance(value, list)
-    ]
+    candidates = fields.input_candidates(sample.fields)
     if not candidates:
-        _fail(sample, f"no input member: fields are {sorted(sample.fields)}; pass --input-key")
+        _fail(
+            sample,
+            f"no input member: fields are {fields.names(sample.fields)}; pass --input-key",
+        )
     if len(candidates) > 1:
         _fail(sample, f"ambiguous input: candidates are {sorted(candidates)}; pass --input-key")
     return candidates[0]
@@ -186,9 +183,13 @@ def _find_input(sample: Sample) -> str:
 def _label(sample: Sample, label_key: str | None) -> int:
     if label_key is None:
         return 0
-    value = _field(sample.fields, label_key)
+    value = fields.lookup(sample.fields, label_key)
     if value is None:
-        _fail(sample, f"missing label field {label_key!r}; fields are {sorted(sample.fields)}")
+        hint = fields.label_hint(sample.fields, label_key)
+        _fail(
+            sample,
+            f"missing label field {label_key!r}; fields are {fields.names(sample.fields)}{hint}",
+        )
     try:
         return decode_label(value)
     except (ValueError, UnicodeDecodeError) as e:
@@ -198,25 +199,26 @@ def _label(sample: Sample, label_key: str | None) -> int:
 def _decode_value(
     name: str, value: object, transform: ImageTransform | None = None
 ) -> torch.Tensor:
-    """Bytes by extension (or by content when the name has none we know); lists via numpy."""
+    """Bytes by extension (or by content when the name has none we know); a Hugging Face
+    image struct by its bytes; lists, nested lists and tensor columns via numpy."""
+    if isinstance(value, Mapping):
+        data = fields.image_struct_bytes(value)
+        if data is None:
+            members = sorted(str(k) for k in value)
+            raise ValueError(
+                f"it is a struct with members {members}: name one, as --input-key "
+                f"{name}.{members[0] if members else 'MEMBER'}"
+            )
+        return decode_image(data, transform)
     if isinstance(value, bytes):
-        ext = _extension(name)
-        if ext == "npy" or (ext not in IMAGE_EXTENSIONS and value.startswith(_NPY_MAGIC)):
+        ext = fields.extension(name)
+        if ext == "npy" or (ext not in IMAGE_EXTENSIONS and value.startswith(NPY_MAGIC)):
             return torch.from_numpy(np.asarray(decode_npy(value), dtype=np.float32))
         return decode_image(value, transform)
     array = np.asarray(value, dtype=np.float32)
     if not np.isfinite(array).all():  # a Parquet null inside a list arrives here as NaN
         raise ValueError("contains null or non-finite values")
     return torch.from_numpy(array)
-
-
-def _field(fields: Mapping[str, Any], name: str) -> Any:
-    # tar fields are lower-cased by the reader, as in webdataset; accept --input-key PNG too.
-    return fields[name] if name in fields else fields.get(name.lower())
-
-
-def _extension(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower()
 
 
 def _fail(sample: Sample, reason: str) -> NoReturn:

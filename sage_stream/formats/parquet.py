@@ -132,7 +132,7 @@ def read_parquet(
         start = 0
         for batch, keys, errors in _keyed_batches(ref, pf, key_column, batch_rows, columns):
             values = {
-                name: batch.column(i).to_pylist()
+                name: _python_values(batch.column(i))
                 for i, name in enumerate(batch.schema.names)
                 if name != key_column
             }
@@ -140,6 +140,14 @@ def read_parquet(
                 fields = {name: column[row] for name, column in values.items()}
                 yield Sample(key=key, shard=ref.name, fields=fields, index=start + row, error=error)
             start += batch.num_rows
+
+
+def _python_values(column: pa.Array) -> list:
+    """A column's values for ``Sample.fields``: Python values, except that a tensor column
+    (pyarrow's fixed_shape_tensor) gives one array of its shape per row, not a flat list."""
+    if isinstance(column.type, pa.FixedShapeTensorType) and column.null_count == 0:
+        return list(column.to_numpy_ndarray().copy())  # (rows, *shape) -> rows × shape, writable
+    return column.to_pylist()
 
 
 def sage_fields(keep: Mapping[str, Mapping[str, object]]) -> list[pa.Field]:

@@ -22,8 +22,16 @@ import numpy as np
 from PIL import Image
 
 from ..config import shard_options
-from ..decode import IMAGE_EXTENSIONS, INPUT_EXTENSIONS, decode_image, decode_npy
+from ..decode import decode_image, decode_npy
 from ..errors import SageError
+from ..fields import (
+    IMAGE_EXTENSIONS,
+    INPUT_EXTENSIONS,
+    image_struct_bytes,
+    is_array,
+    lookup,
+    sniff,
+)
 from ..formats import read_shard
 from ..outputs.folder import OutputFolder
 from ..sample import ShardRef
@@ -72,15 +80,21 @@ def _extension(name: str) -> str:
 
 
 def _decode(name: str, value: Any) -> np.ndarray | None:
+    if isinstance(value, Mapping):  # a Hugging Face image struct {"bytes", "path"}
+        data = image_struct_bytes(value)
+        if data is None:
+            return None
+        chw = decode_image(data).numpy()
+        return to_image(chw if chw.shape[0] == 3 else chw[0])
     if isinstance(value, bytes):
         ext = _extension(name)
-        if ext in IMAGE_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS or sniff(value) == "image":
             chw = decode_image(value).numpy()  # (C, H, W) float in [0, 1]
             return to_image(chw if chw.shape[0] == 3 else chw[0])
         if ext == "npy":
             return to_image(decode_npy(value))
         return None
-    if isinstance(value, list):
+    if is_array(value):
         return to_image(np.asarray(value, dtype=np.float64))
     return None
 
@@ -89,8 +103,12 @@ def thumbnail_png(fields: Mapping[str, Any], input_key: str | None = None) -> by
     """PNG bytes of a small picture of the sample's input member, or None if it has none."""
     names = [input_key] if input_key else sorted(fields)
     for name in names:
-        value = fields.get(name, fields.get(name.lower()))  # tar fields are lower-cased
-        if isinstance(value, bytes) and _extension(name) not in INPUT_EXTENSIONS:
+        value = lookup(fields, name)  # tar fields are lower-cased; image.bytes is nested
+        if (
+            isinstance(value, bytes)
+            and _extension(name) not in INPUT_EXTENSIONS
+            and not (input_key or sniff(value) == "image")
+        ):
             continue
         try:
             pixels = _decode(name, value)

@@ -100,3 +100,71 @@ def test_mixed_sizes_batch_in_full_batches(images):
     native = batches(make_decoder())
     assert sorted(len(b.keys) for b in native) == [6, 6, 6, 6]
     assert len({tuple(b.x.shape[1:]) for b in native}) == 4
+
+
+def hf_image_parquet(folder: Path, n: int = 36, shards: int = 2) -> list[str]:
+    """Shards written by `datasets` itself: an Image feature (struct<bytes, path>) and a
+    ClassLabel, as on the Hub."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["r", "g", "b"])}
+    )
+    urls = []
+    per = n // shards
+    for s in range(shards):
+        rows = range(s * per, (s + 1) * per)
+        data = {"image": [Image.fromarray(picture(i, i % 3)) for i in rows],
+                "label": [i % 3 for i in rows]}  # fmt: skip
+        ds = datasets.Dataset.from_dict(data, features=features)
+        path = folder / f"train-{s:05d}.parquet"
+        ds.to_parquet(str(path))
+        urls.append(str(path))
+    return urls
+
+
+def test_a_hugging_face_parquet_job_runs_with_no_code(tmp_path, capsys):
+    urls = hf_image_parquet(tmp_path / "hf")
+    schema = pq.read_schema(urls[0])
+    assert str(schema.field("image").type) == "struct<bytes: binary, path: string>"
+    out = tmp_path / "out"
+    argv = ["run", *urls, "--model", "zoo:convnet", "--label-key", "label", "--resize", "20",
+            "--crop", "20", "--normalize", "imagenet", "--keep", "0.5", "--out", str(out),
+            *COMMON]  # fmt: skip
+    assert main(argv) == 0
+    assert "seen 36  scored 36  errored 0  kept 18" in capsys.readouterr().out
+    # the nested key names the same bytes: the same scores
+    again = tmp_path / "again"
+    argv2 = [*argv[: argv.index("--out")], "--out", str(again), *COMMON, "--input-key",
+             "image.bytes"]  # fmt: skip
+    assert main(argv2) == 0
+    a, b = (pq.read_table(o / "scores").sort_by("__key__") for o in (out, again))
+    assert a.column("score").to_pylist() == b.column("score").to_pylist()
+    # what it wrote loads back with datasets, images and class labels intact
+    datasets = pytest.importorskip("datasets")
+    shards = sorted(str(p) for p in (out / "shards").glob("*.parquet"))
+    kept = datasets.load_dataset("parquet", data_files=shards, split="train",
+                                 cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert kept.num_rows == 18 and kept.features["label"].names == ["r", "g", "b"]
+    assert kept[0]["image"].size[0] > 0
+
+
+def test_pyarrow_written_layouts(tmp_path, capsys):
+    """A binary image column found by its bytes, and a struct member named by a nested key."""
+    import pyarrow as pa
+    from shardmaker import make_parquet_shard
+
+    pics = [image_bytes(picture(i, i % 3), "PNG") for i in range(24)]
+    labels = [i % 3 for i in range(24)]
+    flat = make_parquet_shard(tmp_path / "flat.parquet", {"jpeg_bytes": pics, "y": labels})
+    nested = make_parquet_shard(
+        tmp_path / "nested.parquet",
+        pa.table({"sample": pa.array([{"img": p, "y": y} for p, y in zip(pics, labels, strict=True)])}),
+    )
+    base = ["--model", "zoo:convnet", "--crop", "16", "--keep", "0.5", *COMMON]
+    assert main(["run", flat, "--label-key", "y", "--out", str(tmp_path / "a"), *base]) == 0
+    assert main(["run", nested, "--input-key", "sample.img", "--label-key", "sample.y",
+                 "--out", str(tmp_path / "b"), *base]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("seen 24  scored 24  errored 0  kept 12") == 2
