@@ -27,6 +27,8 @@ from .executors import Executor, open_executor
 from .inputs import expand_inputs
 from .outputs.folder import OutputFolder
 from .outputs.identity import run_config, run_identity
+from .outputs.lease import check as check_lease
+from .outputs.lease import hold
 from .outputs.sketch_store import StoredSketch
 from .outputs.tables import errored_count, read_scores, write_selection
 from .passes.emit import EmitResult
@@ -63,6 +65,7 @@ class RunResult:
 def _claim(cfg: Config) -> StageContext:
     """Load the model, then claim OUT: refuse a different earlier run before touching it."""
     ctx = build_context(cfg)
+    ctx.out.refuse_inputs_inside(ctx.refs)
     ctx.out.claim(run_identity(cfg, ctx.refs, ctx.fingerprint), run_config(cfg), cfg.overwrite)
     ctx.out.clear_success()
     return ctx
@@ -78,6 +81,7 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
     """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
     the scores of one data set would be attached to another's samples."""
     refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    folder.refuse_inputs_inside(refs)
     stored = folder.stored_identity()
     if stored is not None and [r.url for r in refs] != stored["inputs"]:
         raise MismatchError(
@@ -101,6 +105,7 @@ def _select(cfg: Config, shards: list[str]) -> SelectResult:
                          scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
     params = {"keep": cfg.keep, "balance": cfg.balance, "min_score": cfg.min_score,
               "scorer": cfg.scorer, "seed": cfg.seed}  # fmt: skip
+    check_lease(folder)  # a writer whose lease was broken stops before changing the choice
     folder.clear_success()  # only now: a refused select changes nothing
     url = write_selection(folder, chosen, params)
     return SelectResult(url, table.num_rows - errored_count(table), chosen.num_rows, params)
@@ -117,6 +122,11 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 def _run(cfg: Config) -> RunResult:
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
+    with hold(cfg.output, cfg.force_unlock):
+        return _run_held(cfg)
+
+
+def _run_held(cfg: Config) -> RunResult:
     ctx = _claim(cfg)
     with open_executor(cfg) as executor:
         sketched = executor.sketch(ctx) if cfg.scorer == "sage" else None
@@ -132,9 +142,10 @@ def _run(cfg: Config) -> RunResult:
 
 
 def _pass(cfg: Config, step: Callable[[Executor, StageContext], Any]) -> Any:
-    ctx = _claim(cfg)
-    with open_executor(cfg) as executor:
-        return step(executor, ctx)
+    with hold(cfg.output, cfg.force_unlock):
+        ctx = _claim(cfg)
+        with open_executor(cfg) as executor:
+            return step(executor, ctx)
 
 
 def _config(step: Callable[..., Any], config: Config | None, options: dict[str, Any]) -> Config:
@@ -193,6 +204,7 @@ def sketch(
     scorer: str = C.scorer,
     consensus: str = C.consensus,
     overwrite: bool = C.overwrite,
+    force_unlock: bool = C.force_unlock,
     checkpoint_every: float = C.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,
@@ -240,6 +252,7 @@ def score(
     scorer: str = C.scorer,
     consensus: str = C.consensus,
     overwrite: bool = C.overwrite,
+    force_unlock: bool = C.force_unlock,
     checkpoint_every: float = C.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,
@@ -264,6 +277,7 @@ def select(
     scorer: str = C.scorer,
     seed: int = C.seed,
     storage_options: dict[str, Any] | None = None,
+    force_unlock: bool = C.force_unlock,
     config: Config | None = None,
 ) -> SelectResult:
     """Choose the kept samples from OUT/scores/ (OUT/selection.parquet).
@@ -275,8 +289,11 @@ def select(
     del options["config"]
     cfg = _config(select, config, options)
     folder = cfg.output
-    shards = [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
-    return _select(cfg, shards)
+    with hold(folder, cfg.force_unlock):
+        shards = (
+            [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
+        )
+        return _select(cfg, shards)
 
 
 def emit(
@@ -291,6 +308,7 @@ def emit(
     executor: str = C.executor,
     workers: int | None = None,
     progress: bool | None = None,
+    force_unlock: bool = C.force_unlock,
     config: Config | None = None,
 ) -> EmitResult:
     """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS.
@@ -301,10 +319,11 @@ def emit(
     del options["config"]
     cfg = _config(emit, config, options)
     folder = cfg.output
-    refs = _run_inputs(cfg, folder)
-    folder.clear_success()
-    with open_executor(cfg) as executor_:
-        return executor_.emit(cfg, refs, _sketch_stats(cfg))
+    with hold(folder, cfg.force_unlock):
+        refs = _run_inputs(cfg, folder)
+        folder.clear_success()
+        with open_executor(cfg) as executor_:
+            return executor_.emit(cfg, refs, _sketch_stats(cfg))
 
 
 def run(
@@ -343,6 +362,7 @@ def run(
     workers: int | None = None,
     consensus: str = C.consensus,
     overwrite: bool = C.overwrite,
+    force_unlock: bool = C.force_unlock,
     checkpoint_every: float = C.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,

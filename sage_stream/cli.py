@@ -174,6 +174,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="replace an output made with another configuration",
     )
     g.add_argument(
+        "--force-unlock",
+        action="store_true",
+        default=None,
+        help="break OUT/_LEASE, the claim of the one run writing OUT; only when that run is "
+        "gone (a lease of a dead process on this host is taken over without it)",
+    )
+    g.add_argument(
         "--checkpoint-every",
         type=float,
         metavar="SECONDS",

@@ -27,6 +27,7 @@ HOW_NOT_WHAT = (
     "out",
     "progress",
     "overwrite",
+    "force_unlock",
     "checkpoint_every",
     "executor",
     "workers",
@@ -83,6 +84,7 @@ class Config:
     balance: str = "proportional"
     min_score: float | None = None
     overwrite: bool = False
+    force_unlock: bool = False  # break OUT/_LEASE left by a run that is gone (outputs.lease)
     checkpoint_every: float = 60.0  # seconds between pass-1 checkpoints (0: after every shard)
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
 

@@ -52,5 +52,9 @@ class OutputExistsError(SageError, FileExistsError):
     """The output already holds a finished run with another configuration."""
 
 
+class OutputLockedError(SageError, FileExistsError):
+    """Another run holds the output folder's lease (OUT/_LEASE): one writer per output."""
+
+
 class LoaderError(SageError, RuntimeError):
     """A loader worker process died (out of memory, a crash in native code) mid-shard."""

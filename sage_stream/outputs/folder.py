@@ -9,7 +9,9 @@
       shardindex.json               emit: wids index of shards/
       _SUCCESS                      written last: the commit point of the whole run
       report/                       `sage-stream report`
+      _LEASE                        held by the one run writing OUT (outputs.lease)
       _work/                        a run in progress; removed once _SUCCESS is written
+        tmp/                        every temporary of a write under OUT, before its move
         run.json                    run identity (outputs.identity): a rerun with another
                                     one is refused unless --overwrite
         config.json                 the configuration the manifest records
@@ -27,14 +29,16 @@ import hashlib
 import io
 import json
 import logging
+import os
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from ..errors import InputError, OutputExistsError, StorageError
-from ..storage import atomic_write, exists, filesystem, join, list_names, open_input, remove
-from ..storage.fs import is_temporary
+from ..storage import atomic_write, exists, join, list_names, open_input, remove
 from ..storage.retry import RetryingReader
 from .sketch_store import SketchStore
 
@@ -49,6 +53,7 @@ INDEX = "shardindex.json"
 SUCCESS = "_SUCCESS"
 REPORT = "report"
 WORK = "_work"
+TMP = "tmp"  # under _work/: temporaries only
 # Everything a run writes into OUT; --overwrite removes exactly these, nothing else.
 ENTRIES = (SKETCH, SCORES, SELECTION, SHARDS, MANIFEST, INDEX, SUCCESS, REPORT, WORK)
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
@@ -117,7 +122,8 @@ class OutputFolder:
         return open_input(url, self.storage_options)
 
     def writer(self, url: str):  # noqa: ANN201 - storage.atomic_write's context manager
-        return atomic_write(url, self.storage_options)
+        """All-or-nothing write of `url`; its temporary lives in _work/tmp/, never beside it."""
+        return atomic_write(url, self.storage_options, scratch=self.work(TMP))
 
     def write_bytes(self, url: str, data: bytes) -> None:
         with self.writer(url) as f:
@@ -184,6 +190,17 @@ class OutputFolder:
         self.write_json(self.work("run.json"), identity)
         self.write_json(self.work("config.json"), config)
 
+    def refuse_inputs_inside(self, refs: list[Any]) -> None:
+        """Inputs may not live under OUT: --overwrite would delete them, and a run's own
+        output shards would be read back as input."""
+        root = _comparable(self.url)
+        inside = [r.url for r in refs if (_comparable(r.url) + "/").startswith(root + "/")]
+        if inside:
+            raise InputError(
+                f"{len(inside)} input shard(s) lie inside the output folder {self.url} (e.g. "
+                f"{inside[0]}): move them, or choose another --out"
+            )
+
     def wipe(self) -> None:
         for entry in ENTRIES:
             self.remove(self.path(entry))
@@ -199,34 +216,49 @@ class OutputFolder:
         self.remove(self.success)
 
     def remove_temporaries(self) -> None:
-        """Delete what killed writers left behind (`<name>.tmp-<12 hex>`, see atomic_write).
-
-        Only exact temporary names match (storage.fs.is_temporary): an input shard's name
-        ends in .tar/.parquet/.pq, so `night.tmp-2024.tar` and its part are never taken.
-        """
-        for folder in (self.url, self.scores, self.path(SHARDS)):
-            for name in self.names(folder):
-                if is_temporary(name):
-                    fs, path = filesystem(join(folder, name), self.storage_options)
-                    fs.rm(path)
+        """Delete what killed writers left behind: all of _work/tmp/, which holds nothing
+        else. No name under OUT is ever matched against a pattern (input names are the
+        user's: `night.tmp-2024.tar` is a shard like any other)."""
+        self.remove(self.work(TMP))
 
     def check_outputs(self, shards: list[dict[str, Any]]) -> None:
-        """Before _SUCCESS: every shard's scores part, and every emitted shard, is there.
+        """Before _SUCCESS: every listed output is there with its listed count of samples.
 
-        ``shards`` are the manifest's shard entries (``name``, ``emitted``). Raises a
-        StorageError naming each missing file, so a run never commits with a hole in it.
+        ``shards`` are the manifest's shard entries (``name``, ``format``, ``emitted``,
+        ``seen``, ``kept``): the scores part has ``seen`` rows and the emitted shard ``kept``
+        samples. Raises a StorageError naming each file that is missing or differs, so a run
+        never commits with a hole in it, or over what another writer left.
         """
-        missing = [self.part(s["name"]) for s in shards if not self.exists(self.part(s["name"]))]
-        missing += [
-            self.shard(s["name"])
-            for s in shards
-            if s.get("emitted") and not self.exists(self.shard(s["name"]))
-        ]
-        if missing:
+        wrong: list[str] = []
+        for s in shards:
+            wrong += self._check(self.part(s["name"]), "parquet", s.get("seen"))
+            if s.get("emitted"):
+                wrong += self._check(self.shard(s["name"]), s.get("format", "tar"), s.get("kept"))
+        if wrong:
             raise StorageError(
-                f"{len(missing)} output file(s) missing before _SUCCESS, not committing: "
-                + ", ".join(missing)
+                f"{len(wrong)} output file(s) missing or not as listed before _SUCCESS, not "
+                "committing: " + "; ".join(wrong)
             )
+
+    def _check(self, url: str, fmt: str, count: int | None) -> list[str]:
+        if not self.exists(url):
+            return [f"{url} is missing"]
+        if count is None:
+            return []
+        try:
+            found = self._count(url, fmt)
+        except Exception as e:  # noqa: BLE001 - any unreadable output is a wrong one
+            return [f"{url} cannot be read ({type(e).__name__}: {e})"]
+        return [] if found == count else [f"{url} holds {found} samples, {count} listed"]
+
+    def _count(self, url: str, fmt: str) -> int:
+        """Samples in an output file: Parquet rows from the footer; tar `.sage.json` members
+        (one per emitted sample) from the headers, seeking over the data."""
+        with self.open(url) as f:
+            if fmt != "tar":
+                return pq.ParquetFile(f).metadata.num_rows
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                return sum(1 for m in tf if m.name.endswith(".sage.json"))
 
     def finish(self) -> None:
         """After _SUCCESS: the scratch of the run goes."""
@@ -245,3 +277,14 @@ class OutputFolder:
             for n in self.names(self.scores)
             if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)
         )
+
+
+def _comparable(url: str) -> str:
+    """A URL or path in one spelling, for asking whether one lies under another."""
+    if "://" not in url:
+        return os.path.realpath(url).rstrip("/")
+    scheme, rest = url.split("://", 1)
+    scheme = "" if scheme == "file" else scheme + "://"
+    if not scheme:
+        return os.path.realpath("/" + rest.lstrip("/")).rstrip("/")
+    return scheme + "/".join(p for p in rest.split("/") if p)

@@ -12,6 +12,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from . import lease
 from .folder import SHARDS, OutputFolder
 
 MANIFEST_VERSION = 1
@@ -86,6 +87,7 @@ def commit(
     folder.check_outputs(shards)  # nothing listed may be missing under _SUCCESS
     folder.write_json(folder.manifest, written)
     folder.write_json(folder.index, shard_index(shards))
+    lease.check(folder)  # a writer whose lease was broken never commits
     folder.mark_success()
     folder.finish()
     return written

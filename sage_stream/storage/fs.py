@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -37,20 +36,19 @@ READ_BLOCK_BYTES = 16 * 2**20
 # discard()ed: a multipart upload that is invisible until it completes.
 _DEFERRED_COMMIT = frozenset({"s3", "s3a", "gs", "gcs"})
 log = logging.getLogger("sage_stream")
-# The sibling that ``_write_then_move`` writes before moving it into place: the final name plus
-# ``.tmp-`` and 12 lowercase hex digits, at the very end. No input shard or scores part can
-# have such a name (both end in .tar, .parquet or .pq), so a match is always a temporary.
-_TEMPORARY_RE = re.compile(r".+\.tmp-[0-9a-f]{12}")
 
 
-def temporary_name(name: str) -> str:
-    """A fresh temporary sibling name for ``name`` (see ``is_temporary``)."""
-    return f"{name}.tmp-{secrets.token_hex(6)}"
+def temporary_path(fs: fsspec.AbstractFileSystem, path: str, scratch: str | None) -> str:
+    """Where ``_write_then_move`` writes ``path`` before moving it into place.
 
-
-def is_temporary(name: str) -> bool:
-    """Whether ``name`` (a basename) is exactly a name that ``temporary_name`` makes."""
-    return _TEMPORARY_RE.fullmatch(name) is not None
+    In ``scratch`` (a folder only temporaries live in, OUT/_work/tmp for everything under
+    OUT) when given, so that clearing up is removing that folder and never matching a pattern
+    against names users chose; else a hidden sibling. A random part keeps writers apart.
+    """
+    name = f"{secrets.token_hex(6)}-{path.rstrip('/').rsplit('/', 1)[-1]}"
+    if scratch is not None:
+        return fs._strip_protocol(normalize_url(scratch)).rstrip("/") + "/" + name
+    return f"{fs._parent(path)}/.{name}.partial"
 
 
 def filesystem(
@@ -156,21 +154,32 @@ def open_shard(url: str, storage_options: dict | None = None) -> RetryingReader:
 
 
 @contextlib.contextmanager
-def atomic_write(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    url: str, storage_options: dict | None = None, scratch: str | None = None
+) -> Iterator[BinaryIO]:
     """Yield a binary file that appears at ``url`` only if the block exits without exception.
 
     On S3 and GCS the file is an upload opened with autocommit off: parts go up as they fill
     (memory stays one part), and the object appears when the upload is committed at the end;
     on failure the upload is aborted and nothing appears. Elsewhere (local, memory://, ...)
-    writes go to a sibling ``<name>.tmp-<random>`` that is moved into place on success (a
-    local rename is atomic) and removed on failure. The commit or move is retried on transient
+    writes go to a temporary that is moved into place on success (a local rename is atomic)
+    and removed on failure. The commit or move is retried on transient
     errors. Readers see either nothing or the whole object, never a partial one.
+
+    The temporary lives in folder ``scratch`` if given (see ``temporary_path``); on a local
+    disk it is fsynced before the rename and the folder after it, so a committed name survives
+    a power cut with its bytes.
     """
     fs, path = filesystem(normalize_url(url), storage_options)
     deferred = bool(set(_protocols(fs)) & _DEFERRED_COMMIT)
-    writer = _write_then_commit if deferred else _write_then_move
     try:
-        with writer(fs, path, url) as f:
+        if deferred:
+            writer = _write_then_commit(fs, path, url)
+        elif isinstance(fs, LocalFileSystem):
+            writer = _write_then_rename(path, temporary_path(fs, path, scratch))
+        else:
+            writer = _write_then_move(fs, path, url, temporary_path(fs, path, scratch))
+        with writer as f:
             yield f
     except SageError:
         raise
@@ -204,10 +213,42 @@ def _write_then_commit(fs: fsspec.AbstractFileSystem, path: str, url: str) -> It
 
 
 @contextlib.contextmanager
-def _write_then_move(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[BinaryIO]:
-    tmp = temporary_name(path)
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
+def _write_then_rename(path: str, tmp: str) -> Iterator[BinaryIO]:
+    """Local disk: write, fsync, rename (atomic within one file system), fsync the folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_folder(os.path.dirname(path))
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or a create in local ``folder`` durable (a no-op where folders cannot be
+    opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _write_then_move(
+    fs: fsspec.AbstractFileSystem, path: str, url: str, tmp: str
+) -> Iterator[BinaryIO]:
     try:
         with call(fs.open, tmp, "wb", what=f"open {url} for writing") as f:
             yield f

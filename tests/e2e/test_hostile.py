@@ -1,7 +1,8 @@
 """Hostile and unlucky input (issue 15, "Trust at scale"): nothing is lost, nothing escapes.
 
-1. A shard whose name looks like a temporary (`night.tmp-2024.tar`) keeps its output shard and
-   scores part: only names atomic_write itself makes are cleaned up before _SUCCESS.
+1. A shard whose name looks like a temporary (`night.tmp-2024.tar`, even `a.tar.tmp-<hex>`)
+   keeps its output shard and scores part: temporaries live in OUT/_work/tmp/ only, and that
+   folder is what is cleared before _SUCCESS; no name is matched against a pattern.
 2. Member names that would be paths outside the extraction folder (`../x`, `/abs/x`) make the
    sample an error row, and emitted members carry safe headers (no setuid/setgid, owner 0).
 3. A member name that is not UTF-8 makes an error row with a writable key, not a traceback.
@@ -111,8 +112,9 @@ def test_check_outputs_names_what_is_missing(tmp_path):
 def test_remove_temporaries_takes_only_real_temporaries(tmp_path):
     folder = OutputFolder(str(tmp_path / "out"))
     keep = [folder.shard("night.tmp-2024.tar"), folder.part("night.tmp-2024.tar"),
-            folder.shard("x.tmp-0123456789ab.tar")]  # fmt: skip
-    junk = [folder.shard("a.tar.tmp-0123456789ab"), folder.part("a.tar") + ".tmp-abcdef012345"]
+            folder.shard("x.tmp-0123456789ab.tar"), folder.shard("a.tar.tmp-0123456789ab"),
+            folder.part("a.tar") + ".tmp-abcdef012345"]  # fmt: skip
+    junk = [folder.work("tmp", "0123456789ab-a.tar")]
     for url in keep + junk:
         folder.write_bytes(url, b"x")
     folder.remove_temporaries()

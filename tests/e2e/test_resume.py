@@ -3,12 +3,11 @@ bytes as a run never interrupted; finished work is not redone."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
-from paths import HELPERS
+from paths import HELPERS, child_env
 from runs import output_files
 from tiny import blobs, train_checkpoint, write_tar_set
 
@@ -32,9 +31,8 @@ def cli(urls, ckpt, out, env=None):
             "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "16",
             "--batch-size", "16", "--device", "cpu", "--preprocess", "killer:decode",
             "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
-    tests = str(HELPERS)
-    env = {**os.environ, "PYTHONPATH": tests, **(env or {})}
-    return subprocess.run(args, env=env, capture_output=True, text=True, cwd=tests)
+    return subprocess.run(args, env=child_env(**(env or {})), capture_output=True, text=True,
+                          cwd=str(HELPERS))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,8 @@ def test_emit_interrupted_between_shards_resumes(job, reference, tmp_path, monke
     monkeypatch.setattr(emit_module, "emit_shard", dying_emit)
     with pytest.raises(KeyboardInterrupt):
         sage_stream.run(urls, out=str(out), **options)
-    (out / "shards" / "part-001.tar.tmp-0123456789ab").write_bytes(b"half a shard")
+    (out / "_work" / "tmp").mkdir(exist_ok=True)
+    (out / "_work" / "tmp" / "0123456789ab-part-001.tar").write_bytes(b"half a shard")
     monkeypatch.setattr(emit_module, "emit_shard", real)
     sage_stream.run(urls, out=str(out), **options)
     assert output_files(out) == reference

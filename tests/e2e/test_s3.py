@@ -88,7 +88,7 @@ def leftovers(bucket: str) -> tuple[list[str], list[str]]:
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     name = bucket.removeprefix("s3://")
-    tmp = [p for p in fs.find(name) if ".tmp-" in p]
+    tmp = [p for p in fs.find(name) if "/_work/tmp/" in p or p.endswith(".partial")]
     uploads = boto3.client("s3").list_multipart_uploads(Bucket=name).get("Uploads", [])
     return tmp, [u["Key"] for u in uploads]
 
@@ -312,3 +312,21 @@ def test_failed_run_leaves_no_success_and_no_partial_object(
     with tarfile.open(fileobj=io.BytesIO(names["shards/part-000.tar"])) as tf:
         assert tf.getmembers()  # the shard before the failure is whole
     assert leftovers(s3_bucket) == ([], [])
+
+
+# --- one writer per output (OUT/_LEASE as a conditional put) -----------------------------
+
+
+def test_lease_on_s3_is_an_exclusive_put(s3_bucket):
+    """s3fs's mode "xb" is a put with If-None-Match: *; the server refuses the second one."""
+    from sage_stream.errors import OutputLockedError
+    from sage_stream.outputs import lease
+    from sage_stream.outputs.folder import OutputFolder
+
+    folder = OutputFolder(f"{s3_bucket}/out")
+    with lease.hold(folder):
+        assert not lease._create(folder, lease.lease_url(folder), b"{}")  # refused by S3
+        with pytest.raises(OutputLockedError, match=r"is being written by another run \(host"):
+            lease.acquire(folder)
+        lease.check(folder)
+    assert not storage.exists(lease.lease_url(folder))

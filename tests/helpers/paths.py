@@ -5,3 +5,12 @@ from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parent
 ROOT = HELPERS.parents[1]  # the repository
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: the helpers first on PYTHONPATH, then whatever
+    the test itself runs with (so that the child imports the same sage_stream)."""
+    import os
+
+    path = os.pathsep.join(p for p in (str(HELPERS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -72,12 +72,25 @@ def test_success_marker_and_finish(folder):
 
 
 def test_remove_temporaries_only_takes_leftovers(folder):
-    keep = [folder.part("a.tar"), folder.shard("a.tar"), folder.manifest]
-    junk = [folder.part("b.tar") + ".tmp-0123456789ab", folder.shard("b.tar.tmp-abcdef012345")]
+    keep = [folder.part("a.tar"), folder.shard("a.tar"), folder.manifest,
+            folder.shard("b.tar.tmp-abcdef012345")]  # fmt: skip
+    junk = [folder.work("tmp", "0123456789ab-b.tar")]
     for url in keep + junk:
         folder.write_bytes(url, b"x")
     folder.remove_temporaries()
     assert all(folder.exists(u) for u in keep) and not any(folder.exists(u) for u in junk)
+
+
+def test_writes_leave_their_temporaries_in_the_work_area_only(folder):
+    """A write that fails leaves nothing beside its name; one that is cut off (kill) leaves
+    its temporary in _work/tmp/, which remove_temporaries clears whole."""
+    with pytest.raises(RuntimeError), folder.writer(folder.shard("a.tar")) as f:
+        f.write(b"half")
+        assert folder.names(folder.work("tmp"))  # the temporary is there, not in shards/
+        assert folder.names(folder.path("shards")) == []
+        raise RuntimeError("cut off")
+    assert not folder.exists(folder.shard("a.tar"))
+    assert folder.names(folder.work("tmp")) == []
 
 
 def test_scored_shards_lists_parts_sorted(folder):

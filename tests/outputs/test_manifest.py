@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from sage_stream.errors import StorageError
-from sage_stream.outputs import manifest
+from sage_stream.errors import OutputLockedError, StorageError
+from sage_stream.outputs import lease, manifest
 from sage_stream.outputs.folder import OutputFolder
 
 SHARDS = [
@@ -29,14 +34,38 @@ def test_index_lists_emitted_tar_shards_relative_to_itself():
     assert index["shardlist"] == [{"url": "shards/a.tar", "nsamples": 4}]
 
 
+def rows(n: int) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(n))}), buf)
+    return buf.getvalue()
+
+
+def tar_of(n: int) -> bytes:
+    """An emitted tar of n samples: a payload and a `.sage.json` member each."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(n):
+            for name in (f"k{i}.npy", f"k{i}.sage.json"):
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                tf.addfile(info, io.BytesIO(b"{}"))
+    return buf.getvalue()
+
+
+def write_outputs(folder: OutputFolder, shards=SHARDS) -> None:
+    for shard in shards:
+        folder.write_bytes(folder.part(shard["name"]), rows(shard["seen"]))
+        if shard["emitted"]:
+            data = tar_of(shard["kept"]) if shard["format"] == "tar" else rows(shard["kept"])
+            folder.write_bytes(folder.shard(shard["name"]), data)
+
+
 def test_commit_writes_manifest_index_then_success_and_drops_work(mem_url):
     folder = OutputFolder(mem_url)
     folder.claim({"inputs": ["in/a.tar"]}, {"ell": 16}, overwrite=False)
-    for shard in SHARDS:
-        folder.write_bytes(folder.part(shard["name"]), b"part")
-        if shard["emitted"]:
-            folder.write_bytes(folder.shard(shard["name"]), b"shard")
-    written = manifest.commit(folder, SHARDS, {"keep": 0.5}, {"ell": 16}, None)
+    write_outputs(folder)
+    with lease.hold(folder):
+        written = manifest.commit(folder, SHARDS, {"keep": 0.5}, {"ell": 16}, None)
     assert folder.is_complete() and not folder.exists(folder.work())
     on_disk = folder.read_json(folder.manifest)
     assert on_disk == written
@@ -50,9 +79,34 @@ def test_commit_writes_manifest_index_then_success_and_drops_work(mem_url):
 
 def test_commit_refuses_when_a_listed_output_is_missing(mem_url):
     folder = OutputFolder(mem_url)
-    for shard in SHARDS:
-        folder.write_bytes(folder.part(shard["name"]), b"part")
-    folder.write_bytes(folder.shard("a.tar"), b"shard")  # b.parquet's output is missing
-    with pytest.raises(StorageError, match=r"missing before _SUCCESS.*shards/b\.parquet"):
+    write_outputs(folder)
+    folder.remove(folder.shard("b.parquet"))
+    with lease.hold(folder), pytest.raises(StorageError, match=r"shards/b\.parquet is missing"):
         manifest.commit(folder, SHARDS, {"keep": 0.5}, {}, None)
     assert not folder.is_complete() and not folder.exists(folder.manifest)
+
+
+@pytest.mark.parametrize("name, data, said", [
+    ("a.tar", tar_of(3), r"shards/a\.tar holds 3 samples, 4 listed"),
+    ("b.parquet", rows(7), r"shards/b\.parquet holds 7 samples, 2 listed"),
+    ("c.tar", b"x" * 10, r"part-c\.tar\.parquet cannot be read"),
+])  # fmt: skip
+def test_commit_refuses_an_output_whose_count_is_not_the_listed_one(mem_url, name, data, said):
+    """Another writer's shard under the same name (issue 15: 143 listed, 285 held)."""
+    folder = OutputFolder(mem_url)
+    write_outputs(folder)
+    url = folder.part(name) if name == "c.tar" else folder.shard(name)
+    folder.write_bytes(url, data)
+    with lease.hold(folder), pytest.raises(StorageError, match=said):
+        manifest.commit(folder, SHARDS, {"keep": 0.5}, {}, None)
+    assert not folder.is_complete()
+
+
+def test_commit_refuses_without_the_lease(mem_url):
+    folder = OutputFolder(mem_url)
+    write_outputs(folder)
+    with lease.hold(folder):
+        folder.remove(lease.lease_url(folder))  # broken by --force-unlock elsewhere
+        with pytest.raises(OutputLockedError, match="no longer holds _LEASE"):
+            manifest.commit(folder, SHARDS, {"keep": 0.5}, {}, None)
+    assert not folder.is_complete()
