@@ -63,12 +63,18 @@ class RunResult:
 
 
 def _claim(cfg: Config) -> StageContext:
-    """Load the model, then claim OUT: refuse a different earlier run before touching it."""
+    """Load the model and list the inputs: reading needs no lease, and a bad input or model
+    is reported before OUT is touched."""
     ctx = build_context(cfg)
     ctx.out.refuse_inputs_inside(ctx.refs)
+    return ctx
+
+
+def _take(ctx: StageContext) -> None:
+    """Claim OUT, under its lease: refuse a different earlier run before touching it."""
+    cfg = ctx.cfg
     ctx.out.claim(run_identity(cfg, ctx.refs, ctx.fingerprint), run_config(cfg), cfg.overwrite)
     ctx.out.clear_success()
-    return ctx
 
 
 def _stored_sketch(ctx: StageContext) -> StoredSketch | None:
@@ -122,12 +128,13 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 def _run(cfg: Config) -> RunResult:
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    with hold(cfg.output, cfg.force_unlock):
-        return _run_held(cfg)
-
-
-def _run_held(cfg: Config) -> RunResult:
     ctx = _claim(cfg)
+    with hold(cfg.output, cfg.force_unlock):
+        _take(ctx)
+        return _run_held(cfg, ctx)
+
+
+def _run_held(cfg: Config, ctx: StageContext) -> RunResult:
     with open_executor(cfg) as executor:
         sketched = executor.sketch(ctx) if cfg.scorer == "sage" else None
         scored = executor.score(ctx, _stored_sketch(ctx))
@@ -142,8 +149,9 @@ def _run_held(cfg: Config) -> RunResult:
 
 
 def _pass(cfg: Config, step: Callable[[Executor, StageContext], Any]) -> Any:
+    ctx = _claim(cfg)
     with hold(cfg.output, cfg.force_unlock):
-        ctx = _claim(cfg)
+        _take(ctx)
         with open_executor(cfg) as executor:
             return step(executor, ctx)
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import OutputLockedError
-from ..storage import filesystem, normalize_url
+from ..errors import OutputLockedError, SageError, StorageError
+from ..storage import filesystem, normalize_url, storage_reason
 from ..storage.fs import fsync_folder
 from .folder import OutputFolder
 
@@ -53,7 +53,12 @@ def hold(folder: OutputFolder, force_unlock: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        release(folder, token)
+        try:
+            release(folder, token)
+        except Exception:  # noqa: BLE001 - the step's own outcome matters more
+            _HELD.pop(url, None)
+            log.warning("could not remove the lease %s; the next run takes it over or "
+                        "needs --force-unlock", url, exc_info=True)  # fmt: skip
 
 
 def acquire(folder: OutputFolder, force_unlock: bool = False) -> str:
@@ -103,6 +108,15 @@ def release(folder: OutputFolder, token: str) -> None:
 
 def _create(folder: OutputFolder, url: str, body: bytes) -> bool:
     """Create `url` with `body` unless it exists; True if this call created it."""
+    try:
+        return _create_exclusive(folder, url, body)
+    except SageError:
+        raise
+    except OSError as e:  # 403, a read-only disk...: one line, not a traceback
+        raise StorageError(f"cannot create the lease {url}: {storage_reason(e)}") from e
+
+
+def _create_exclusive(folder: OutputFolder, url: str, body: bytes) -> bool:
     fs, path = filesystem(normalize_url(url), folder.storage_options)
     if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
         os.makedirs(os.path.dirname(path), exist_ok=True)
