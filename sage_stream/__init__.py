@@ -8,7 +8,8 @@ The flow, one module (or package) per step; README.md's "Layout" has the whole m
     model, gradients    the proxy model; per-sample gradient features (+ projection)
     fd                  Frequent Directions, the sketch of pass 1 (pure tensor code)
     scores              agreement of each gradient with its class (pure)
-    selection           keep fraction / quotas / threshold (pure)
+    selection           keep fraction / quotas / threshold (pure, in memory: the reference)
+    threshold           the same selection over the score parts, in bounded memory
     passes/             the shard loop, and pass 1, pass 2 and emit over it
     outputs/            everything under OUT: the folder, identity, sketch store, tables,
                         manifest

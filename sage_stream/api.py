@@ -29,14 +29,16 @@ from .outputs.folder import OutputFolder
 from .outputs.identity import run_config, run_identity
 from .outputs.lease import check as check_lease
 from .outputs.lease import hold
+from .outputs.selection_file import write_selection_parts
 from .outputs.sketch_store import StoredSketch
-from .outputs.tables import errored_count, read_scores, write_selection
+from .outputs.tables import read_part
 from .passes.emit import EmitResult
 from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
 from .passes.sketch import SketchResult
 from .sample import ShardRef
-from .selection import select as select_rows
+from .threshold import COLUMNS as SELECT_COLUMNS
+from .threshold import local_map, select_parts
 
 log = logging.getLogger("sage_stream")
 Inputs = str | Sequence[str]
@@ -98,23 +100,51 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
 
 
 def _select(cfg: Config, shards: list[str]) -> SelectResult:
+    """Select shard by shard (threshold.py): memory does not grow with the number of samples."""
     folder = cfg.output
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-    table = read_scores(folder, shards)
-    if cfg.scorer == "sage" and table.num_rows and table["score"].null_count == table.num_rows:
-        raise InputError(
-            f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` and "
-            "`score`, or choose another --scorer"
-        )
-    chosen = select_rows(table, keep=cfg.keep, balance=cfg.balance, min_score=cfg.min_score,
-                         scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
+
+    def read(name: str) -> Any:
+        return read_part(folder, name, list(SELECT_COLUMNS))[0]
+
+    if cfg.scorer == "sage":
+        _check_has_sage_scores(cfg, shards, read)
     params = {"keep": cfg.keep, "balance": cfg.balance, "min_score": cfg.min_score,
               "scorer": cfg.scorer, "seed": cfg.seed}  # fmt: skip
-    check_lease(folder)  # a writer whose lease was broken stops before changing the choice
-    folder.clear_success()  # only now: a refused select changes nothing
-    url = write_selection(folder, chosen, params)
-    return SelectResult(url, table.num_rows - errored_count(table), chosen.num_rows, params)
+    chosen = select_parts(shards, local_map(read), keep=cfg.keep, balance=cfg.balance,
+                          min_score=cfg.min_score, scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
+    scored = 0
+
+    def counted() -> Any:
+        nonlocal scored
+        first = True
+        for name, kept, candidates in chosen:
+            if first:  # the search is over; from here on OUT changes
+                check_lease(folder)  # a writer whose lease was broken stops before changing it
+                folder.clear_success()  # only now: a refused select changes nothing
+                first = False
+            scored += candidates
+            yield name, kept
+        if first:
+            check_lease(folder)
+            folder.clear_success()
+
+    written = write_selection_parts(folder, counted(), params)
+    return SelectResult(written.url, scored, written.kept, params)
+
+
+def _check_has_sage_scores(cfg: Config, shards: list[str], read: Callable[[str], Any]) -> None:
+    """The first part with rows tells whether the run has SAGE scores at all."""
+    for name in shards:
+        part = read(name)
+        if part.num_rows:
+            if part["score"].null_count == part.num_rows:
+                raise InputError(
+                    f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` "
+                    "and `score`, or choose another --scorer"
+                )
+            return
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:

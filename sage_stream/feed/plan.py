@@ -12,7 +12,7 @@ from ..config import shard_options
 from ..errors import InputError
 from ..inputs import expand_inputs, shard_format
 from ..outputs.folder import SHARDS, OutputFolder
-from ..outputs.tables import kept_by_shard, read_selection
+from ..outputs.selection_file import SelectionFile
 from ..sample import ShardRef
 from ..storage import join
 
@@ -25,9 +25,26 @@ RANKED_BY = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": 
 
 
 @dataclass(frozen=True)
+class KeptKeys:
+    """The kept keys of one input shard, read from its row group of selection.parquet only
+    when the shard is opened (a plan of 10^5 shards holds no keys)."""
+
+    out: str
+    shard: str
+    count: int
+    storage_options: Mapping[str, Any]
+
+    def load(self) -> frozenset[str]:
+        if not self.count:
+            return frozenset()
+        folder = OutputFolder(self.out, dict(self.storage_options))
+        return SelectionFile(folder).keys(self.shard)
+
+
+@dataclass(frozen=True)
 class FeedShard:
     ref: ShardRef
-    kept: frozenset[str] | None  # original source: the keys to keep; None: emitted (all kept)
+    kept: KeptKeys | None  # original source: the keys to keep; None: emitted (all kept)
     expected: int | None  # kept samples it must yield, when known
 
 
@@ -78,17 +95,20 @@ def _original(
         refs = [ShardRef(i["url"], i["name"], i["format"]) for i in manifest["inputs"]]
     else:
         raise InputError(f"{folder.url} has no manifest.json: pass the input shards (inputs=...)")
-    selection, params = read_selection(folder)
-    kept = kept_by_shard(selection)
-    unknown = sorted(set(kept) - {r.name for r in refs})
+    selection = SelectionFile(folder)
+    counts = selection.rows
+    unknown = sorted(set(counts) - {r.name for r in refs})
     if unknown:
         raise InputError(
             f"{folder.selection} keeps samples of shards not in the inputs: {unknown[:5]}"
         )
+    options = dict(folder.storage_options)
     shards = [
-        FeedShard(r, frozenset(kept.get(r.name, ())), len(kept.get(r.name, ()))) for r in refs
+        FeedShard(r, KeptKeys(folder.url, r.name, counts.get(r.name, 0), options),
+                  counts.get(r.name, 0))  # fmt: skip
+        for r in refs
     ]
-    return shards, params.get("scorer", "sage")
+    return shards, selection.params.get("scorer", "sage")
 
 
 def plan_feed(

@@ -46,12 +46,12 @@ def shard_samples(
     Raises ShardError if the shard breaks, or holds fewer kept samples than the run recorded.
     """
     ref, options = shard.ref, plan.reader[shard.ref.format]
-    if shard.kept is not None and not shard.kept:
+    if shard.kept is not None and not shard.kept.count:
         return  # nothing kept: the shard is not read at all
     records = None
     if shard.kept is not None:
         part, _ = read_part(OutputFolder(plan.out, storage_options or {}), ref.name)
-        records = annotations(part, set(shard.kept), plan.scorer)
+        records = annotations(part, shard.kept.load(), plan.scorer)
     count = 0
     for sample in read_shard(ref, storage_options, **options):
         if sample.error is not None or (records is not None and sample.key not in records):
@@ -86,9 +86,9 @@ def kept_records(out: str, *, storage_options: dict | None = None) -> dict[tuple
     plan = plan_feed(out, original=True, storage_options=storage_options)
     found: dict[tuple[str, str], dict] = {}
     for shard in plan.shards:
-        if shard.kept:
+        if shard.kept is not None and shard.kept.count:
             part, _ = read_part(OutputFolder(out, storage_options or {}), shard.ref.name)
-            for key, record in annotations(part, set(shard.kept), plan.scorer).items():
+            for key, record in annotations(part, shard.kept.load(), plan.scorer).items():
                 found[(shard.ref.name, key)] = record
     return found
 

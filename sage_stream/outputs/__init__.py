@@ -4,7 +4,8 @@ folder         OutputFolder: the names under OUT, retried reads and writes, clai
                _SUCCESS, temporaries, checkpoints
 identity       the sketch identity and the run identity, defined once
 sketch_store   sketch.zarr: basis, singular values, consensus, class counts, projections
-tables         scores/part-<shard>.parquet and selection.parquet
+tables         scores/part-<shard>.parquet
+selection_file selection.parquet: one row group per shard, read per shard
 manifest       manifest.json, shardindex.json, and the commit that ends with _SUCCESS
 """
 

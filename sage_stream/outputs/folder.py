@@ -265,8 +265,11 @@ class OutputFolder:
         self.remove(self.work())
 
     def selection_hash(self) -> str:
+        digest = hashlib.sha256()
         with self.open(self.selection) as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
+            while chunk := f.read(1 << 24):  # in pieces: the file grows with the kept samples
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
 
     def scored_shards(self) -> list[str]:
         """Shard names that have a scores part, sorted (for `select` without inputs)."""

@@ -85,9 +85,13 @@ def read_scores(
 
 
 def write_selection(folder: OutputFolder, table: pa.Table, params: dict) -> str:
-    meta = {SELECTION_KEY: json.dumps(params, sort_keys=True).encode()}
-    _write_table(folder, folder.selection, table.replace_schema_metadata(meta))
-    return folder.selection
+    """selection.parquet from a whole kept table (sorted by shard then key), in the per-shard
+    layout of outputs.selection_file; `select` itself writes shard by shard."""
+    from .selection_file import write_selection_parts
+
+    shards = sorted(set(table["__shard__"].to_pylist()))
+    parts = ((s, table.filter(pc.equal(table["__shard__"], s))) for s in shards)
+    return write_selection_parts(folder, parts, params).url
 
 
 def _finite_or_none(value: Any) -> Any:

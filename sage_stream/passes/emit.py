@@ -18,8 +18,10 @@ from ..config import Config, shard_options
 from ..errors import ShardError
 from ..formats import copy_selected
 from ..outputs import manifest
+from ..outputs.folder import OutputFolder
 from ..outputs.identity import run_config
-from ..outputs.tables import annotations, errored_count, kept_by_shard, read_part, read_selection
+from ..outputs.selection_file import selection_file
+from ..outputs.tables import annotations, errored_count, read_part
 from ..progress import Progress
 from ..sample import ShardRef
 
@@ -36,12 +38,17 @@ class EmitResult:
 
 @dataclass(frozen=True)
 class EmitJob:
-    """One shard to emit: its kept keys, the scorer that chose them, its done-marker."""
+    """One shard to emit: the selection it emits (by digest), the scorer that chose it, its
+    done-marker. The kept keys are read where the job runs, from the shard's own row group of
+    selection.parquet, so the driver never holds them."""
 
     ref: ShardRef
-    kept: frozenset[str]
+    selection: str  # digest of selection.parquet
     scorer: str
     marker: str
+
+    def kept(self, folder: OutputFolder) -> frozenset[str]:
+        return selection_file(folder, self.selection).keys(self.ref.name)
 
 
 # How an executor runs emit jobs: counts of each job, yielded in the order of the jobs.
@@ -64,7 +71,7 @@ def emit_shard(cfg: Config, job: EmitJob) -> dict[str, Any]:
     """
     folder, ref = cfg.output, job.ref
     part, error = read_part(folder, ref.name)
-    keep = annotations(part, job.kept, job.scorer)
+    keep = annotations(part, job.kept(folder), job.scorer)
     try:
         with folder.writer(folder.shard(ref.name)) as f:
             written = copy_selected(
@@ -97,10 +104,9 @@ def run_emit(
     """Emit every shard not yet emitted for this selection (`emit_jobs` says where), then the
     manifest, the index and `_SUCCESS`, in that order."""
     folder = cfg.output
-    selection, params = read_selection(folder)
-    kept = kept_by_shard(selection)
-    scorer = params.get("scorer", cfg.scorer)
     digest = folder.selection_hash()
+    params = selection_file(folder, digest).params
+    scorer = params.get("scorer", cfg.scorer)
     progress = Progress("emit", len(refs), cfg.progress)
     shards = {r.name: folder.read_json(folder.emitted_marker(digest, r.name)) for r in refs}
     for ref in refs:  # shards emitted before a restart count as done at once
@@ -108,8 +114,7 @@ def run_emit(
             progress.advance(shards[ref.name]["kept"])
             progress.shard_done(ref.name)
     todo = [r for r in refs if shards[r.name] is None]
-    jobs = [EmitJob(r, frozenset(kept.get(r.name, ())), scorer,
-                    folder.emitted_marker(digest, r.name)) for r in todo]  # fmt: skip
+    jobs = [EmitJob(r, digest, scorer, folder.emitted_marker(digest, r.name)) for r in todo]
     for ref, counts in zip(todo, emit_jobs(cfg, jobs), strict=True):
         shards[ref.name] = counts
         progress.advance(counts["kept"])

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 
 from ..errors import InputError
 from ..outputs.folder import OutputFolder
-from ..outputs.tables import kept_by_shard, read_part, read_selection
+from ..outputs.selection_file import SelectionFile
+from ..outputs.tables import read_part
 
 COLUMNS = ["__key__", "__shard__", "label", "score", "energy", "status"]
 NO_LABEL = -1  # label shown for a sample whose label is null
@@ -59,12 +60,6 @@ def read_manifest(folder: OutputFolder) -> dict[str, Any]:
         raise InputError(f"{url} is not valid JSON: {exc}") from None
 
 
-def _kept_keys(selection: pa.Table) -> dict[str, pa.Array]:
-    """shard -> the kept keys of that shard, as a pyarrow value set."""
-    return {shard: pa.array(sorted(keys), pa.string())
-            for shard, keys in kept_by_shard(selection).items()}  # fmt: skip
-
-
 def _column(tables: list[pa.Table], name: str, null: float | str, dtype: type) -> np.ndarray:
     if not tables:
         return np.zeros(0, dtype=dtype)
@@ -76,15 +71,17 @@ def load_run(out: str, storage_options: dict | None = None) -> RunData:
     """Read what the report needs from a run's output; InputError naming what is missing."""
     folder = OutputFolder(out, storage_options or {})
     manifest = read_manifest(folder)
-    selection, params = read_selection(folder)
-    kept_keys = _kept_keys(selection)
+    selection = SelectionFile(folder)
+    params = selection.params
     names = folder.scored_shards()
     parts, kept, index, errors = [], [], [], {}
     none = pa.array([], pa.string())
     for i, name in enumerate(names):
         part, error = read_part(folder, name, COLUMNS)
         parts.append(part)
-        in_selection = pc.is_in(part["__key__"], value_set=kept_keys.get(name, none))
+        keys = selection.read(name, ["__key__"])["__key__"] if name in selection.rows else none
+        in_selection = pc.is_in(part["__key__"], value_set=pa.chunked_array([keys]).combine_chunks()
+                                if isinstance(keys, pa.ChunkedArray) else keys)  # fmt: skip
         kept.append(np.asarray(in_selection.to_numpy(zero_copy_only=False), dtype=bool))
         index.append(np.full(part.num_rows, i, dtype=np.int64))
         if error:

@@ -55,7 +55,8 @@ def test_missing_part_or_selection_says_which_step_to_run(mem_url):
 
 def test_selection_keeps_its_parameters(mem_url):
     folder = OutputFolder(mem_url)
-    chosen = pa.table({"__key__": ["k1", "k3"], "__shard__": ["a.tar", "b.tar"]})
+    chosen = pa.table({"__key__": ["k1", "k3"], "__shard__": ["a.tar", "b.tar"], "label": [0, 1],
+                       "score": [0.5, 0.25]})  # fmt: skip
     url = write_selection(folder, chosen, {"keep": 0.5, "scorer": "sage"})
     assert url == folder.selection
     table, params = read_selection(folder)

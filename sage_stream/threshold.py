@@ -1,0 +1,483 @@
+"""Select in bounded memory: each class's exact cut found by passes over the score parts.
+
+Where it sits: ``scores/part-<shard>.parquet`` → **threshold** → ``selection.parquet``. It
+returns exactly the rows `selection.select` keeps on the whole table (the reference, kept for
+tests), but never holds more than one part plus O(C·2^bits + M) numbers, whatever N is:
+
+    count   one pass: per class the candidates and the range of their ranking values
+    search  radix passes: per class, a histogram of the next bits of the ranking value
+            (mapped to an order-preserving uint64) over the rows still in play narrows the
+            range that holds the class's quota-th best row; once the rows in play fit in
+            ``memory_rows``, one pass collects them and sorts them in memory. Rows tied on
+            the exact value are narrowed the same way by the bytes of their key
+    write   one pass: per part, the rows ranked at or before their class's cut
+
+A *cut* is a row position in the ranking (value descending, then key, then shard): a row is
+kept iff it ranks at or before its class's cut. Every pass works on one part at a time and
+returns a partial (counts, histograms, collected rows) that simply adds up, so the passes can
+run shard-parallel (`map_parts`) and merge on the driver.
+
+Each part is one shard's rows (as pass 2 writes them), so a (shard, key) that occurs twice does
+so within one part, where it is checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InputError
+from .selection import (
+    OUTPUT_SCHEMA,
+    _check_args,
+    _check_columns,
+    _fraction,
+    _ok_mask,
+    _round_half_up,
+    equal_quotas,
+    proportional_quotas,
+    ranking_values,
+)
+
+COLUMNS = ["__key__", "__shard__", "label", "status", "score", "loss", "grad_norm"]
+MEMORY_ROWS = 1 << 18  # rows collected at once to finish a search in memory
+HISTOGRAM_CELLS = 1 << 22  # classes × buckets of one radix pass (int64: 32 MiB)
+
+ReadPart = Callable[[str], pa.Table]  # shard name -> its scores part (the COLUMNS at least)
+MapParts = Callable[[Callable[[pa.Table], object], list[str]], Iterable[object]]
+
+
+def local_map(read: ReadPart) -> MapParts:
+    """Run a per-part function over the parts in this process, one part in memory at a time."""
+
+    def run(fn: Callable[[pa.Table], object], names: list[str]) -> Iterator[object]:
+        return (fn(read(name)) for name in names)
+
+    return run
+
+
+# --- one part, prepared ------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """The candidate rows of one part: names, labels and ranking values."""
+
+    table: pa.Table  # candidates only (status ok)
+    values: np.ndarray  # (n,) float64 ranking value
+    order: np.ndarray  # (n,) uint64, same order as values (−0.0 and 0.0 equal)
+    labels: np.ndarray | None  # (n,) int64, None when a label is null (checked by the caller)
+    null_labels: int
+
+
+def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
+    """One part's candidates, checked as `selection.select` checks the whole table."""
+    _check_columns(table, tuple(COLUMNS))
+    cand = table.filter(pa.array(_ok_mask(table)))
+    for column in ("__key__", "__shard__"):
+        if cand[column].null_count:
+            raise InputError(
+                f"scored rows must all have a {column!r}; {cand[column].null_count} are null"
+            )
+    _check_unique(cand)
+    values = ranking_values(cand, scorer, seed)
+    labels = cand["label"]
+    nulls = labels.null_count
+    as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return Rows(cand, values, ordered_bits(values), as_int, nulls)
+
+
+def ordered_bits(values: np.ndarray) -> np.ndarray:
+    """float64 -> uint64 with the same order (``a < b`` iff ``bits(a) < bits(b)``), no NaN."""
+    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)  # + 0.0: −0.0 → 0.0
+    negative = bits >> np.uint64(63) == 1
+    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
+
+
+def _check_unique(cand: pa.Table) -> None:
+    if cand.num_rows < 2:
+        return
+    names = pc.binary_join_element_wise(cand["__shard__"], cand["__key__"], "\0")
+    if len(pc.unique(names)) == cand.num_rows:
+        return
+    order = pc.sort_indices(cand, sort_keys=[("__shard__", "ascending"), ("__key__", "ascending")])
+    ranked = names.take(order).to_pylist()
+    first = next(i for i in range(1, len(ranked)) if ranked[i] == ranked[i - 1])
+    shard, key = ranked[first].split("\0", 1)
+    raise InputError(
+        f"shard {shard!r}, key {key!r}: scored more than once; rerun score for that shard"
+    )
+
+
+# --- the count pass -------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """What the count pass adds up over parts: per label, candidates and value range."""
+
+    n: dict[int, int] = field(default_factory=dict)
+    low: dict[int, int] = field(default_factory=dict)  # smallest ordered value
+    high: dict[int, int] = field(default_factory=dict)
+    null_labels: int = 0
+    total: int = 0
+    low_all: int | None = None
+    high_all: int | None = None
+
+    def add(self, other: Counts) -> None:
+        for c, n in other.n.items():
+            self.n[c] = self.n.get(c, 0) + n
+            self.low[c] = min(self.low.get(c, other.low[c]), other.low[c])
+            self.high[c] = max(self.high.get(c, other.high[c]), other.high[c])
+        self.null_labels += other.null_labels
+        self.total += other.total
+        if other.low_all is not None and other.high_all is not None:
+            first = self.low_all is None or self.high_all is None
+            self.low_all = other.low_all if first else min(self.low_all, other.low_all)  # type: ignore[type-var]
+            self.high_all = other.high_all if first else max(self.high_all, other.high_all)  # type: ignore[type-var]
+
+
+def count_part(rows: Rows) -> Counts:
+    out = Counts(null_labels=rows.null_labels, total=len(rows.values))
+    if len(rows.values):
+        out.low_all, out.high_all = int(rows.order.min()), int(rows.order.max())
+    if rows.labels is not None and len(rows.labels):
+        by_class = np.argsort(rows.labels, kind="stable")
+        labels, order = rows.labels[by_class], rows.order[by_class]
+        classes, starts, sizes = np.unique(labels, return_index=True, return_counts=True)
+        low, high = np.minimum.reduceat(order, starts), np.maximum.reduceat(order, starts)
+        for c, n, lo, hi in zip(classes.tolist(), sizes.tolist(), low.tolist(), high.tolist(),
+                                strict=True):  # fmt: skip
+            out.n[c], out.low[c], out.high[c] = n, lo, hi
+    return out
+
+
+# --- the search -------------------------------------------------------------------------------
+
+
+@dataclass
+class Search:
+    """One class's search for its cut: the rows in play and the rank sought among them.
+
+    In range mode the rows in play have ``low <= order <= high`` and ``rank`` counts from the
+    highest value. In tie mode (``prefix`` set) they have ``order == low == high`` and a key
+    starting with ``prefix`` (UTF-8 bytes), and ``rank`` counts by (key, shard) ascending.
+    """
+
+    label: int | None  # None: one group of every candidate (balance none)
+    low: int
+    high: int
+    in_play: int
+    rank: int  # 1-based
+    prefix: bytes | None = None
+    exact_key: bool = False  # tie mode: the key is exactly `prefix`; shards decide
+    cut: tuple[int, str, str] | None = None  # (ordered value, key, shard) of the last kept row
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """Per class (or None for one group): the last kept row, ``"all"`` or ``"none"``."""
+
+    by_label: dict[int | None, tuple[int, str, str] | str]
+    scored: int
+
+
+def _group_of(rows: Rows, labels: list[int | None]) -> np.ndarray:
+    """(n,) int64: for each row, the position in `labels` of its class, or -1."""
+    n = len(rows.values)
+    if labels == [None]:
+        return np.zeros(n, dtype=np.int64)
+    if rows.labels is None:
+        raise InputError(f"{rows.null_labels} scored samples without a label: use --balance none")
+    known = np.array(labels, dtype=np.int64)
+    sorter = np.argsort(known, kind="stable")
+    pos = np.searchsorted(known, rows.labels, sorter=sorter)
+    pos = np.minimum(pos, max(len(known) - 1, 0))
+    found = sorter[pos] if len(known) else np.zeros(n, dtype=np.int64)
+    hit = known[found] == rows.labels if len(known) else np.zeros(n, dtype=bool)
+    return np.where(hit, found, -1)
+
+
+def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows in play: their indices and the position of their search, grouped by search."""
+    group = _group_of(rows, [s.label for s in searches])
+    low = np.array([s.low for s in searches], dtype=np.uint64)
+    high = np.array([s.high for s in searches], dtype=np.uint64)
+    g = np.maximum(group, 0)
+    mask = (group >= 0) & (rows.order >= low[g]) & (rows.order <= high[g])
+    idx = np.flatnonzero(mask)
+    idx = idx[np.argsort(group[idx], kind="stable")]
+    gid = group[idx]
+    if not any(s.prefix for s in searches) and not any(s.exact_key for s in searches):
+        return idx, gid
+    offsets, data = _key_bytes(rows.table["__key__"])
+    keep = np.ones(len(idx), dtype=bool)
+    bounds = np.searchsorted(gid, np.arange(len(searches) + 1))
+    for i, s in enumerate(searches):
+        if not s.prefix and not s.exact_key:
+            continue
+        mine = slice(bounds[i], bounds[i + 1])
+        start = offsets[idx[mine]]
+        length = offsets[idx[mine] + 1] - start
+        ok = length == len(s.prefix or b"") if s.exact_key else length >= len(s.prefix or b"")
+        for j, byte in enumerate(s.prefix or b""):
+            ok &= data[np.minimum(start + j, max(len(data) - 1, 0))] == byte
+        keep[mine] = ok
+    return idx[keep], gid[keep]
+
+
+def _key_bytes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of a string column: (n + 1,) int64 offsets into a uint8 buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    buffer = arr.buffers()[2]
+    data = np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.zeros(1, np.uint8)
+    return offsets, data
+
+
+def _radix_shift(s: Search, bits: int) -> int:
+    return max(0, (s.high - s.low).bit_length() - bits)
+
+
+def radix_part(rows: Rows, searches: list[Search], bits: int) -> np.ndarray:
+    """(len(searches), 2^bits) int64: per search, rows in play by their next `bits` bits."""
+    idx, gid = _members(rows, searches)
+    low = np.array([s.low for s in searches], dtype=np.uint64)
+    shift = np.array([_radix_shift(s, bits) for s in searches], dtype=np.uint64)
+    digit = ((rows.order[idx] - low[gid]) >> shift[gid]).astype(np.int64)
+    cells = np.bincount(gid * (1 << bits) + digit, minlength=len(searches) << bits)
+    return cells.reshape(len(searches), 1 << bits)
+
+
+def tie_part(rows: Rows, searches: list[Search]) -> np.ndarray:
+    """(len(searches), 257) int64: per tie search, rows in play by the key's next byte
+    (0: the key ends there, b + 1: byte b)."""
+    idx, gid = _members(rows, searches)
+    offsets, data = _key_bytes(rows.table["__key__"])
+    depth = np.array([len(s.prefix or b"") for s in searches], dtype=np.int64)
+    at = offsets[idx] + depth[gid]
+    ended = at >= offsets[idx + 1]
+    byte = np.where(ended, 0, data[np.minimum(at, len(data) - 1)].astype(np.int64) + 1)
+    return np.bincount(gid * 257 + byte, minlength=len(searches) * 257).reshape(-1, 257)
+
+
+def collect_part(rows: Rows, searches: list[Search]) -> list[list[tuple[int, str, str]]]:
+    """Per search, the rows in play as (ordered value, key, shard)."""
+    idx, gid = _members(rows, searches)
+    keys = rows.table["__key__"].take(idx).to_pylist()
+    shards = rows.table["__shard__"].take(idx).to_pylist()
+    out: list[list[tuple[int, str, str]]] = [[] for _ in searches]
+    for g, value, key, shard in zip(gid.tolist(), rows.order[idx].tolist(), keys, shards,
+                                    strict=True):  # fmt: skip
+        out[g].append((value, key, shard))
+    return out
+
+
+def _narrow_range(s: Search, hist: np.ndarray, bits: int) -> None:
+    shift = _radix_shift(s, bits)
+    above = 0
+    for digit in range(len(hist) - 1, -1, -1):  # highest values first
+        if above + hist[digit] >= s.rank:
+            s.rank -= above
+            s.in_play = int(hist[digit])
+            s.low = s.low + (digit << shift)
+            s.high = min(s.high, s.low + (1 << shift) - 1)
+            return
+        above += int(hist[digit])
+    raise AssertionError("rank beyond the rows in play")  # a bug: counts are exact
+
+
+def _narrow_tie(s: Search, hist: np.ndarray) -> None:
+    below = 0
+    for bucket in range(257):  # keys in ascending byte order; a key that ends sorts first
+        if below + hist[bucket] >= s.rank:
+            s.rank -= below
+            s.in_play = int(hist[bucket])
+            if bucket == 0:
+                s.exact_key = True
+            else:
+                s.prefix = (s.prefix or b"") + bytes([bucket - 1])
+            return
+        below += int(hist[bucket])
+    raise AssertionError("rank beyond the rows in play")
+
+
+def _finish(s: Search, rows: list[tuple[int, str, str]]) -> None:
+    rows.sort(key=lambda r: (-r[0], r[1].encode(), r[2].encode()))
+    s.cut = rows[s.rank - 1]
+
+
+def _searches(counts: Counts, keep: float, balance: str) -> dict[int | None, Search | str]:
+    """Per group, a search for its cut, or "all" / "none" when the quota decides alone."""
+    quotas: dict[int | None, int]
+    sizes: dict[int | None, int]
+    ranges: dict[int | None, tuple[int, int]]
+    if balance == "none":
+        quotas = {None: _round_half_up(_fraction(keep) * counts.total)}
+        sizes = {None: counts.total}
+        ranges = {None: (counts.low_all or 0, counts.high_all or 0)}
+    else:
+        if counts.null_labels:
+            raise InputError(
+                f"{counts.null_labels} scored samples without a label: use --balance none"
+            )
+        quota_of = proportional_quotas if balance == "proportional" else equal_quotas
+        quotas = {c: q for c, q in quota_of(counts.n, keep).items()}
+        sizes = {c: n for c, n in counts.n.items()}
+        ranges = {c: (counts.low[c], counts.high[c]) for c in counts.n}
+    out: dict[int | None, Search | str] = {}
+    for label, quota in quotas.items():
+        if quota <= 0:
+            out[label] = "none"
+        elif quota >= sizes[label]:
+            out[label] = "all"
+        else:
+            low, high = ranges[label]
+            out[label] = Search(label, low, high, sizes[label], quota)
+    return out
+
+
+def find_cuts(
+    names: list[str],
+    map_parts: MapParts,
+    *,
+    keep: float,
+    balance: str,
+    scorer: str,
+    seed: int,
+    memory_rows: int = MEMORY_ROWS,
+) -> Cuts:
+    """Each class's cut for a `keep` fraction split by `balance` (see the module)."""
+    counts = Counts()
+    for got in map_parts(lambda t: count_part(prepare(t, scorer, seed)), names):
+        counts.add(got)  # type: ignore[arg-type]
+    plan = _searches(counts, keep, balance)
+    open_ = [s for s in plan.values() if isinstance(s, Search)]
+    bits = max(4, min(16, int(math.log2(HISTOGRAM_CELLS / max(1, len(open_))))))
+    while open_:
+        _step(open_, names, map_parts, scorer, seed, memory_rows, bits)
+        open_ = [s for s in open_ if s.cut is None]
+    cuts: dict[int | None, tuple[int, str, str] | str] = {}
+    for label, s in plan.items():
+        cuts[label] = s if isinstance(s, str) else s.cut  # type: ignore[assignment]
+    return Cuts(cuts, counts.total)
+
+
+def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: str, seed: int,
+          memory_rows: int, bits: int) -> None:  # fmt: skip
+    """One pass over the parts that moves every open search forward."""
+    if sum(s.in_play for s in open_) <= memory_rows or all(s.exact_key for s in open_):
+        found: list[list[tuple[int, str, str]]] = [[] for _ in open_]
+        for got in map_parts(lambda t: collect_part(prepare(t, scorer, seed), open_), names):
+            for mine, rows in zip(found, got, strict=True):  # type: ignore[call-overload]
+                mine.extend(rows)
+        for s, rows in zip(open_, found, strict=True):
+            _finish(s, rows)
+        return
+    ranged = [s for s in open_ if s.high > s.low]
+    if ranged:
+        total = np.zeros((len(ranged), 1 << bits), dtype=np.int64)
+        for got in map_parts(lambda t: radix_part(prepare(t, scorer, seed), ranged, bits), names):
+            total += got  # type: ignore[arg-type]
+        for s, hist in zip(ranged, total, strict=True):
+            _narrow_range(s, hist, bits)
+            if s.high == s.low and s.prefix is None:
+                s.prefix = b""  # one value left: ties go by key from here
+        return
+    tied = [s for s in open_ if not s.exact_key]
+    total = np.zeros((len(tied), 257), dtype=np.int64)
+    for got in map_parts(lambda t: tie_part(prepare(t, scorer, seed), tied), names):
+        total += got  # type: ignore[arg-type]
+    for s, hist in zip(tied, total, strict=True):
+        _narrow_tie(s, hist)
+
+
+# --- the write pass ---------------------------------------------------------------------------
+
+
+def kept_part(
+    table: pa.Table,
+    *,
+    cuts: Cuts | None,
+    min_score: float | None,
+    scorer: str,
+    seed: int,
+) -> tuple[pa.Table, int]:
+    """One part's kept rows as ``__key__, __shard__, label, score``, sorted by shard then key,
+    and its number of candidates."""
+    rows = prepare(table, scorer, seed)
+    if min_score is not None:
+        mask = rows.values >= min_score
+    elif cuts is not None:
+        mask = _kept_mask(rows, cuts)
+    else:
+        raise ValueError("kept_part needs cuts or min_score")  # a bug, not bad input
+    idx = np.flatnonzero(mask)
+    cand = rows.table.take(idx)
+    score = -rows.values[idx] if scorer == "loss-easy" else rows.values[idx]
+    columns = [cand["__key__"], cand["__shard__"], cand["label"], pa.array(score, pa.float64())]
+    out = pa.Table.from_arrays(
+        [c.cast(f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)], schema=OUTPUT_SCHEMA
+    )
+    if out.num_rows > 1:
+        out = out.take(pc.sort_indices(out, sort_keys=[("__shard__", "ascending"),
+                                                       ("__key__", "ascending")]))  # fmt: skip
+    return out, len(rows.values)
+
+
+def _kept_mask(rows: Rows, cuts: Cuts) -> np.ndarray:
+    """Boolean (n,): the rows ranked at or before their class's cut."""
+    labels = list(cuts.by_label)
+    group = _group_of(rows, labels)
+    g = np.maximum(group, 0)
+    kind = np.array([c if isinstance(c, str) else "cut" for c in cuts.by_label.values()])
+    value = np.array([0 if isinstance(c, str) else c[0] for c in cuts.by_label.values()],
+                     dtype=np.uint64)  # fmt: skip
+    known = group >= 0
+    is_cut = known & (kind[g] == "cut")
+    mask = known & (kind[g] == "all") | is_cut & (rows.order > value[g])
+    at = np.flatnonzero(is_cut & (rows.order == value[g]))
+    if len(at):
+        names = [("", "") if isinstance(c, str) else (c[1], c[2]) for c in cuts.by_label.values()]
+        key = pa.array([names[i][0] for i in g[at].tolist()], pa.string())
+        shard = pa.array([names[i][1] for i in g[at].tolist()], pa.string())
+        keys, shards = rows.table["__key__"].take(at), rows.table["__shard__"].take(at)
+        before = pc.or_(
+            pc.less(keys, key), pc.and_(pc.equal(keys, key), pc.less_equal(shards, shard))
+        )
+        mask[at[np.asarray(before.to_numpy(zero_copy_only=False), dtype=bool)]] = True
+    return mask
+
+
+def select_parts(
+    names: list[str],
+    map_parts: MapParts,
+    *,
+    keep: float | None = None,
+    balance: str = "proportional",
+    min_score: float | None = None,
+    scorer: str = "sage",
+    seed: int = 0,
+    memory_rows: int = MEMORY_ROWS,
+) -> Iterator[tuple[str, pa.Table, int]]:
+    """(shard, its kept rows, its candidates) for each part, in shard-name order: the rows
+    `selection.select` keeps on all parts at once (same arguments)."""
+    _check_args(keep, balance, min_score, scorer)
+    names = sorted(names)
+    cuts = None
+    if keep is not None:
+        cuts = find_cuts(names, map_parts, keep=keep, balance=balance, scorer=scorer, seed=seed,
+                         memory_rows=memory_rows)  # fmt: skip
+    write = lambda t: kept_part(t, cuts=cuts, min_score=min_score, scorer=scorer, seed=seed)  # noqa: E731
+    for name, got in zip(names, map_parts(write, names), strict=True):
+        kept: pa.Table = got[0]  # type: ignore[index]
+        scored: int = got[1]  # type: ignore[index]
+        yield name, kept, scored
