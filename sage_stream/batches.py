@@ -10,12 +10,20 @@ are grouped by shape: each shape fills its own batch, so a shard that alternates
 sizes still runs in full batches. At most `HELD_BATCHES` batches' worth of samples wait across
 all shapes (bounded memory); past that, the group that started first is sent as it is. With
 one shape this is exactly one batch after another, in stream order.
+
+An input is a tensor or a dict of tensors (`input_ids`, `attention_mask`, ... from a
+preprocess or `--tokenizer`); a dict batch is a dict of stacked tensors, and the model is
+called as `model(**x)`. In a dict, 1-D integer or bool tensors are sequences: samples of any
+length share a batch, padded with 0 to the longest (BERT's pad id; the attention mask's 0).
+Dtypes: floating inputs become float32 (as always); int32/int64 and bool stay as they are
+(token ids must reach `nn.Embedding` as integers); anything else (uint8 images) float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,7 +31,9 @@ from torch import Tensor
 from .errors import SampleError, ShardError
 from .sample import Sample
 
-Decoder = Callable[[Sample], tuple[Tensor, int]]
+Inputs = Tensor | dict[str, Tensor]
+Decoder = Callable[[Sample], tuple[Any, int]]
+KEPT_DTYPES = (torch.int64, torch.int32, torch.bool)
 HELD_BATCHES = 4  # samples waiting across shapes: at most this many batches' worth
 
 
@@ -31,7 +41,7 @@ HELD_BATCHES = 4  # samples waiting across shapes: at most this many batches' wo
 class Batch:
     keys: list[str]
     indices: list[int]  # positions in the shard
-    x: Tensor  # (B, ...) float32, on the CPU
+    x: Inputs  # (B, ...) float32 (or kept integer dtype), or a dict of them; on the CPU
     y: Tensor  # (B,) int64
 
 
@@ -43,7 +53,73 @@ class Skipped:
     label: int | None = None
 
 
-def _decode(sample: Sample, decoder: Decoder, num_classes: int) -> tuple[Tensor, int]:
+def as_input(x: Any) -> Inputs:
+    """A decoded input as a tensor, or a dict of tensors, in the dtypes the module docstring
+    gives; TypeError/ValueError for anything else."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise ValueError("the input is an empty dict")
+        return {str(k): _as_tensor(v) for k, v in x.items()}
+    return _as_tensor(x)
+
+
+def _as_tensor(x: Any) -> Tensor:
+    t = torch.as_tensor(x)
+    return t if t.dtype in KEPT_DTYPES else t.to(torch.float32)
+
+
+def _is_sequence(t: Tensor) -> bool:
+    return t.ndim == 1 and (t.dtype in KEPT_DTYPES)
+
+
+def group_key(x: Inputs) -> tuple:
+    """What samples must share to be in one batch: the shape and dtype, per key for a dict
+    (a sequence's length is padded away, so it is not part of it)."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    return tuple(
+        (k, v.dtype, "seq" if _is_sequence(v) else tuple(v.shape)) for k, v in sorted(x.items())
+    )
+
+
+def input_shape(x: Inputs) -> Any:
+    """A sample's (or a batch's per-sample) shape for messages: (C, H, W) or {key: shape}."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    return {k: tuple(v.shape) for k, v in x.items()}
+
+
+def collate(xs: list[Inputs]) -> Inputs:
+    """Stack samples of one group key; pad a dict's sequences with 0 to the longest."""
+    first = xs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(xs)  # type: ignore[arg-type]
+    out: dict[str, Tensor] = {}
+    for k, v in first.items():
+        column = [x[k] for x in xs]  # type: ignore[index]
+        if _is_sequence(v):
+            longest = max(t.shape[0] for t in column)
+            padded = v.new_zeros((len(column), longest))
+            for i, t in enumerate(column):
+                padded[i, : t.shape[0]] = t
+            out[k] = padded
+        else:
+            out[k] = torch.stack(column)
+    return out
+
+
+def to_device(x: Inputs, device: torch.device) -> Inputs:
+    """On the model's device; from pinned memory on CUDA, so the copies are asynchronous."""
+
+    def move(t: Tensor) -> Tensor:
+        if device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return move(x) if isinstance(x, Tensor) else {k: move(v) for k, v in x.items()}
+
+
+def _decode(sample: Sample, decoder: Decoder, num_classes: int) -> tuple[Inputs, int]:
     if sample.error is not None:
         raise SampleError(sample.shard, sample.key, sample.error)
     try:
@@ -55,7 +131,10 @@ def _decode(sample: Sample, decoder: Decoder, num_classes: int) -> tuple[Tensor,
     label = int(label)
     if not 0 <= label < num_classes:
         raise SampleError(sample.shard, sample.key, f"label {label} outside [0, {num_classes})")
-    x = torch.as_tensor(x, dtype=torch.float32)
+    try:
+        x = as_input(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SampleError(sample.shard, sample.key, f"not a tensor input: {exc}") from None
     return x, label
 
 
@@ -65,17 +144,17 @@ class _Pending:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.indices: list[int] = []
-        self.xs: list[Tensor] = []
+        self.xs: list[Inputs] = []
         self.ys: list[int] = []
 
-    def add(self, sample: Sample, x: Tensor, y: int) -> None:
+    def add(self, sample: Sample, x: Inputs, y: int) -> None:
         self.keys.append(sample.key)
         self.indices.append(sample.index)
         self.xs.append(x)
         self.ys.append(y)
 
     def take(self) -> Batch:
-        batch = Batch(self.keys, self.indices, torch.stack(self.xs), torch.tensor(self.ys))
+        batch = Batch(self.keys, self.indices, collate(self.xs), torch.tensor(self.ys))
         self.keys, self.indices, self.xs, self.ys = [], [], [], []
         return batch
 
@@ -85,11 +164,11 @@ class _Groups:
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self.by_shape: dict[tuple[int, ...], _Pending] = {}  # insertion order = arrival order
+        self.by_shape: dict[tuple, _Pending] = {}  # insertion order = arrival order
         self.held = 0
 
-    def add(self, sample: Sample, x: Tensor, y: int) -> Iterator[Batch]:
-        shape = tuple(x.shape)
+    def add(self, sample: Sample, x: Inputs, y: int) -> Iterator[Batch]:
+        shape = group_key(x)
         group = self.by_shape.setdefault(shape, _Pending())
         group.add(sample, x, y)
         self.held += 1
@@ -102,7 +181,7 @@ class _Groups:
         while self.by_shape:
             yield self._take(next(iter(self.by_shape)))
 
-    def _take(self, shape: tuple[int, ...]) -> Batch:
+    def _take(self, shape: tuple) -> Batch:
         batch = self.by_shape.pop(shape).take()
         self.held -= len(batch.keys)
         return batch

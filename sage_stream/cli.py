@@ -106,6 +106,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "model) that judges the samples; the current folder is importable",
     )
     g.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="K=V",
+        help="keyword argument for the factory, repeatable (num_classes=10, pretrained=false, "
+        "model_name=resnet18); numbers, true/false and none are parsed",
+    )
+    g.add_argument(
+        "--output-key",
+        metavar="KEY",
+        help="the logits in the model's output: a dict key, attribute or tuple index "
+        "(default: the tensor itself, .logits, or a tuple's first element)",
+    )
+    g.add_argument(
         "--checkpoint",
         metavar="URL",
         help="state dict for the model (loaded with weights_only=True)",
@@ -243,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _option_value(text: str) -> Any:
-    """`true`/`false` and numbers become themselves (`default_block_size=8388608`)."""
+def _option_value(text: str, none: bool = False) -> Any:
+    """`true`/`false` and numbers become themselves (`default_block_size=8388608`); with
+    `none`, `none`/`null` become None."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
+    if none and lowered in ("none", "null"):
+        return None
     for kind in (int, float):
         try:
             return kind(text)
@@ -266,6 +282,17 @@ def storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def model_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--model-arg num_classes=10` pairs as keyword arguments."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--model-arg {pair!r}: expected NAME=VALUE")
+        options[key.strip()] = _option_value(value, none=True)
+    return options
+
+
 def gather_options(args: argparse.Namespace) -> dict[str, Any]:
     """Config file first, then every flag that was given."""
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -275,6 +302,9 @@ def gather_options(args: argparse.Namespace) -> dict[str, Any]:
     config_file = given.pop("config", None)
     options = load_toml(config_file) if config_file else {}
     opts = {**options.pop("storage_options", {}), **storage_options(pairs)}
+    arg_pairs = given.pop("model_arg", None)
+    if arg_pairs:
+        options["model_args"] = {**options.get("model_args", {}), **model_args(arg_pairs)}
     if given.get("inputs") == []:
         given.pop("inputs")
     options.update(given)

@@ -35,7 +35,7 @@ HOW_NOT_WHAT = (
 )
 # Options added after outputs already existed: recorded (manifest, run identity) only when set,
 # so that a run that does not use them writes the same bytes as before they existed.
-RECORDED_WHEN_SET = ("resize", "crop", "normalize", "image_mode")
+RECORDED_WHEN_SET = ("resize", "crop", "normalize", "image_mode", "model_args", "output_key")
 NUMERIC_FIELDS: dict[str, type] = {
     "resize": int, "crop": int,
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
@@ -54,6 +54,8 @@ class Config:
     out: str = ""
     model: Any = None  # "module:function", a callable, or an nn.Module
     checkpoint: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # the factory's keyword arguments
+    output_key: str | None = None  # the logits' entry in the model's output (default: found)
     input_key: str | None = None
     label_key: str | None = "cls"  # None (`none`): unlabeled, every sample class 0
     key_column: str = "__key__"  # Parquet: the column holding the sample key, if any
@@ -114,6 +116,10 @@ class Config:
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise InputError(f"--min-score must be a finite number, got {self.min_score}")
         check_options(self.resize, self.crop, self.normalize, self.image_mode)
+        if not isinstance(self.model_args, dict):
+            raise InputError(
+                f"model_args must be a table of keyword arguments, not {self.model_args!r}"
+            )
         if self.params and self.grad != "params":
             raise InputError("--params only applies with --grad params")
 
@@ -158,10 +164,12 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in HOW_NOT_WHAT or (f.name in RECORDED_WHEN_SET and value is None):
+            if f.name in HOW_NOT_WHAT or (f.name in RECORDED_WHEN_SET and value in (None, {})):
                 continue
             if f.name == "storage_options":
                 value = sorted(value)  # keys only: values may be credentials
+            elif f.name == "model_args":
+                value = {k: value[k] for k in sorted(value)}
             elif value is not None and not isinstance(value, str | int | float | bool | tuple):
                 value = getattr(value, "__qualname__", type(value).__name__)
             out[f.name] = list(value) if isinstance(value, tuple) else value

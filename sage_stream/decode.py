@@ -29,7 +29,7 @@ from sage_stream.fields import IMAGE_EXTENSIONS, NPY_MAGIC
 from sage_stream.sample import Sample
 from sage_stream.transforms import ImageTransform
 
-Decoder = Callable[[Sample], tuple[torch.Tensor, int]]
+Decoder = Callable[[Sample], tuple[Any, int]]  # input: a tensor, or a dict of tensors
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -130,9 +130,7 @@ def make_decoder(
     )
 
 
-def _decode_with(
-    fn: Callable[[Sample], tuple[Any, Any]], sample: Sample
-) -> tuple[torch.Tensor, int]:
+def _decode_with(fn: Callable[[Sample], tuple[Any, Any]], sample: Sample) -> tuple[Any, int]:
     try:
         result = fn(sample)
     except SampleError:
@@ -145,6 +143,8 @@ def _decode_with(
         raise SampleError(sample.shard, sample.key, "preprocess must return (input, label)")
     x, label = result
     try:
+        if isinstance(x, Mapping):  # a dict of model inputs (input_ids, attention_mask, ...)
+            return {str(k): torch.as_tensor(v) for k, v in x.items()}, decode_label(label)
         return torch.as_tensor(x), decode_label(label)
     except (TypeError, ValueError, RuntimeError) as e:
         raise SampleError(sample.shard, sample.key, f"bad preprocess result: {e}") from e

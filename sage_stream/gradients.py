@@ -11,6 +11,10 @@ Two modes:
 - `params`: the gradient w.r.t. any parameters chosen by glob, with `torch.func`
   (`functional_call` + `vmap(grad)`), in chunks of `chunk_size` samples to bound memory.
 
+The model may take a tensor or a dict of tensors (`model(**x)`, transformers-style) and return
+logits as a tensor, tuple, dict or `ModelOutput` (`model.logits_of`). In params mode, a model
+that `vmap` cannot run is differentiated one sample at a time instead (slower, same maths).
+
 The model must already be in eval mode (the caller sets it): dropout or batch statistics would
 make g_i depend on the rest of the batch. Non-finite values are passed through, not raised: the
 scorer records them per sample.
@@ -20,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .errors import InputError
+from .model import logits_of
 from .projection import Projector
+
+log = logging.getLogger("sage_stream")
+Inputs = torch.Tensor | dict[str, torch.Tensor]  # as batches.Inputs
 
 MODES = ("last-layer", "params")
 # --precision: the dtype the model's forward runs in under autocast. Gradient features, the
@@ -111,6 +120,7 @@ class GradientFeaturizer:
         seed: int = 0,
         chunk_size: int = 64,
         precision: str = "fp32",
+        output_key: str | None = None,
     ):
         if mode not in MODES:
             raise InputError(f"gradient mode {mode!r} is not one of {list(MODES)}")
@@ -119,6 +129,8 @@ class GradientFeaturizer:
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
         self.model, self.mode, self.chunk_size = model, mode, chunk_size
+        self.output_key = output_key
+        self.vmap_ok = True  # params mode: False once vmap failed on this model (then a loop)
         self.autocast = PRECISIONS[precision]  # None: the model's own dtype
         self.head_name: str | None = None
         self.head: nn.Linear | None = None
@@ -148,11 +160,21 @@ class GradientFeaturizer:
         named = dict(self.model.named_parameters())
         self.raw_dim = sum(named[n].numel() for n in self.param_names)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Features:
+    def forward(self, x: Inputs, params: Any = None) -> torch.Tensor:
+        """The model's logits for inputs `x` (a tensor, or a dict passed as keywords), with
+        `params` (name -> tensor, for torch.func) in place of the model's own if given."""
+        args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
+        if params is None:
+            out = self.model(*args, **kwargs)
+        else:
+            out = functional_call(self.model, params, args, kwargs)
+        return cast(torch.Tensor, logits_of(out, self.output_key))
+
+    def __call__(self, x: Inputs, y: torch.Tensor) -> Features:
         """Features of a batch: x on the model's device, y (B,) int64 labels in [0, C)."""
         if self.num_classes is None:  # params mode, no Linear: learn C from one sample
-            with torch.no_grad(), self._autocast(x):
-                self._check_width(self.model(x[:1]).float())
+            with torch.no_grad(), self._autocast(y):
+                self._check_width(self.forward(_rows(x, 0, 1)).float())
         y = self._check_labels(x, y)
         if self.mode == "last-layer":
             grads, loss, logits = self._last_layer(x, y)
@@ -162,7 +184,7 @@ class GradientFeaturizer:
             grads = self.projector(grads)  # (B, k)
         return Features(grads=grads, loss=loss, logits=logits)
 
-    def _check_labels(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _check_labels(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise InputError(
                 f"labels must be a (B,) integer tensor, got {y.dtype} {tuple(y.shape)}"
@@ -177,7 +199,7 @@ class GradientFeaturizer:
                 )
         return y.to(torch.int64)
 
-    def _last_layer(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _last_layer(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         head = self.head
         if head is None:  # set by _init_last_layer, the only mode that calls this
@@ -188,8 +210,8 @@ class GradientFeaturizer:
 
         handle = head.register_forward_hook(hook)
         try:
-            with torch.no_grad(), self._autocast(x):
-                out = self.model(x)
+            with torch.no_grad(), self._autocast(y):
+                out = self.forward(x)
         finally:
             handle.remove()
         h, logits = self._head_io(seen, out)  # (B, H), (B, C)
@@ -222,9 +244,13 @@ class GradientFeaturizer:
             and out._version == version  # no in-place op after the head
         )
         if not same:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise InputError(
-                f"the model's output is not the output of {where} (something is applied after "
-                "it); use --grad params, or --head NAME for the layer that gives the logits"
+                f"the logits the model returns ({got}) are not what {where} returned "
+                f"({tuple(head_out.shape)}): an operation follows it (softmax, scaling, an "
+                "in-place change), or another layer gives the logits; pass --head NAME for "
+                "that layer, --output-key KEY if the logits are another entry of the output, "
+                "or --grad params"
             )
         if h.ndim != 2:
             raise InputError(
@@ -232,31 +258,80 @@ class GradientFeaturizer:
             )
         return h, cast(torch.Tensor, out)
 
-    def _params(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _params(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(y) == 0:  # vmap cannot map over an empty batch
             zeros = torch.zeros((0, self.raw_dim), device=y.device)
             return zeros, zeros[:, 0], torch.zeros((0, self.num_classes or 0), device=y.device)
+        if self.vmap_ok:
+            try:
+                return self._params_vmap(x, y)
+            except (torch.cuda.OutOfMemoryError, InputError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch.func refuses many models its way
+                self.vmap_ok = False
+                log.warning(
+                    "--grad params: torch.func.vmap cannot run this model (%s: %s); per-sample "
+                    "gradients are computed one sample at a time instead (slower)",
+                    type(exc).__name__,
+                    _first_line(exc),
+                )
+        try:
+            return self._params_loop(x, y)
+        except (torch.cuda.OutOfMemoryError, InputError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model autograd cannot differentiate
+            raise InputError(
+                f"--grad params cannot differentiate this model per sample "
+                f"({type(exc).__name__}: {_first_line(exc)}); use --grad last-layer"
+            ) from None
+
+    def _split_params(self) -> tuple[dict, dict, dict]:
         named = dict(self.model.named_parameters())
         chosen = {n: named[n].detach() for n in self.param_names}
         fixed = {n: p.detach() for n, p in named.items() if n not in chosen}
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
-        model = self.model
+        return chosen, fixed, buffers
 
-        def loss_of_one(params: dict, xi: torch.Tensor, yi: torch.Tensor) -> tuple:
-            logits = functional_call(model, (params, fixed, buffers), (xi.unsqueeze(0),))
+    def _params_vmap(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        chosen, fixed, buffers = self._split_params()
+
+        def loss_of_one(params: dict, xi: Inputs, yi: torch.Tensor) -> tuple:
+            logits = self.forward(_unsqueeze(xi), (params, fixed, buffers))
             loss = F.cross_entropy(logits, yi.unsqueeze(0))
             return loss, (loss.detach(), logits.detach().squeeze(0))
 
         per_sample = vmap(
             grad(loss_of_one, has_aux=True), in_dims=(None, 0, 0), chunk_size=self.chunk_size
         )
-        with self._autocast(x):
+        with self._autocast(y):
             g, (loss, logits) = per_sample(chosen, x, y)  # {name: (B, *shape)}, (B,), (B, C)
         self._check_width(logits)
         grads = torch.cat([g[n].flatten(1).to(torch.float32) for n in self.param_names], dim=1)
         return grads, loss.to(torch.float32), logits.to(torch.float32)
 
+    def _params_loop(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The same gradients as `_params_vmap`, by autograd one sample at a time."""
+        chosen, fixed, buffers = self._split_params()
+        rows, losses, all_logits = [], [], []
+        for i in range(len(y)):
+            params = {n: p.clone().requires_grad_(True) for n, p in chosen.items()}
+            with torch.enable_grad(), self._autocast(y):
+                logits = self.forward(_rows(x, i, i + 1), (params, fixed, buffers))
+                self._check_width(logits)
+                loss = F.cross_entropy(logits.float(), y[i : i + 1])
+            names = self.param_names
+            got = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            flat = [
+                (torch.zeros_like(params[n]) if gi is None else gi).flatten().to(torch.float32)
+                for n, gi in zip(names, got, strict=True)
+            ]
+            rows.append(torch.cat(flat))
+            losses.append(loss.detach().reshape(()))
+            all_logits.append(logits.detach().float().squeeze(0))
+        return torch.stack(rows), torch.stack(losses).float(), torch.stack(all_logits)
+
     def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        # `x` only says the device: the labels' (a dict of inputs has no single one)
         """The forward under autocast to `precision`, or as it is for fp32."""
         if self.autocast is None:
             return contextlib.nullcontext()
@@ -273,3 +348,17 @@ class GradientFeaturizer:
                 f"the model returns {logits.shape[1]} logits but {self.head_name!r} has "
                 f"{self.num_classes} outputs; pass --head NAME for the layer giving the logits"
             )
+
+
+def _rows(x: Inputs, start: int, stop: int) -> Inputs:
+    """Samples [start, stop) of a batch, tensor or dict."""
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def _unsqueeze(x: Any) -> Any:
+    return {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

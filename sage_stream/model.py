@@ -2,14 +2,16 @@
 
 The model is a user factory `module:function` returning an `nn.Module`; its weights come from
 `--checkpoint`, a state dict read with `torch.load(weights_only=True)` so that a checkpoint can
-never run code. The fingerprint (a hash of the weights) goes into the sketch store, so that a
+never run code. Factories take arguments from `--model-arg key=value` (`num_classes=10`), and a
+model may return what the ecosystem returns: a tensor of logits, a tuple (logits first), a dict
+or a `ModelOutput` (its `logits`), or the entry named by `--output-key`. The fingerprint (a hash of the weights) goes into the sketch store, so that a
 sketch made by one model is never silently used with another.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, cast
 
 import torch
@@ -32,12 +34,24 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"--device {name!r}: {exc}") from None
 
 
-def build_model(factory: str | Callable[[], nn.Module] | nn.Module) -> nn.Module:
-    """Call the factory (`module:function`, a callable, or an `nn.Module` used as is)."""
+def build_model(
+    factory: str | Callable[..., nn.Module] | nn.Module, args: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Call the factory (`module:function`, a callable, or an `nn.Module` used as is) with the
+    keyword arguments `args` (`--model-arg`)."""
     if isinstance(factory, nn.Module):
+        if args:
+            raise InputError("--model-arg needs a model factory, not a ready nn.Module")
         return factory
     fn = load_callable(factory) if isinstance(factory, str) else factory
-    model = fn()
+    try:
+        model = fn(**dict(args or {}))
+    except TypeError as exc:
+        if not args:
+            raise
+        raise InputError(
+            f"model factory {factory!r} with --model-arg {dict(args)}: {exc}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise InputError(
             f"model factory {factory!r} returned {type(model).__name__}, not nn.Module"
@@ -61,8 +75,12 @@ def load_checkpoint(model: nn.Module, url: str, storage_options: dict | None = N
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"checkpoint {url} does not fit the model: {first}") from None
+        # every missing, unexpected and mis-sized key, on one line: the useful part is there
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+        detail = detail.removeprefix("Error(s) in loading state_dict for ")
+        if len(detail) > 4000:  # a wrong architecture lists every key; say how many more
+            detail = f"{detail[:4000]} ... ({len(detail) - 4000} more characters)"
+        raise InputError(f"checkpoint {url} does not fit the model: {detail}") from None
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -76,14 +94,53 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def load_model(
-    factory: str | Callable[[], nn.Module] | nn.Module,
+    factory: str | Callable[..., nn.Module] | nn.Module,
     checkpoint: str | None,
     device: torch.device,
     storage_options: dict | None = None,
+    args: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, str]:
     """Build, load, fingerprint and move the model; returns it in eval mode."""
-    model = build_model(factory)
+    model = build_model(factory, args)
     if checkpoint:
         load_checkpoint(model, checkpoint, storage_options)
     digest = fingerprint(model)
     return model.to(device).eval(), digest
+
+
+def logits_of(out: Any, output_key: str | None = None) -> Any:
+    """The logits in a model's output: the tensor itself; with `output_key`, that entry (a dict
+    key, an attribute, or a tuple index); else `.logits` / `["logits"]`; else a tuple's first
+    element. Anything else is an InputError saying what the model returned."""
+    if output_key is not None:
+        return _entry(out, output_key)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:  # dicts, transformers' ModelOutput
+        return out["logits"]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    if isinstance(out, Sequence) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        raise InputError(
+            f"the model returns a {type(out).__name__} with keys {sorted(map(str, out))} and no "
+            "'logits': name the logits with --output-key KEY"
+        )
+    raise InputError(
+        f"the model returns {type(out).__name__}, not logits: return a (B, C) tensor, or name "
+        "the logits with --output-key KEY"
+    )
+
+
+def _entry(out: Any, key: str) -> Any:
+    if isinstance(out, Mapping) and key in out:
+        return out[key]
+    if isinstance(out, Sequence) and not isinstance(out, str) and key.lstrip("-").isdigit():
+        index = int(key)
+        if -len(out) <= index < len(out):
+            return out[index]
+    if not isinstance(out, torch.Tensor) and hasattr(out, key):
+        return getattr(out, key)
+    have = sorted(map(str, out)) if isinstance(out, Mapping) else type(out).__name__
+    raise InputError(f"--output-key {key!r} is not in the model's output ({have})")

@@ -34,6 +34,9 @@ def sketch_options(cfg: Config) -> dict[str, Any]:
         "seed": cfg.seed if cfg.project_dim else None,
         "ell": cfg.ell,
         "precision": cfg.precision,
+        # newer options, only when set (so that earlier sketches keep their identity)
+        **({"model_args": cfg.describe()["model_args"]} if cfg.model_args else {}),
+        **({"output_key": cfg.output_key} if cfg.output_key is not None else {}),
     }
 
 

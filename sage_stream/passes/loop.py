@@ -15,12 +15,12 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..batches import Batch, Decoder, Skipped
+from ..batches import Batch, Decoder, Inputs, Skipped, input_shape, to_device
 from ..config import Config, shard_options
 from ..decode import make_decoder
 from ..errors import InputError, SampleError, ShardError
@@ -95,7 +95,9 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         raise InputError("no model: pass --model MODULE:FUNCTION")
     refs = refs if refs is not None else expand_inputs(cfg.inputs, cfg.storage_options)
     device = resolve_device(cfg.device)
-    model, digest = load_model(cfg.model, cfg.checkpoint, device, cfg.storage_options)
+    model, digest = load_model(
+        cfg.model, cfg.checkpoint, device, cfg.storage_options, args=cfg.model_args
+    )
     featurizer = GradientFeaturizer(
         model,
         mode=cfg.grad,
@@ -105,6 +107,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         seed=cfg.seed,
         chunk_size=cfg.chunk_size,
         precision=cfg.precision,
+        output_key=cfg.output_key,
     )
     decoder = make_decoder(
         input_key=cfg.input_key,
@@ -140,7 +143,7 @@ def _items(
     `progress` advances by an item's samples once the consumer is done with it.
     """
     fail = ctx.cfg.on_error == "fail"
-    shapes: set[tuple[int, ...]] = set()
+    shapes: set = set()
     try:
         for entry in batches:
             if isinstance(entry, Skipped):
@@ -149,7 +152,7 @@ def _items(
                 yield entry
                 progress.advance(1)
                 continue
-            shapes.add(tuple(entry.x.shape[1:]))
+            shapes.add(_sample_shape(entry.x))
             if len(shapes) > 1:
                 _warn_shapes(ctx, ref, shapes)
             featured = _featurize(ctx, ref, entry, fail)
@@ -166,7 +169,15 @@ def _items(
         yield Broken(exc.reason)
 
 
-def _warn_shapes(ctx: StageContext, ref: ShardRef, shapes: set[tuple[int, ...]]) -> None:
+def _sample_shape(x: Inputs) -> Any:
+    """Per-sample shape of a batch's inputs, hashable: (C, H, W) or ((key, shape), ...)."""
+    shape = input_shape(x)
+    if isinstance(shape, dict):  # sequences are padded per batch: only the keys matter here
+        return tuple(sorted(shape))
+    return shape[1:]
+
+
+def _warn_shapes(ctx: StageContext, ref: ShardRef, shapes: set) -> None:
     """Once per run: inputs of several shapes run in smaller batches, and a model trained on
     fixed-size, normalised images judges native-size ones poorly."""
     if "shapes" in ctx.warned:
@@ -204,17 +215,15 @@ def _featurize(
 ) -> Featured | list[Skipped]:
     """Gradient features of a batch; a batch the model cannot take is a skip for each of its
     samples (naming the first key under fail), and under fail a non-finite sample raises."""
-    x, y = batch.x, batch.y
-    if ctx.device.type == "cuda":  # from pinned memory, the copies are truly asynchronous
-        x, y = x.pin_memory(), y.pin_memory()
-    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    x, y = to_device(batch.x, ctx.device), cast(Tensor, to_device(batch.y, ctx.device))
     try:
         feats = ctx.featurizer(x, y)
     except torch.cuda.OutOfMemoryError:
         raise  # the machine's limit, not the input's fault
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = f"the model cannot take this input of shape {tuple(batch.x.shape[1:])}: {first}"
+        shape = _sample_shape(batch.x)
+        reason = f"the model cannot take this input of shape {shape}: {first}"
         if fail:
             raise SampleError(ref.name, batch.keys[0], reason, ref.url) from None
         labels = batch.y.tolist()

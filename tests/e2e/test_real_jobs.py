@@ -160,7 +160,9 @@ def test_pyarrow_written_layouts(tmp_path, capsys):
     flat = make_parquet_shard(tmp_path / "flat.parquet", {"jpeg_bytes": pics, "y": labels})
     nested = make_parquet_shard(
         tmp_path / "nested.parquet",
-        pa.table({"sample": pa.array([{"img": p, "y": y} for p, y in zip(pics, labels, strict=True)])}),
+        pa.table(
+            {"sample": pa.array([{"img": p, "y": y} for p, y in zip(pics, labels, strict=True)])}
+        ),
     )
     base = ["--model", "zoo:convnet", "--crop", "16", "--keep", "0.5", *COMMON]
     assert main(["run", flat, "--label-key", "y", "--out", str(tmp_path / "a"), *base]) == 0
@@ -168,3 +170,28 @@ def test_pyarrow_written_layouts(tmp_path, capsys):
                  "--out", str(tmp_path / "b"), *base]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("seen 24  scored 24  errored 0  kept 12") == 2
+
+
+def token_parquet(folder: Path, n: int = 30) -> str:
+    """Rows of token ids of varying length whose class shows in the ids, and a label."""
+    from shardmaker import make_parquet_shard
+
+    rng = np.random.default_rng(0)
+    ids = [(rng.integers(1, 20, size=3 + i % 5) + 20 * (i % 3)).tolist() for i in range(n)]
+    return make_parquet_shard(
+        folder / "tokens.parquet", {"ids": ids, "label": [i % 3 for i in range(n)]}
+    )
+
+
+def test_a_transformers_classifier_runs_from_the_cli(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    url = token_parquet(tmp_path)
+    base = ["run", url, "--model", "zoo:tiny_bert", "--model-arg", "num_labels=3",
+            "--preprocess", "zoo:token_inputs", "--keep", "0.5", *COMMON]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "ll")]) == 0
+    assert main([*base, "--grad", "params", "--params", "classifier.*,bert.pooler.*",
+                 "--out", str(tmp_path / "pm")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("seen 30  scored 30  errored 0  kept 15") == 2
+    manifest = json.loads((tmp_path / "ll" / "manifest.json").read_text())
+    assert manifest["config"]["model_args"] == {"num_labels": 3}
