@@ -37,6 +37,7 @@ from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
 from .passes.sketch import SketchResult
 from .sample import ShardRef
+from .storage import pin_of
 from .threshold import COLUMNS as SELECT_COLUMNS
 from .threshold import local_map, select_parts
 
@@ -67,9 +68,15 @@ class RunResult:
 def _claim(cfg: Config) -> StageContext:
     """Load the model and list the inputs: reading needs no lease, and a bad input or model
     is reported before OUT is touched."""
-    ctx = build_context(cfg)
-    ctx.out.refuse_inputs_inside(ctx.refs)
-    return ctx
+    refs = pinned(expand_inputs(cfg.inputs, cfg.storage_options), cfg)
+    cfg.output.refuse_inputs_inside(refs)
+    return build_context(cfg, refs)
+
+
+def pinned(refs: list[ShardRef], cfg: Config) -> list[ShardRef]:
+    """The shards with what they hold now (storage.pin_of): part of the run identity, and
+    checked by every later open of the shard."""
+    return [dataclasses.replace(r, pin=pin_of(r.url, cfg.storage_options)) for r in refs]
 
 
 def _take(ctx: StageContext) -> None:
@@ -96,7 +103,10 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
             f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
             f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
         )
-    return refs
+    pins = (stored or {}).get("pins")
+    if pins is None:  # made before inputs were pinned: nothing to check against
+        return pinned(refs, cfg)
+    return [dataclasses.replace(r, pin=p) for r, p in zip(refs, pins, strict=True)]
 
 
 def _select(cfg: Config, shards: list[str]) -> SelectResult:

@@ -21,6 +21,9 @@ class ShardRef:
     url: str
     name: str
     format: Format
+    # What the shard's contents were when the inputs were listed (storage.pin_of): every
+    # later open checks it, so scores are never attached to a rewritten shard. None: unpinned.
+    pin: str | None = None
 
 
 @dataclass(slots=True)

@@ -127,7 +127,7 @@ def read_parquet(
     null key with ``"null key in column ..."``. Raises ShardError for a file that cannot be
     opened or read.
     """
-    with open_shard(ref.url, storage_options) as f:
+    with open_shard(ref.url, storage_options, pin=ref.pin) as f:
         pf = _open(ref, f)
         start = 0
         for batch, keys, errors in _keyed_batches(ref, pf, key_column, batch_rows, columns):
@@ -188,7 +188,7 @@ def copy_selected_parquet(
     passes) does not stop emit. Output is deterministic. Raises ShardError as ``read_parquet``.
     """
     extra = sage_fields(keep)
-    with open_shard(ref.url, storage_options) as f:
+    with open_shard(ref.url, storage_options, pin=ref.pin) as f:
         pf = _open(ref, f)
         replaced = {fld.name for fld in extra}
         original = [fld for fld in pf.schema_arrow if fld.name not in replaced]

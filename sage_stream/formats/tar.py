@@ -149,7 +149,7 @@ def _raw_samples(
     pending: _RawSample | None = None
     seen: set[str] = set()
     index = 0
-    with open_shard(ref.url, storage_options) as raw:
+    with open_shard(ref.url, storage_options, pin=ref.pin) as raw:
         try:
             tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CheckedTarInfo)  # noqa: SIM115
             for info, key, fld in _sample_members(tf):

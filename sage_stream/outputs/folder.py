@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import InputError, OutputExistsError, StorageError
+from ..errors import InputError, MismatchError, OutputExistsError, StorageError
 from ..storage import atomic_write, exists, join, list_names, open_input, remove
 from ..storage.retry import RetryingReader
 from .sketch_store import SketchStore
@@ -179,6 +179,11 @@ class OutputFolder:
             changed = sorted(
                 k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
             )
+            if not overwrite and changed == ["pins"] and stored.get("pins") is not None:
+                raise MismatchError(
+                    f"{self.url} was made from other contents of these inputs: "
+                    f"{_changed_pins(stored, identity)}; use --overwrite to score them again"
+                )
             if not overwrite:
                 raise OutputExistsError(
                     f"{self.url} holds a run with another configuration (differs in: "
@@ -291,3 +296,13 @@ def _comparable(url: str) -> str:
     if not scheme:
         return os.path.realpath("/" + rest.lstrip("/")).rstrip("/")
     return scheme + "/".join(p for p in rest.split("/") if p)
+
+
+def _changed_pins(stored: dict[str, Any], now: dict[str, Any]) -> str:
+    """'a.tar (size=1 mtime=2 -> size=3 mtime=4), ...' for the inputs whose pin changed."""
+    urls, before, after = now["inputs"], stored["pins"], now["pins"]
+    pairs = zip(urls, before, after, strict=True)  # same inputs: only the pins differ
+    changed = [f"{url.rsplit('/', 1)[-1]} ({a} -> {b})" for url, a, b in pairs if a != b]
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    shown = ", ".join(changed[:3]) + more
+    return f"{len(changed)} shard(s) changed since: {shown}"

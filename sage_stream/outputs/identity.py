@@ -5,8 +5,8 @@ Two identities, one nested in the other:
 - the *sketch identity* is what must match for a stored sketch to be used with this run: the
   model's fingerprint, the gradient configuration, the head, D and C. It lives in the sketch
   store's attributes and is checked on every open, and on every Ray partial before a merge.
-- the *run identity* is the sketch's options plus what is read (inputs, keys, preprocess,
-  limits) and how pass 2 scores. It is written to OUT/_work/run.json when OUT is claimed and
+- the *run identity* is the sketch's options plus what is read (inputs and their pins: size
+  and mtime or ETag when listed; keys, preprocess, limits) and how pass 2 scores. It is written to OUT/_work/run.json when OUT is claimed and
   kept in manifest.json; a rerun with another one is refused unless --overwrite.
 
 The selection (keep, balance, min_score) is not part of either: it may be redone on the same
@@ -53,6 +53,7 @@ def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[st
     described = cfg.describe()
     return {
         "inputs": [ref.url for ref in refs],
+        "pins": [ref.pin for ref in refs],  # what each shard held when listed (storage.pin_of)
         "model": fingerprint,
         **{k: described[k] for k in ("input_key", "label_key", "key_column", "preprocess")},
         **{k: described[k] for k in RECORDED_WHEN_SET if k in described},

@@ -145,10 +145,58 @@ class _ShardStream(RetryingReader):
             raise ShardError(self._what, f"{where}: {storage_reason(e)}") from e
 
 
-def open_shard(url: str, storage_options: dict | None = None) -> RetryingReader:
-    """Open an input shard as a bounded, resumable stream; ShardError if it cannot be read."""
+def open_shard(
+    url: str, storage_options: dict | None = None, *, pin: str | None = None
+) -> RetryingReader:
+    """Open an input shard as a bounded, resumable stream; ShardError if it cannot be read.
+
+    With ``pin`` (``pin_of`` when the inputs were listed) a shard whose contents changed
+    since is a ShardError saying so, before a byte is used.
+    """
+    if pin is not None:
+        now = _pin_or_error(url, storage_options)
+        if now != pin:
+            raise ShardError(
+                url,
+                f"changed since the inputs were listed ({pin} -> {now}); its scores would be "
+                "stale: rerun on a stable copy, or with --overwrite to score it again",
+            )
     try:
         return _ShardStream(_opener(url, storage_options), url)
+    except Exception as e:  # noqa: BLE001 - see _ShardStream
+        raise ShardError(url, f"cannot open: {storage_reason(e)}") from e
+
+
+# What names an object's contents, most specific first: a version id, then a content hash or
+# ETag, else (local disk, memory://) the modification time. With the size, that is the pin.
+_PIN_KEYS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash",
+             "mtime", "LastModified", "updated", "created")  # fmt: skip
+
+
+def pin_of(url: str, storage_options: dict | None = None, *, fresh: bool = False) -> str:
+    """A short text naming what ``url`` holds now: ``size=N etag=...`` on S3, ``size=N
+    mtime=...`` on a local disk. Equal pins mean the same contents (as far as the store says).
+
+    Right after a listing the listing's own entries are used (no request per shard); with
+    ``fresh`` the store is asked again, past any cached listing.
+    """
+    fs, path = filesystem(normalize_url(url), storage_options)
+    if fresh:
+        fs.invalidate_cache(path)
+    info = call(fs.info, path, what=f"info {url}")
+    parts = [f"size={info.get('size')}"]
+    for key in _PIN_KEYS:
+        value = info.get(key)
+        if value is not None and value != "":
+            parts.append(f"{key.lower()}={value}")
+            if key not in ("VersionId", "version_id", "generation"):
+                break
+    return " ".join(parts)
+
+
+def _pin_or_error(url: str, storage_options: dict | None) -> str:
+    try:
+        return pin_of(url, storage_options, fresh=True)
     except Exception as e:  # noqa: BLE001 - see _ShardStream
         raise ShardError(url, f"cannot open: {storage_reason(e)}") from e
 
