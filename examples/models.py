@@ -35,3 +35,21 @@ def tiny_cnn(channels: int = 3, classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, classes),
     )
+
+
+def bert_classifier(num_labels: int = 2, vocab_size: int = 30522, layers: int = 2) -> nn.Module:
+    """A small transformers BERT sequence classifier from a config (untrained; load weights
+    with --checkpoint). It takes `input_ids`/`attention_mask` as --tokenizer gives them and
+    returns a ModelOutput whose `logits` come from its final `classifier` Linear."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)

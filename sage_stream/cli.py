@@ -79,6 +79,14 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
         choices=("RGB", "L"),
         help="convert images to RGB or L (default: L stays L, all else RGB)",
     )
+    g = p.add_argument_group("text (see docs/inputs.md)")
+    g.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="local Hugging Face tokenizer folder or tokenizers .json file: the input field "
+        "(--input-key, default text) is tokenized for the model (input_ids, attention_mask)",
+    )
+    g.add_argument("--max-length", type=int, metavar="N", help="tokens per sample (default 512)")
     g = p.add_argument_group("decoding and batching")
     g.add_argument(
         "--on-error",

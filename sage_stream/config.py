@@ -35,9 +35,12 @@ HOW_NOT_WHAT = (
 )
 # Options added after outputs already existed: recorded (manifest, run identity) only when set,
 # so that a run that does not use them writes the same bytes as before they existed.
-RECORDED_WHEN_SET = ("resize", "crop", "normalize", "image_mode", "model_args", "output_key")
+RECORDED_WHEN_SET = (
+    "resize", "crop", "normalize", "image_mode", "model_args", "output_key", "tokenizer",
+    "max_length",
+)  # fmt: skip
 NUMERIC_FIELDS: dict[str, type] = {
-    "resize": int, "crop": int,
+    "resize": int, "crop": int, "max_length": int,
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
     "max_member_bytes": int, "workers": int, "loader_workers": int, "keep": float,
     "min_score": float, "checkpoint_every": float,
@@ -64,6 +67,8 @@ class Config:
     crop: int | None = None  # images: centre N×N
     normalize: str | None = None  # images: imagenet | none | MEAN,STD | M1,M2,M3,S1,S2,S3
     image_mode: str | None = None  # images: RGB | L (default: L stays L, else RGB)
+    tokenizer: str | None = None  # text: a local tokenizer folder or .json file (text.py)
+    max_length: int | None = None  # text: tokens per sample (default 512)
     grad: str = "last-layer"
     head: str | None = None
     params: str | None = None
@@ -120,6 +125,10 @@ class Config:
             raise InputError(
                 f"model_args must be a table of keyword arguments, not {self.model_args!r}"
             )
+        if self.tokenizer is not None and self.preprocess is not None:
+            raise InputError("give --tokenizer or --preprocess, not both")
+        if self.max_length is not None and self.max_length < 1:
+            raise InputError("--max-length must be a positive number of tokens")
         if self.params and self.grad != "params":
             raise InputError("--params only applies with --grad params")
 

@@ -112,6 +112,8 @@ def make_decoder(
     label_key: str | None = "cls",
     preprocess: str | Callable[[Sample], tuple[Any, Any]] | None = None,
     transform: ImageTransform | None = None,
+    tokenizer: str | None = None,
+    max_length: int | None = None,
 ) -> Decoder:
     """A function ``Sample -> (input tensor, label)`` raising SampleError on a bad sample.
 
@@ -120,11 +122,18 @@ def make_decoder(
     the single field that looks like one (``*.npy``/image bytes, or a list-valued Parquet
     column), and the label is field ``label_key`` (``None``: unlabeled, every label 0). The
     result is picklable when ``preprocess`` is an importable function. ``transform`` applies
-    to image members (``transforms.ImageTransform``); a preprocess does its own.
+    to image members (``transforms.ImageTransform``); a preprocess does its own. With
+    ``tokenizer`` (a local tokenizer folder or ``.json`` file) the input is text, tokenized to
+    at most ``max_length`` ids (``sage_stream.text``).
     """
     if preprocess is not None:
         fn = load_callable(preprocess) if isinstance(preprocess, str) else preprocess
         return functools.partial(_decode_with, fn)
+    if tokenizer is not None:  # text: the tokenizer decodes (sage_stream.text)
+        from .text import TextDecoder
+
+        label = functools.partial(_label, label_key=label_key)
+        return TextDecoder(tokenizer, max_length, input_key, label)
     return functools.partial(
         _decode_builtin, input_key=input_key, label_key=label_key, transform=transform
     )

@@ -113,6 +113,8 @@ class SelectedDataset(IterableDataset):
             label_key=label_key if label_key is not None else config.get("label_key", "cls"),
             preprocess=preprocess,
             transform=image_transform(config),
+            tokenizer=config.get("tokenizer"),
+            max_length=config.get("max_length"),
         )
 
     @property

@@ -114,6 +114,8 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         label_key=cfg.label_key,
         preprocess=cfg.preprocess,
         transform=image_transform(cfg),
+        tokenizer=cfg.tokenizer,
+        max_length=cfg.max_length,
     )
     workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
     return StageContext(cfg, cfg.output, refs, model, digest, device, featurizer, decoder, workers)
