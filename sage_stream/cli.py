@@ -56,7 +56,11 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
         help="member/column holding the input (default: the one "
         ".npy/.png/.jpg/.webp member, or the list column)",
     )
-    g.add_argument("--label-key", help="member/column holding the integer label (default cls)")
+    g.add_argument(
+        "--label-key",
+        help="member/column holding the integer label (default cls; a.b for a struct member); "
+        "none: unlabeled, one class; predicted: the model's argmax as each sample's label",
+    )
     g.add_argument(
         "--key-column",
         help="Parquet column with the sample key (default __key__; row numbers if absent)",

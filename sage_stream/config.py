@@ -21,6 +21,7 @@ from .storage import exists, open_input
 from .transforms import check_options
 
 GRAD_MODES = ("last-layer", "params")
+PREDICTED = "predicted"  # --label-key predicted: the model's own argmax is each sample's label
 # How a run is carried out, not what it computes: left out of the manifest, so that the same
 # run resumed, run elsewhere, or on one Ray worker, writes the same bytes.
 HOW_NOT_WHAT = (
@@ -146,7 +147,8 @@ class Config:
                 raise InputError(f"--{flag} expects a number, got {value!r}") from None
 
     def _coerce_label_key(self) -> None:
-        """`--label-key none` (any case; TOML `label-key = "none"`) means unlabeled: one class."""
+        """`--label-key none` (any case; TOML `label-key = "none"`) means unlabeled: one class;
+        `predicted` (kept as is) labels each sample with the model's argmax."""
         key = self.label_key
         if isinstance(key, str) and key.strip().lower() == "none":
             object.__setattr__(self, "label_key", None)

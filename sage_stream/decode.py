@@ -120,12 +120,15 @@ def make_decoder(
     With ``preprocess`` (a callable or ``"module:function"``, loaded now so a bad spec fails
     early) the user function does all the work. Otherwise the input is field ``input_key`` or
     the single field that looks like one (``*.npy``/image bytes, or a list-valued Parquet
-    column), and the label is field ``label_key`` (``None``: unlabeled, every label 0). The
+    column), and the label is field ``label_key`` (``None``: unlabeled, every label 0;
+    ``"predicted"``: 0 here, the model's argmax replaces it before the gradients). The
     result is picklable when ``preprocess`` is an importable function. ``transform`` applies
     to image members (``transforms.ImageTransform``); a preprocess does its own. With
     ``tokenizer`` (a local tokenizer folder or ``.json`` file) the input is text, tokenized to
     at most ``max_length`` ids (``sage_stream.text``).
     """
+    if label_key == "predicted":  # the model labels each sample (a placeholder 0 here)
+        label_key = None
     if preprocess is not None:
         fn = load_callable(preprocess) if isinstance(preprocess, str) else preprocess
         return functools.partial(_decode_with, fn)

@@ -53,6 +53,7 @@ class Features:
     grads: torch.Tensor  # (B, D) float32, D = GradientFeaturizer.dim
     loss: torch.Tensor  # (B,) float32 per-sample cross-entropy
     logits: torch.Tensor  # (B, C) float32
+    labels: torch.Tensor  # (B,) int64: the labels the gradients are of (predicted ones too)
 
 
 def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
@@ -121,6 +122,7 @@ class GradientFeaturizer:
         chunk_size: int = 64,
         precision: str = "fp32",
         output_key: str | None = None,
+        pseudo_labels: bool = False,
     ):
         if mode not in MODES:
             raise InputError(f"gradient mode {mode!r} is not one of {list(MODES)}")
@@ -130,6 +132,7 @@ class GradientFeaturizer:
             raise InputError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
         self.model, self.mode, self.chunk_size = model, mode, chunk_size
         self.output_key = output_key
+        self.pseudo_labels = pseudo_labels  # --label-key predicted: y = the model's argmax
         self.vmap_ok = True  # params mode: False once vmap failed on this model (then a loop)
         self.autocast = PRECISIONS[precision]  # None: the model's own dtype
         self.head_name: str | None = None
@@ -177,12 +180,15 @@ class GradientFeaturizer:
                 self._check_width(self.forward(_rows(x, 0, 1)).float())
         y = self._check_labels(x, y)
         if self.mode == "last-layer":
-            grads, loss, logits = self._last_layer(x, y)
+            grads, loss, logits, y = self._last_layer(x, y)
         else:
+            if self.pseudo_labels and len(y):
+                with torch.no_grad(), self._autocast(y):
+                    y = self.forward(x).float().argmax(dim=1)
             grads, loss, logits = self._params(x, y)
         if self.projector is not None:
             grads = self.projector(grads)  # (B, k)
-        return Features(grads=grads, loss=loss, logits=logits)
+        return Features(grads=grads, loss=loss, logits=logits, labels=y)
 
     def _check_labels(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -215,6 +221,8 @@ class GradientFeaturizer:
         finally:
             handle.remove()
         h, logits = self._head_io(seen, out)  # (B, H), (B, C)
+        if self.pseudo_labels:
+            y = logits.detach().float().argmax(dim=1)
         with torch.no_grad():
             work = torch.promote_types(logits.dtype, torch.float32)  # at least float32
             logits, h = logits.to(work), h.to(work)
@@ -225,7 +233,7 @@ class GradientFeaturizer:
             grads = torch.cat(parts, dim=1)  # (B, C·H [+ C])
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
         f32 = torch.float32
-        return grads.to(f32), loss.to(f32), logits.to(f32)
+        return grads.to(f32), loss.to(f32), logits.to(f32), y
 
     def _head_io(self, seen: list, out: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's input and output, checked to be (B, H) and exactly the model's output."""

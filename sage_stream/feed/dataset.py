@@ -29,11 +29,14 @@ class DecodeScored:
     """
 
     def __init__(self, **decoder_options: Any) -> None:
+        self.predicted = decoder_options.get("label_key") == "predicted"
         self.decoder = make_decoder(**decoder_options)
 
     def __call__(self, sample: Mapping[str, Any]) -> tuple[torch.Tensor, int, float]:
         fields = {k: v for k, v in sample.items() if not k.startswith("__") and k != "sage"}
         x, label = self.decoder(Sample(sample["__key__"], sample["__shard__"], fields))
+        if self.predicted:  # the run's labels were the model's predictions: its record has them
+            label = int(sample["sage"]["label"])
         return x, label, ranked_score(sample["sage"])
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import Batch, Decoder, Inputs, Skipped, input_shape, to_device
-from ..config import Config, shard_options
+from ..config import PREDICTED, Config, shard_options
 from ..decode import make_decoder
 from ..errors import InputError, SampleError, ShardError
 from ..gradients import GradientFeaturizer
@@ -108,6 +108,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         chunk_size=cfg.chunk_size,
         precision=cfg.precision,
         output_key=cfg.output_key,
+        pseudo_labels=cfg.label_key == PREDICTED,
     )
     decoder = make_decoder(
         input_key=cfg.input_key,
@@ -231,7 +232,9 @@ def _featurize(
         labels = batch.y.tolist()
         return [Skipped(k, i, reason, label)
                 for k, i, label in zip(batch.keys, batch.indices, labels, strict=True)]  # fmt: skip
-    item = Featured(batch, feats.grads, feats.loss, y)
+    if ctx.featurizer.pseudo_labels:  # --label-key predicted: scores/ records the model's
+        batch.y = feats.labels.to("cpu")
+    item = Featured(batch, feats.grads, feats.loss, feats.labels)
     if fail:
         _raise_first_nonfinite(ref, item)
     return item

@@ -195,3 +195,57 @@ def test_a_transformers_classifier_runs_from_the_cli(tmp_path, capsys):
     assert out.count("seen 30  scored 30  errored 0  kept 15") == 2
     manifest = json.loads((tmp_path / "ll" / "manifest.json").read_text())
     assert manifest["config"]["model_args"] == {"num_labels": 3}
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory):
+    """Shards with inputs only (no cls member), and the proxy trained on the labelled set."""
+    from shardmaker import npy_bytes
+    from tiny import blobs, train_checkpoint
+
+    root = tmp_path_factory.mktemp("unlabeled")
+    x, y, _ = blobs(60, flip=0.0)
+    samples = {f"u{i:03d}": {"npy": npy_bytes(x[i])} for i in range(60)}
+    return make_tar_shard(root / "u.tar", samples), train_checkpoint(root / "p.pt", x, y), y
+
+
+def test_unlabeled_data_from_the_cli_and_a_config_file(unlabeled, tmp_path, capsys):
+    url, ckpt, _ = unlabeled
+    base = ["run", url, "--model", "tiny:mlp", "--checkpoint", ckpt, "--keep", "0.5", *COMMON]
+    # without a label, the default `cls` is missing: one line naming what to pass
+    assert main([*base, "--out", str(tmp_path / "x"), "--on-error", "fail"]) == 2
+    assert "--label-key none" in capsys.readouterr().err
+    assert main([*base, "--label-key", "none", "--out", str(tmp_path / "a")]) == 0
+    assert "seen 60  scored 60  errored 0  kept 30" in capsys.readouterr().out
+    cfg = tmp_path / "u.toml"
+    cfg.write_text('label-key = "none"\n')
+    assert main([*base, "--config", str(cfg), "--out", str(tmp_path / "b")]) == 0
+    a, b = (pq.read_table(tmp_path / o / "selection.parquet") for o in "ab")
+    assert a.equals(b) and set(a.column("label").to_pylist()) == {0}
+
+
+def test_predicted_labels_are_the_models_argmax(unlabeled, tmp_path, capsys):
+    import torch
+    from tiny import mlp
+
+    url, ckpt, y = unlabeled
+    out = tmp_path / "p"
+    argv = ["run", url, "--model", "tiny:mlp", "--checkpoint", ckpt, "--label-key", "predicted",
+            "--keep", "0.5", "--out", str(out), *COMMON]  # fmt: skip
+    assert main(argv) == 0
+    scores = pq.read_table(out / "scores").sort_by("__key__").to_pylist()
+    model = mlp()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    from tiny import blobs
+
+    x, _, _ = blobs(60, flip=0.0)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x)).argmax(1).tolist()
+    assert [r["label"] for r in scores] == predicted
+    assert len(set(predicted)) == 3  # three classes, three consensus directions
+    # the training feed gives the labels the run used
+    from sage_stream.feed import SelectedDataset
+
+    kept = {r["__key__"]: r["label"] for r in pq.read_table(out / "selection.parquet").to_pylist()}
+    fed = sorted(label for _x, label, _score in SelectedDataset(str(out)))
+    assert fed == sorted(kept.values())
