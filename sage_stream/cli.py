@@ -98,7 +98,17 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
         help="skip (default): record a bad sample or "
         "shard and go on; fail: stop at the first, naming shard and key",
     )
-    g.add_argument("--max-member-bytes", type=int, help="refuse members larger than this")
+    g.add_argument(
+        "--max-member-bytes",
+        type=int,
+        help="a tar member larger than this (default 256 MiB) makes its sample an error row",
+    )
+    g.add_argument(
+        "--max-sample-bytes",
+        type=int,
+        help="a tar sample whose members add up to more (default 512 MiB) is an error row; "
+        "sizes come from the headers, so nothing over the limit is read",
+    )
     g.add_argument("--batch-size", type=int, help="samples per model batch (default 64)")
     g.add_argument(
         "--loader-workers",

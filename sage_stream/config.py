@@ -43,7 +43,7 @@ RECORDED_WHEN_SET = (
 NUMERIC_FIELDS: dict[str, type] = {
     "resize": int, "crop": int, "max_length": int,
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
-    "max_member_bytes": int, "workers": int, "loader_workers": int, "keep": float,
+    "max_member_bytes": int, "max_sample_bytes": int, "workers": int, "loader_workers": int, "keep": float,
     "min_score": float, "checkpoint_every": float,
 }  # fmt: skip
 CONSENSUS = ("mean-gradient", "centroid")
@@ -83,6 +83,7 @@ class Config:
     seed: int = 0
     on_error: str = "skip"
     max_member_bytes: int = 256 * 2**20
+    max_sample_bytes: int = 512 * 2**20  # all members of one tar sample together
     storage_options: dict[str, Any] = field(default_factory=dict)
     executor: str = "local"
     workers: int | None = None  # --executor ray: actors (default: one per GPU, else 2)
@@ -106,7 +107,7 @@ class Config:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("balance", self.balance, BALANCES)
-        for name in ("ell", "batch_size", "chunk_size", "max_member_bytes"):
+        for name in ("ell", "batch_size", "chunk_size", "max_member_bytes", "max_sample_bytes"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.loader_workers is not None and self.loader_workers < 0:
@@ -198,7 +199,8 @@ def shard_options(options: Config | Mapping[str, Any], fmt: str) -> dict[str, An
         return getattr(Config, name) if value is None else value
 
     if fmt == "tar":
-        return {"max_member_bytes": int(get("max_member_bytes"))}
+        return {"max_member_bytes": int(get("max_member_bytes")),
+                "max_sample_bytes": int(get("max_sample_bytes"))}  # fmt: skip
     return {"key_column": get("key_column")}
 
 

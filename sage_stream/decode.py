@@ -15,6 +15,7 @@ import functools
 import importlib
 import io
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -57,6 +58,9 @@ def decode_image(data: bytes, transform: ImageTransform | None = None) -> torch.
     return tensor.contiguous().float().div_(255.0)
 
 
+_LABEL_RE = re.compile(r"-?[0-9]+", re.ASCII)
+
+
 def decode_label(value: object) -> int:
     """An integer class label from an int, or from bytes/str holding one (whitespace allowed)."""
     if isinstance(value, np.generic | torch.Tensor) and getattr(value, "ndim", 0) == 0:
@@ -68,11 +72,11 @@ def decode_label(value: object) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, bytes | str):
-        text = value.decode("utf-8") if isinstance(value, bytes) else value
-        try:
-            return int(text.strip())
-        except ValueError:
-            pass
+        # ASCII digits only: Python's int() also takes "0_3", "٣" and "３" as 3
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        match = _LABEL_RE.fullmatch(text.strip(" \t\r\n"))
+        if match is not None:
+            return int(match.group())
     raise ValueError(f"not an integer label: {_short(value)}")
 
 

@@ -24,7 +24,17 @@ from sage_stream.sample import Format, ShardRef
 from sage_stream.storage.fs import filesystem, join, normalize_url, open_input, storage_reason
 from sage_stream.storage.retry import call
 
-SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".parquet": "parquet", ".pq": "parquet"}
+SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar",
+                                     ".parquet": "parquet", ".pq": "parquet"}  # fmt: skip
+
+
+def shard_suffix(name: str) -> str:
+    """The extension that says a file's shard format: `.tar.gz` whole, else the last one."""
+    lowered = name.rstrip("/").lower()
+    if lowered.endswith(".tar.gz"):
+        return ".tar.gz"
+    return posixpath.splitext(lowered)[1]
+
 
 # Below this many URLs from one brace pattern, ask for each object; above, list each parent
 # folder once instead (10,000 HEAD requests against S3 would take minutes).
@@ -33,11 +43,11 @@ _LIST_THRESHOLD = 8
 
 def shard_format(url: str) -> Format:
     """The shard format implied by a URL's extension; InputError for anything else."""
-    suffix = posixpath.splitext(url.rstrip("/"))[1].lower()
+    suffix = shard_suffix(url)
     if suffix not in SHARD_SUFFIXES:
         raise InputError(
             f"{url}: unknown shard format {suffix or '(no extension)'!r}; "
-            "expected .tar, .parquet or .pq"
+            "expected .tar, .tar.gz, .tgz, .parquet or .pq"
         )
     return SHARD_SUFFIXES[suffix]
 
@@ -131,12 +141,10 @@ def _is_file(info: dict) -> bool:
 def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, item: str) -> list[str]:
     entries = _listing(fs, "ls", path, detail=True)
     found = sorted(
-        e["name"]
-        for e in entries
-        if _is_file(e) and posixpath.splitext(e["name"])[1].lower() in SHARD_SUFFIXES
+        e["name"] for e in entries if _is_file(e) and shard_suffix(e["name"]) in SHARD_SUFFIXES
     )
     if not found:
-        raise InputError(f"{item}: folder has no .tar, .parquet or .pq files")
+        raise InputError(f"{item}: folder has no .tar, .tar.gz, .tgz, .parquet or .pq files")
     return [_canonical(fs, p) for p in found]
 
 

@@ -44,7 +44,7 @@ def test_describe_leaves_out_how_and_secrets():
 
 def test_reader_options_per_format():
     cfg = Config(max_member_bytes=10, key_column="id")
-    assert shard_options(cfg, "tar") == {"max_member_bytes": 10}
+    assert shard_options(cfg, "tar") == {"max_member_bytes": 10, "max_sample_bytes": 512 * 2**20}
     assert shard_options(cfg, "parquet") == {"key_column": "id"}
 
 

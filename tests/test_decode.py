@@ -222,3 +222,17 @@ def test_preprocess_spec_is_loaded_from_the_working_directory(user_module):
 def test_load_callable_errors(user_module, spec, message):
     with pytest.raises(InputError, match=message):
         load_callable(spec.format(mod=user_module))
+
+
+@pytest.mark.parametrize("text", ["0_3", "٣", "３", "3.0", "1e1", "+ 3", "\u20073"])
+def test_labels_are_ascii_digits_only(text):
+    """int() takes "0_3", Arabic-Indic and full-width digits as numbers: a label must not."""
+    with pytest.raises(ValueError, match="not an integer label"):
+        decode_label(text.encode())
+    with pytest.raises(ValueError, match="not an integer label"):
+        decode_label(text)
+
+
+@pytest.mark.parametrize(("text", "label"), [("3", 3), (" 12\n", 12), ("-1", -1), ("007", 7)])
+def test_plain_labels_still_read(text, label):
+    assert decode_label(text.encode()) == label

@@ -104,8 +104,9 @@ def _original(
         )
     options = dict(folder.storage_options)
     shards = [
-        FeedShard(r, KeptKeys(folder.url, r.name, counts.get(r.name, 0), options),
-                  counts.get(r.name, 0))  # fmt: skip
+        FeedShard(
+            r, KeptKeys(folder.url, r.name, counts.get(r.name, 0), options), counts.get(r.name, 0)
+        )  # fmt: skip
         for r in refs
     ]
     return shards, selection.params.get("scorer", "sage")

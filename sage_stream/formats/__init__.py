@@ -16,6 +16,7 @@ The score record that emit attaches to each kept sample is one convention for bo
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections.abc import Generator, Mapping
@@ -63,10 +64,20 @@ def copy_selected(
     """
     if ref.format == "tar":
         encoded = {key: sage_json(record) for key, record in keep.items()}
-        return copy_selected_tar(ref, out, encoded, storage_options, **kw)
+        if not is_gzip_name(ref.name):
+            return copy_selected_tar(ref, out, encoded, storage_options, **kw)
+        # an output keeps its input's name, so a .tar.gz/.tgz is written gzipped; mtime 0
+        # and no file name in the gzip header keep it byte-identical between runs
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
+            return copy_selected_tar(ref, gz, encoded, storage_options, **kw)
     if ref.format == "parquet":
         return copy_selected_parquet(ref, out, keep, storage_options, **kw)
     raise InputError(f"{ref.url}: unknown shard format {ref.format!r}")
+
+
+def is_gzip_name(name: str) -> bool:
+    """Whether a tar shard's name says it is gzipped (`.tar.gz`, `.tgz`)."""
+    return name.lower().endswith((".tar.gz", ".tgz"))
 
 
 def sage_json(record: Mapping[str, object]) -> bytes:

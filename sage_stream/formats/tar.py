@@ -8,8 +8,11 @@ lower-cased as webdataset does. Members that are skipped, as webdataset skips th
 a regular file; names whose basename has no dot or starts with a dot (so ``._x.png`` macOS
 resource forks); ``__*__`` metadata names (``__index__``, ``__meta__/...``).
 
-Shards are untrusted: member names are only split into key and field, never used as paths, and
-a member larger than ``max_member_bytes`` is refused before it is read. A sample with a member
+Shards are untrusted: member names are only split into key and field, never used as paths. A
+member larger than ``max_member_bytes``, a sample whose members add up to more than
+``max_sample_bytes``, and a sparse member (a few bytes that expand to gigabytes) make their
+sample an error row; sizes come from the headers, so the data over a limit is skipped unread
+(streamed past, also inside a gzip stream) and the shard goes on. A sample with a member
 name that a consumer could not extract safely (absolute, a ``..`` component, a backslash or a
 NUL) or that is not valid UTF-8 comes out with an error, so it is recorded and never copied;
 its key is made writable (invalid bytes as ``\\xff`` escapes). A broken stream never
@@ -128,6 +131,7 @@ class _RawSample:
     index: int
     members: list[tuple[tarfile.TarInfo, str, bytes | None]] = field(default_factory=list)
     error: str | None = None
+    size: int = 0  # bytes of member data read so far
 
     def add(self, info: tarfile.TarInfo, fld: str, data: bytes | None) -> None:
         if self.error is None and any(f == fld for _, f, _ in self.members):
@@ -140,6 +144,7 @@ def _raw_samples(
     storage_options: dict | None,
     max_member_bytes: int,
     wanted: Callable[[str], bool] | None = None,
+    max_sample_bytes: int = 512 * 2**20,
 ) -> Iterator[_RawSample]:
     """Complete samples with their tar headers, in shard order; ShardError on a broken stream.
 
@@ -169,8 +174,12 @@ def _raw_samples(
                     pending.error = problem
                 data = None
                 if wanted is None or wanted(key):
-                    _check_size(ref, info, key, max_member_bytes, last_key)
-                    data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                    if pending.error is None:
+                        pending.error = _size_problem(info, pending, max_member_bytes,
+                                                      max_sample_bytes)  # fmt: skip
+                    if pending.error is None:
+                        data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                        pending.size += len(data)
                 pending.add(info, fld, data)
             end = getattr(tf, "sage_end", "missing end-of-archive marker")
             if end is not None:
@@ -193,31 +202,40 @@ def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str,
             yield info, split[0], split[1]
 
 
-def _check_size(
-    ref: ShardRef, info: tarfile.TarInfo, key: str, limit: int, last_key: str | None
-) -> None:
-    if info.size > limit:
-        raise ShardError(
-            ref.url,
-            f"member {info.name!r} of key {key!r} is {info.size} bytes, over the limit of "
-            f"{limit}; raise max_member_bytes to read it",
-            key=last_key,
-        )
+def _size_problem(
+    info: tarfile.TarInfo, sample: _RawSample, member_limit: int, sample_limit: int
+) -> str | None:
+    """Why this member may not be read (None if it may), from its header alone."""
+    if info.issparse():
+        return f"member {info.name!r} is a sparse file ({info.size} bytes expanded): not read"
+    if info.size > member_limit:
+        return (f"member {info.name!r} is {info.size} bytes, over the limit of {member_limit} "
+                "(--max-member-bytes)")  # fmt: skip
+    if sample.size + info.size > sample_limit:
+        return (f"sample's members add up to more than {sample_limit} bytes at "
+                f"{info.name!r} (--max-sample-bytes)")  # fmt: skip
+    return None
 
 
 def read_tar(
-    ref: ShardRef, storage_options: dict | None = None, *, max_member_bytes: int = 256 * 2**20
+    ref: ShardRef,
+    storage_options: dict | None = None,
+    *,
+    max_member_bytes: int = 256 * 2**20,
+    max_sample_bytes: int = 512 * 2**20,
 ) -> Generator[Sample, None, None]:
     """Stream the samples of a tar shard: ``fields`` maps field -> raw member bytes.
 
     A sample whose key appeared earlier in the shard (not consecutively) comes out with
     ``error="duplicate key in shard"``; one with a field twice with ``"repeated field <f>"``
     (first value kept); one with an unsafe or non-UTF-8 member name with why (its key and
-    field names made writable, see ``writable_text``). The caller records these. Raises ShardError for a shard that cannot
-    be opened, a member over ``max_member_bytes``, or a truncated/corrupt stream (after the
+    field names made writable, see ``writable_text``), or one over a size limit (see the
+    module docstring). The caller records these. Raises ShardError for a shard that cannot
+    be opened, or a truncated/corrupt stream (after the
     complete samples before the break; a possibly incomplete last sample is dropped).
     """
-    for raw in _raw_samples(ref, storage_options, max_member_bytes):
+    for raw in _raw_samples(ref, storage_options, max_member_bytes,
+                            max_sample_bytes=max_sample_bytes):  # fmt: skip
         fields: dict[str, bytes] = {}
         for _, fld, data in raw.members:
             fields.setdefault(fld if raw.error is None else writable_text(fld), data or b"")
@@ -277,6 +295,7 @@ def copy_selected_tar(
     storage_options: dict | None = None,
     *,
     max_member_bytes: int = 256 * 2**20,
+    max_sample_bytes: int = 512 * 2**20,
 ) -> int:
     """Copy the kept samples of a shard to ``out``; returns the number of samples written.
 
@@ -291,7 +310,8 @@ def copy_selected_tar(
     """
     writer = TarShardWriter(out)
     written = 0
-    raws = _raw_samples(ref, storage_options, max_member_bytes, wanted=keep.__contains__)
+    raws = _raw_samples(ref, storage_options, max_member_bytes, wanted=keep.__contains__,
+                        max_sample_bytes=max_sample_bytes)  # fmt: skip
     for raw in raws if keep else ():
         if raw.error is not None or raw.key not in keep:
             continue

@@ -262,7 +262,7 @@ class OutputFolder:
         with self.open(url) as f:
             if fmt != "tar":
                 return pq.ParquetFile(f).metadata.num_rows
-            with tarfile.open(fileobj=f, mode="r:") as tf:
+            with tarfile.open(fileobj=f, mode="r:*") as tf:  # plain or gzipped
                 return sum(1 for m in tf if m.name.endswith(".sage.json"))
 
     def finish(self) -> None:

@@ -58,6 +58,7 @@ def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[st
         **{k: described[k] for k in ("input_key", "label_key", "key_column", "preprocess")},
         **{k: described[k] for k in RECORDED_WHEN_SET if k in described},
         "max_member_bytes": cfg.max_member_bytes,
+        "max_sample_bytes": cfg.max_sample_bytes,
         **sketch_options(cfg),
         "batch_size": cfg.batch_size,
         "consensus": cfg.consensus,

@@ -171,7 +171,6 @@ def test_skip_records_the_second_of_two_duplicate_keys(skipped):
     [
         ("truncated.tar", "truncated or corrupt tar"),
         ("zero.tar", "truncated or corrupt tar: empty file"),
-        ("big.tar", f"member 'b001.npy' of key 'b001' is {MAX_MEMBER + 1} bytes, over the limit"),
     ],
 )
 def test_skip_records_shard_failures_in_the_manifest(skipped, bad, shard, reason):
@@ -187,8 +186,16 @@ def test_skip_records_shard_failures_in_the_manifest(skipped, bad, shard, reason
 def test_samples_before_a_break_are_still_scored(skipped):
     rows = score_rows(skipped, "truncated.tar")
     assert [(r["__key__"], r["status"]) for r in rows] == [(f"t{i:03d}", "ok") for i in range(6)]
+
+
+def test_a_member_over_the_limit_is_a_sample_error_and_the_shard_goes_on(skipped):
     rows = score_rows(skipped, "big.tar")
-    assert [(r["__key__"], r["status"]) for r in rows] == [("b000", "ok")]
+    assert [(r["__key__"], r["status"]) for r in rows] == [
+        ("b000", "ok"), ("b001", "error"), ("b002", "ok")]  # fmt: skip
+    assert (
+        f"'b001.npy' is {MAX_MEMBER + 1} bytes, over the limit of {MAX_MEMBER}" in rows[1]["reason"]
+    )
+    assert "big.tar" not in [e["name"] for e in manifest(skipped)["shard_errors"]]
 
 
 def test_an_unreadable_parquet_shard_is_recorded_under_skip(tmp_path):
@@ -243,7 +250,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ("nonfinite.tar", ["{url} (shard 'nonfinite.tar'), key 'f000'", "non-finite loss"]),
         ("dupes.tar", ["{url} (shard 'dupes.tar'), key 'd0'", "duplicate key in shard"]),
         ("zero.tar", ["{url}:", "empty file"]),
-        ("big.tar", ["{url} (after key 'b000')", "key 'b001'", "over the limit of 4096"]),
+        ("big.tar", ["{url} (shard 'big.tar'), key 'b001'", "over the limit of 4096"]),
         ("pickle.tar", ["{url} (shard 'pickle.tar'), key 'p000'", "cannot decode 'npy'"]),
         ("missing.tar", ["{url}: does not exist"]),
     ],

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -182,3 +183,31 @@ def test_emitted_shards_extract_safely(hostile_run, tmp_path):
     # nothing landed next to the extraction folder
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["y"]
     assert not (tmp_path / "evil.npy").exists() and not Path("/abs/x.npy").exists()
+
+
+# --- 8. gzipped tar shards are read and emitted, never ignored -----------------------------
+
+
+def test_gzipped_tar_shards_in_a_folder_are_read_and_emitted_gzipped(tmp_path, ckpt):
+    import gzip
+
+    x, _, noisy = blobs(120)
+    urls = write_tar_set(tmp_path / "in", x, noisy)
+    for url, name in zip(urls[1:], ("b.tar.gz", "c.tgz"), strict=True):
+        Path(tmp_path / "in" / name).write_bytes(gzip.compress(Path(url).read_bytes(), mtime=0))
+        os.remove(url)
+    out = tmp_path / "out"
+    sage_stream.run(str(tmp_path / "in"), out=str(out), checkpoint=ckpt, **OPTIONS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["inputs"]] == ["b.tar.gz", "c.tgz", "part-000.tar"]
+    assert manifest["totals"]["seen"] == 120
+    for name in ("b.tar.gz", "c.tgz"):
+        shard = out / "shards" / name
+        assert shard.read_bytes()[:2] == b"\x1f\x8b"  # gzip, as its name says
+        with tarfile.open(shard) as tf:  # what any consumer does
+            kept = [m.name for m in tf if m.name.endswith(".sage.json")]
+        entry = [s for s in manifest["inputs"] if s["name"] == name][0]
+        assert len(kept) == entry["kept"] > 0
+    again = tmp_path / "again"
+    sage_stream.run(str(tmp_path / "in"), out=str(again), checkpoint=ckpt, **OPTIONS)
+    assert (again / "shards" / "c.tgz").read_bytes() == (out / "shards" / "c.tgz").read_bytes()

@@ -163,14 +163,42 @@ def test_repeated_field_is_flagged(mem_url):
     assert sample.fields == {"png": b"1"}
 
 
-def test_member_over_limit_raises_after_earlier_samples(mem_url):
-    data = raw_tar([("a.cls", b"1"), ("b.npy", b"x" * 1000), ("c.cls", b"3")])
+def test_member_over_limit_is_a_sample_error_and_the_shard_goes_on(mem_url):
+    data = raw_tar([("a.cls", b"1"), ("b.npy", b"x" * 1000), ("b.cls", b"2"), ("c.cls", b"3")])
     url = write_bytes(f"{mem_url}/a.tar", data)
-    reader = read_tar(tar_ref(url), max_member_bytes=100)
-    assert next(reader).key == "a"
-    with pytest.raises(ShardError, match=r"'b.npy' of key 'b' is 1000 bytes") as info:
-        next(reader)
-    assert url in str(info.value)
+    a, b, c = read_tar(tar_ref(url), max_member_bytes=100)
+    assert (a.key, a.error, c.key, c.error, c.fields) == ("a", None, "c", None, {"cls": b"3"})
+    assert b.key == "b" and "'b.npy' is 1000 bytes, over the limit of 100" in b.error
+    assert b.fields["npy"] == b""  # never read
+
+
+def test_sample_over_its_byte_budget_is_an_error_unread(mem_url):
+    data = raw_tar([("a.x", b"1" * 60), ("a.y", b"2" * 60), ("b.cls", b"3")])
+    url = write_bytes(f"{mem_url}/a.tar", data)
+    a, b = read_tar(tar_ref(url), max_sample_bytes=100)
+    assert "members add up to more than 100 bytes at 'a.y'" in a.error
+    assert a.fields == {"x": b"1" * 60, "y": b""} and b.error is None
+
+
+def test_a_sparse_member_is_a_sample_error_never_expanded(mem_url):
+    """A GNU sparse member: a few bytes in the shard, its declared size when extracted."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("a.npy")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+        tf.addfile(tarfile.TarInfo("b.cls"), io.BytesIO(b""))
+    data = bytearray(buf.getvalue())
+    data[156:157] = b"S"  # typeflag GNUTYPE_SPARSE: no sparse map, realsize from the header
+    hdr = data[:512]
+    hdr[148:156] = b" " * 8
+    data[148:156] = f"{sum(hdr):06o}\0 ".encode()
+    url = write_bytes(f"{mem_url}/s.tar", bytes(data))
+    a, b = read_tar(tar_ref(url))
+    assert "sparse file" in a.error and b.key == "b"
 
 
 def test_truncated_in_a_member_yields_complete_samples_then_raises(mem_url):
