@@ -20,7 +20,7 @@ import gzip
 import json
 import math
 from collections.abc import Generator, Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from sage_stream.errors import InputError
 from sage_stream.formats.parquet import copy_selected_parquet, read_parquet
@@ -69,7 +69,7 @@ def copy_selected(
         # an output keeps its input's name, so a .tar.gz/.tgz is written gzipped; mtime 0
         # and no file name in the gzip header keep it byte-identical between runs
         with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
-            return copy_selected_tar(ref, gz, encoded, storage_options, **kw)
+            return copy_selected_tar(ref, cast(BinaryIO, gz), encoded, storage_options, **kw)
     if ref.format == "parquet":
         return copy_selected_parquet(ref, out, keep, storage_options, **kw)
     raise InputError(f"{ref.url}: unknown shard format {ref.format!r}")
