@@ -8,22 +8,23 @@ and collects small results; the data never flows through it.
 
     workers  `RayWorkers`: one actor per GPU (or CPU slot), each loading the model once, shared
              by the passes of a run
-    pass 1   shards split into contiguous blocks, one per worker; each worker sketches its
-             block in input order into one partial (FD rows + class sums); worker 0 merges the
-             partials in block order and writes sketch.zarr
+    pass 1   the fixed groups of consecutive shards of `plan_groups` (at most 1024, planned
+             from the shard list alone), each handed to the next free worker, which sketches
+             it from an empty state; worker 0 merges the partials in the fixed tree over group
+             positions (`merge_in_tree`) and writes sketch.zarr
     pass 2   shards handed to the next idle worker; each writes scores/part-<shard>.parquet;
              centroid consensus is then scored on the driver
     emit     shards handed to the workers (or one Ray task per shard, when emit runs alone);
              then manifest, index and _SUCCESS on the driver
 
-Why contiguous blocks and not a partial per shard: with one worker this is exactly the local
-run's state (byte-identical outputs); a fixed plan merged in a fixed order makes the result
-independent of scheduling; and only `workers` partials of O(ℓ·D + C·D) travel through the
-object store, not one per shard. The cost is no load balancing in pass 1 (a slow block holds
-the pass); pass 2 and emit balance dynamically.
+Why fixed groups and a fixed tree: the local executor sketches the very same groups and merges
+them in the very same tree, so the sketch, the scores and every output are the same bytes on
+one machine and on any number of workers, whatever the scheduling; a slow worker holds one
+group, not a block of the pass. At most 1024 partials of O(ℓ·D + C·D) travel through the
+object store, each once, from its worker to worker 0.
 
 Faults: actors restart after a crash (`MAX_RESTARTS`) and the call in flight is retried
-(`MAX_TASK_RETRIES`): a retried block resumes from its last checkpoint in OUT/_work/, a retried
+(`MAX_TASK_RETRIES`): a retried group resumes from its last checkpoint in OUT/_work/, a retried
 shard rewrites its part whole, so no sample is counted twice. A restarted driver resumes from
 the same checkpoints. Errors of the stage itself (bad input under --on-error fail, a sketch
 from another model) are not retried: they come back as the typed error the local run raises.
@@ -43,7 +44,7 @@ from ..errors import InputError, SageError
 from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
 from ..passes.loop import StageContext
-from ..passes.sketch import SketchResult, plan_blocks
+from ..passes.sketch import SketchResult, plan_groups
 from ..progress import Progress
 from ..sample import ShardRef
 from . import Executor
@@ -172,20 +173,29 @@ class RayExecutor(Executor):
                 )
 
     def sketch_shards(self, ctx: StageContext) -> SketchResult:
-        """One contiguous block per worker, merged on worker 0 (it has the model's device, and
-        the partials never visit the driver)."""
+        """The fixed groups of `plan_groups`, each handed to the next free worker; the
+        partials are merged in the fixed tree on worker 0 (they never visit the driver)."""
         actors = self.pool.actors
-        blocks = plan_blocks(ctx.refs, len(actors))
+        groups = plan_groups(ctx.refs)
         progress = Progress("pass 1 (sketch)", len(ctx.refs), ctx.cfg.progress)
-        n = len(blocks)  # fewer shards than workers: the rest wait for pass 2
+        partials: list[Any] = [None] * len(groups)
+        todo = list(range(len(groups)))[::-1]  # popped from the end: group order
+        running: dict[Any, tuple[int, Any]] = {}  # count future -> (group, its actor)
+        free = list(actors)
         with stage_errors():
-            partials = [a.sketch_block.remote(b, i, n)
-                        for i, (a, b) in enumerate(zip(actors, blocks, strict=False))]  # fmt: skip
-            block_of = dict(zip(partials, blocks, strict=True))
-            for finished in _when_done(partials):
-                ray.get(finished)  # a failed block raises now, not after the others finish
-                for ref in block_of[finished]:
-                    progress.shard_done(ref.name)
+            while todo or running:
+                while todo and free:
+                    i, actor = todo.pop(), free.pop(0)
+                    call = actor.sketch_group.options(num_returns=2)
+                    count, partials[i] = call.remote(groups[i], i, len(groups))
+                    running[count] = (i, actor)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for done in ready:
+                    i, actor = running.pop(done)
+                    ray.get(done)  # a failed group raises now, not after the others finish
+                    free.append(actor)
+                    for ref in groups[i]:
+                        progress.shard_done(ref.name)
             seconds = progress.close()
             return ray.get(actors[0].finish.remote(partials, seconds))
 

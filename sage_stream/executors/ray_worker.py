@@ -2,7 +2,7 @@
 
 The Ray executor (`executors/ray.py`) turns `ShardWorker` into an actor, one per GPU (or CPU
 slot), so that each worker loads the model once and then runs many shards. Every method calls
-the very functions the local executor calls (`passes.sketch.sketch_block`, `passes.score`,
+the very functions the local executor calls (`passes.sketch.sketch_group`, `passes.score`,
 `passes.emit`), with the same checkpoints in OUT/_work/; only the order of shards and where
 partial results go differ. Nothing here imports Ray at module level: it is testable without a
 cluster.
@@ -18,13 +18,21 @@ from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
 from ..passes.loop import StageContext, build_context, shard_items
 from ..passes.score import score_and_write
-from ..passes.sketch import Partial, SketchResult, finish_blocks, sketch_block, stored_result
+from ..passes.sketch import (
+    Partial,
+    SketchResult,
+    finish_groups,
+    partial_of,
+    sketch_group,
+    state_of,
+    stored_result,
+)
 from ..progress import Progress
 from ..sample import ShardRef
 
 
 class ShardWorker:
-    """One worker: loads the model once, then sketches blocks and scores shards with it."""
+    """One worker: loads the model once, then sketches groups and scores shards with it."""
 
     def __init__(self, cfg: Config):
         # Workers log one line per shard; the driver draws the bar for the whole pass.
@@ -46,18 +54,23 @@ class ShardWorker:
         """The finished sketch of an earlier run with this identity (also: a warm-up call)."""
         return stored_result(self.ctx)
 
-    def sketch_block(self, refs: list[ShardRef], block: int, blocks: int) -> Partial:
-        """Pass 1 over one block of shards (see `passes.sketch.sketch_block`)."""
-        return sketch_block(self.ctx, refs, block, blocks)
+    def sketch_group(self, refs: list[ShardRef], group: int, groups: int) -> tuple[int, Partial]:
+        """Pass 1 over one group (see `passes.sketch.sketch_group`): (its shard count, its
+        partial). The Ray executor asks for two returns, so that the driver waits on the
+        small count and the partial goes to the merge without visiting the driver."""
+        state = sketch_group(self.ctx, refs, group, groups)
+        return len(refs), partial_of(self.ctx, state)
 
     def finish(self, partials: list[Any], seconds: float) -> SketchResult:
-        """Merge the partials in block order and write sketch.zarr (`passes.sketch`).
+        """Merge the groups' partials in the fixed tree and write sketch.zarr (`passes.sketch`).
 
-        `partials` are Ray object references, fetched here one at a time, on the worker that
-        has the model's device, where the merge's SVDs are cheapest; or plain partials.
+        `partials` are Ray object references, fetched here one at a time as the tree needs
+        them (one state per tree level in memory), on a worker, where the merge's SVDs run
+        on the model's device; or plain partials.
         """
-        parts = (_fetch(p) for p in partials)
-        return finish_blocks(self.ctx, parts, len(partials), seconds)
+        ctx = self.ctx
+        leaf = lambda i: state_of(ctx, _fetch(partials[i]), i)  # noqa: E731
+        return finish_groups(ctx, leaf, len(partials), seconds)
 
     def score(self, ref: ShardRef, sketch: StoredSketch | None) -> dict[str, Any]:
         """Pass 2 on one shard: writes scores/part-<shard>.parquet (and z for centroid)."""

@@ -15,7 +15,7 @@
         run.json                    run identity (outputs.identity): a rerun with another
                                     one is refused unless --overwrite
         config.json                 the configuration the manifest records
-        pass1.pt, pass1-block-*.pt  pass 1 checkpoints, O(ℓ·D + C·D)
+        pass1-group-<i>-of-<n>.pt   pass 1 checkpoints, one per group, O(ℓ·D + C·D) each
         emitted-<selection hash>/<shard>   one marker per shard emitted for a selection
 
 Pass 2 needs no checkpoint of its own: a scores part is written atomically, so a part that

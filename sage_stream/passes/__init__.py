@@ -2,7 +2,8 @@
 
     loop     the one shard loop both passes consume (read → decode → batch → model → gradient
              features), applying --on-error once
-    sketch   pass 1: FD sketch + class sums → sketch.zarr, in blocks of shards that merge
+    sketch   pass 1: FD sketch + class sums → sketch.zarr, in fixed groups of shards merged in
+             a fixed tree
     score    pass 2: a row per sample → scores/ (centroid: scored afterwards from stored z)
     emit     kept samples byte for byte → shards/, then the manifest and _SUCCESS
 

@@ -4,17 +4,20 @@ Memory is O(ℓ·D + C·D + batch): the FD buffer (2ℓ×D), the class sums (C×
 millions of small gradients add up exactly enough), and one batch. Samples that pass 2 will
 record as errors (undecodable, non-finite) never enter the sketch.
 
-The pass runs over *blocks* of consecutive shards (`plan_blocks`), each sketched in input
-order into one state with its own checkpoint, and the block states are merged in block order
-(`finish_blocks`). The local executor runs one block over every shard; the Ray executor one
-block per worker. With one block the result is the local run's, bit for bit.
+The pass runs over fixed *groups* of consecutive shards (`plan_groups`: at most 1024, planned
+from the shard list alone), each sketched from an empty state with its own checkpoint, and
+the groups' states are merged in a fixed binary tree over group positions (`merge_in_tree`).
+The local executor sketches the groups in order in this process; the Ray executor hands them to
+whichever worker is free. Either way the same states meet in the same merges, so the sketch,
+the scores and the kept set are the same bytes for any executor and any number of workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +32,7 @@ from ..scores import consensus_directions
 from .loop import Broken, Featured, Item, StageContext, shard_stream
 
 log = logging.getLogger("sage_stream")
-Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the block's identity
+Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the group's identity
 
 
 @dataclass
@@ -107,102 +110,142 @@ def sketch_items(
 
 
 def sketch_shards(
-    ctx: StageContext, state: SketchState, refs: list[ShardRef], checkpoint_url: str | None = None
+    ctx: StageContext,
+    state: SketchState,
+    refs: list[ShardRef],
+    checkpoint_url: str | None = None,
+    progress: Progress | None = None,
 ) -> float:
     """Run pass 1 over the `refs` not yet in `state`; returns the wall time.
 
     With `checkpoint_url`, the state is saved after a shard once `checkpoint_every` seconds
     have passed since the last save, so a killed run redoes at most the shards since then.
     """
-    cfg = ctx.cfg
     todo = [ref for ref in refs if ref.name not in set(state.shards_done)]
-    progress = Progress("pass 1 (sketch)", len(refs), cfg.progress)
-    progress.shards = len(refs) - len(todo)
+    own = progress is None
+    if progress is None:
+        progress = Progress("pass 1 (sketch)", len(refs), ctx.cfg.progress)
+        progress.shards = len(refs) - len(todo)
+    sketch_stream(ctx, state, shard_stream(ctx, todo, progress), checkpoint_url, progress)
+    return progress.close() if own else 0.0
+
+
+def sketch_stream(
+    ctx: StageContext,
+    state: SketchState,
+    shards: Iterable[tuple[ShardRef, Iterable[Item]]],
+    checkpoint_url: str | None,
+    progress: Progress,
+) -> None:
+    """Add every (shard, items) of `shards` to `state`, saving it as `sketch_shards` says."""
     last_save = time.monotonic()
-    for ref, items in shard_stream(ctx, todo, progress):
+    for ref, items in shards:
         sketch_items(ctx, ref, items, state)
         state.shards_done.append(ref.name)
         progress.shard_done(ref.name)
-        if checkpoint_url and time.monotonic() - last_save >= cfg.checkpoint_every:
+        if checkpoint_url and time.monotonic() - last_save >= ctx.cfg.checkpoint_every:
             ctx.out.save_state(checkpoint_url, state.checkpoint())
             last_save = time.monotonic()
-    return progress.close()
 
 
-def plan_blocks(refs: list[ShardRef], workers: int) -> list[list[ShardRef]]:
-    """Contiguous blocks of shards in input order, as even as possible, none empty.
+# --- groups and the merge tree ------------------------------------------------------------------
 
-    10 shards on 4 workers -> sizes 3, 3, 2, 2. The plan depends only on the shard list and the
-    number of workers, which is what makes the merged sketch independent of scheduling.
+MAX_GROUPS = 1024  # partials of O(ℓ·D + C·D) each: their number is bounded, not N's
+
+
+def plan_groups(refs: list[ShardRef], max_groups: int = MAX_GROUPS) -> list[list[ShardRef]]:
+    """Fixed groups of consecutive shards in input order, as even as possible, none empty.
+
+    min(S, max_groups) groups; 10 shards with max_groups 4 -> sizes 3, 3, 2, 2. The plan
+    depends only on the shard list, never on the number of workers or on scheduling: each
+    group is sketched from an empty state, and the groups' partials are merged in a fixed
+    tree (`merge_in_tree`), so the sketch is the same on one machine and on many.
     """
-    count = max(1, min(workers, len(refs)))
+    count = max(1, min(max_groups, len(refs)))
     size, extra = divmod(len(refs), count)
-    blocks, start = [], 0
+    groups, start = [], 0
     for i in range(count):
         stop = start + size + (1 if i < extra else 0)
-        blocks.append(refs[start:stop])
+        groups.append(refs[start:stop])
         start = stop
-    return blocks
+    return groups
 
 
-def block_checkpoint(ctx: StageContext, block: int, blocks: int) -> str:
-    """Where block `block` of `blocks` keeps its pass 1 state; one block is the local run's."""
-    if blocks == 1:
-        return ctx.out.work("pass1.pt")
-    return ctx.out.work(f"pass1-block-{block:05d}-of-{blocks:05d}.pt")
+def tree_split(lo: int, hi: int) -> int:
+    """Where the merge tree splits the group positions [lo, hi): a balanced binary tree."""
+    return (lo + hi) // 2
 
 
-def resume_block(ctx: StageContext, block: int, blocks: int) -> SketchState:
-    """The block's state from its checkpoint, if a killed run left one, else an empty one."""
-    saved = ctx.out.load_state(block_checkpoint(ctx, block, blocks))
+def merge_in_tree(lo: int, hi: int, leaf: Callable[[int], SketchState]) -> SketchState:
+    """The states of groups lo..hi-1 merged in the fixed tree: left subtree, right subtree,
+    then stack-and-shrink of the two. Leaves are asked for in order, once each; memory is one
+    state per tree level, O((ℓ·D + C·D) · log₂ G)."""
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = tree_split(lo, hi)
+    left = merge_in_tree(lo, mid, leaf)
+    left.merge(merge_in_tree(mid, hi, leaf))
+    return left
+
+
+def group_checkpoint(ctx: StageContext, group: int, groups: int) -> str:
+    """Where group `group` of `groups` keeps its pass 1 state (the same for every executor)."""
+    return ctx.out.work(f"pass1-group-{group:05d}-of-{groups:05d}.pt")
+
+
+def resume_group(ctx: StageContext, group: int, groups: int) -> SketchState:
+    """The group's state from its checkpoint, if a killed run left one, else an empty one."""
+    saved = ctx.out.load_state(group_checkpoint(ctx, group, groups))
     if saved is None:
         return SketchState.empty(ctx)
-    log.info("pass 1: block %d resumes after %d shards", block, len(saved["shards_done"]))
     return SketchState.from_checkpoint(ctx, saved)
 
 
-def sketch_block(ctx: StageContext, refs: list[ShardRef], block: int, blocks: int) -> Partial:
-    """Pass 1 over one block, resuming from its checkpoint; saved when done, so that a driver
-    restarted later skips it. Returns the block's partial (its state and identity)."""
-    url = block_checkpoint(ctx, block, blocks)
-    state = resume_block(ctx, block, blocks)
+def sketch_group(
+    ctx: StageContext,
+    refs: list[ShardRef],
+    group: int,
+    groups: int,
+    progress: Progress | None = None,
+) -> SketchState:
+    """Pass 1 over one group from an empty state, resuming from its checkpoint; saved when
+    done, so that a rerun (on any executor, with any number of workers) skips it."""
+    url = group_checkpoint(ctx, group, groups)
+    state = resume_group(ctx, group, groups)
     if len(state.shards_done) < len(refs):
-        sketch_shards(ctx, state, refs, url)
+        if state.shards_done:
+            log.info("pass 1: group %d resumes after %d shards", group, len(state.shards_done))
+        sketch_shards(ctx, state, refs, url, progress)
         ctx.out.save_state(url, state.checkpoint())
-    return {**state.checkpoint(), "identity": ctx.identity()}
-
-
-def merge_partials(ctx: StageContext, partials: Iterable[Partial]) -> SketchState:
-    """Stack-and-shrink the partial sketches in the order given, refusing foreign ones.
-
-    Takes an iterable so that a caller can fetch one partial at a time: memory stays at one
-    partial plus the merged state, O(ℓ·D + C·D), whatever the number of blocks.
-    """
-    mine = ctx.identity()
-    state: SketchState | None = None
-    for block, part in enumerate(partials):
-        if part["identity"] != mine:  # a worker that loaded other weights would merge silently
-            raise MismatchError(
-                f"the pass 1 partial of block {block} was made with another model or "
-                f"configuration ({part['identity']} vs {mine}): do the checkpoint or the model "
-                "code differ between the Ray nodes?"
-            )
-        other = SketchState.from_checkpoint(ctx, part)
-        if state is None:
-            state = other
-        else:
-            state.merge(other)
-    if state is None:
-        raise ValueError("merge_partials needs at least one partial")  # a bug, not bad input
+    elif progress is not None:
+        for ref in refs:
+            progress.shard_done(ref.name)
     return state
 
 
-def finish_blocks(ctx: StageContext, partials: Iterable[Partial], blocks: int,
-                  seconds: float) -> SketchResult:  # fmt: skip
-    """Merge the block partials in block order, store the sketch, drop the block checkpoints."""
-    result = finish_sketch(ctx, merge_partials(ctx, partials), seconds)
-    for block in range(blocks):
-        ctx.out.remove(block_checkpoint(ctx, block, blocks))
+def partial_of(ctx: StageContext, state: SketchState) -> Partial:
+    return {**state.checkpoint(), "identity": ctx.identity()}
+
+
+def state_of(ctx: StageContext, part: Partial, group: int) -> SketchState:
+    """A group's partial as a state, refusing one made with another model or configuration."""
+    mine = ctx.identity()
+    if part["identity"] != mine:  # a worker that loaded other weights would merge silently
+        raise MismatchError(
+            f"the pass 1 partial of group {group} was made with another model or "
+            f"configuration ({part['identity']} vs {mine}): do the checkpoint or the model "
+            "code differ between the Ray nodes?"
+        )
+    return SketchState.from_checkpoint(ctx, part)
+
+
+def finish_groups(
+    ctx: StageContext, leaf: Callable[[int], SketchState], groups: int, seconds: float
+) -> SketchResult:
+    """Merge the groups' states in the tree, store the sketch, drop the group checkpoints."""
+    result = finish_sketch(ctx, merge_in_tree(0, groups, leaf), seconds)
+    for group in range(groups):
+        ctx.out.remove(group_checkpoint(ctx, group, groups))
     return result
 
 
@@ -246,10 +289,31 @@ def stored_result(ctx: StageContext) -> SketchResult | None:
 
 
 def sketch_here(ctx: StageContext) -> SketchResult:
-    """Pass 1 as one block over every shard in this process (the local executor)."""
-    url = block_checkpoint(ctx, 0, 1)
-    state = resume_block(ctx, 0, 1)
-    seconds = sketch_shards(ctx, state, ctx.refs, url)
-    result = finish_sketch(ctx, state, seconds)
-    ctx.out.remove(url)
+    """Pass 1 in this process (the local executor): the groups in order, each merged into the
+    tree as soon as it is sketched, the same groups and tree as on Ray.
+
+    The groups without a checkpoint are read as one stream (one set of loader processes for
+    the pass); a group a killed run left part-done resumes from its checkpoint.
+    """
+    groups = plan_groups(ctx.refs)
+    n = len(groups)
+    progress = Progress("pass 1 (sketch)", len(ctx.refs), ctx.cfg.progress)
+    fresh = {i for i in range(n) if not ctx.out.exists(group_checkpoint(ctx, i, n))}
+    stream = shard_stream(ctx, [r for i in sorted(fresh) for r in groups[i]], progress)
+
+    def leaf(i: int) -> SketchState:
+        if i not in fresh:
+            return sketch_group(ctx, groups[i], i, n, progress)
+        url, state = group_checkpoint(ctx, i, n), SketchState.empty(ctx)
+        sketch_stream(ctx, state, itertools.islice(stream, len(groups[i])), url, progress)
+        ctx.out.save_state(url, state.checkpoint())
+        return state
+
+    try:
+        merged = merge_in_tree(0, n, leaf)
+    finally:
+        getattr(stream, "close", lambda: None)()  # the loader's processes, if any
+    result = finish_sketch(ctx, merged, progress.close())
+    for group in range(n):
+        ctx.out.remove(group_checkpoint(ctx, group, n))
     return result

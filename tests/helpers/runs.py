@@ -16,7 +16,8 @@ def assert_same_outputs(a: Path, b: Path) -> None:
     """Every file byte for byte, manifest.json included (it records what, not how)."""
     first, second = output_files(a), output_files(b)
     assert first.keys() == second.keys()
-    assert [n for n in first if first[n] != second[n]] == []
+    differ = [n for n in first if first[n] != second[n]]
+    assert differ == [], f"these files differ: {differ}"
 
 
 def kept_keys(out: Path) -> set[str]:
