@@ -19,6 +19,18 @@ NONFINITE_GRAD = "non-finite gradient"
 ZERO_GRAD = "zero gradient"
 ORTHOGONAL = "gradient orthogonal to the sketch (z = 0)"
 NO_CONSENSUS = "class has no consensus direction (no usable samples in pass 1)"
+NONFINITE_SCORE = "non-finite score"
+# A gradient norm above this is an outlier, not a sample: ‖g‖² overflows float32 (3.4e38)
+# past ~1.8e19, and a single such row would own the sketch (FD keeps the largest directions).
+MAX_GRAD_NORM = 1e15
+GRAD_OUTLIER = f"gradient norm over {MAX_GRAD_NORM:.0e} (an outlier input?)"
+
+
+def usable(loss: Tensor, grads: Tensor) -> Tensor:
+    """(B,) bool: finite loss, finite gradient of norm at most MAX_GRAD_NORM. Only these
+    samples enter the sketch in pass 1 and get a score in pass 2."""
+    norm = grads.to(torch.float64).norm(dim=1)
+    return torch.isfinite(loss) & torch.isfinite(grads).all(dim=1) & (norm <= MAX_GRAD_NORM)
 
 
 def consensus_directions(sigma: Tensor, basis: Tensor, class_sums: Tensor) -> Tensor:
@@ -72,6 +84,7 @@ def failure_reasons(
 ) -> list[str | None]:
     """Why each sample gets no score, first failing check wins; None where it is fine."""
     checks = [(~torch.isfinite(loss), NONFINITE_LOSS), (~torch.isfinite(grad_norm), NONFINITE_GRAD)]
+    checks.append((grad_norm > MAX_GRAD_NORM, GRAD_OUTLIER))
     checks.append((grad_norm == 0, ZERO_GRAD))
     if z_norm is not None:
         checks.append((~(z_norm > 0), ORTHOGONAL))
@@ -105,12 +118,15 @@ def score_batch(
             nan.cpu(), loss.double().cpu(), grad_norm.cpu(), nan.cpu(), None, reasons
         )
     sigma, basis, consensus = sketch
-    finite = torch.isfinite(grads).all(dim=1, keepdim=True)
+    finite = (torch.isfinite(grads).all(dim=1) & (grad_norm <= MAX_GRAD_NORM)).unsqueeze(1)
     safe_grads = torch.where(finite, grads, torch.zeros_like(grads))  # NaN must not leak into z
     z, energy = sketch_coordinates(safe_grads, sigma, basis)
     has_consensus = (consensus.norm(dim=1) > 0)[labels]
     reasons = failure_reasons(loss, grad_norm, z.norm(dim=1), None if keep_z else has_consensus)
     score = torch.full_like(grad_norm, float("nan")) if keep_z else agreement(z, labels, consensus)
+    if not keep_z:  # a finite gradient can still make a NaN or inf score (z overflowing)
+        for i in (~torch.isfinite(score)).nonzero().flatten().tolist():
+            reasons[i] = reasons[i] or NONFINITE_SCORE
     ok = torch.tensor([r is None for r in reasons], device=grads.device)
     score = torch.where(ok, score, torch.full_like(score, float("nan")))
     energy = torch.where(finite.squeeze(1) & (grad_norm > 0), energy, torch.nan)

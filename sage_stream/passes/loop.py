@@ -31,7 +31,7 @@ from ..outputs.folder import OutputFolder
 from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
-from ..scores import NONFINITE_GRAD, NONFINITE_LOSS
+from ..scores import GRAD_OUTLIER, MAX_GRAD_NORM, NONFINITE_GRAD, NONFINITE_LOSS, usable
 from ..transforms import image_transform
 from .loader import ReadSpec, decoded_shards, resolve_workers
 
@@ -75,8 +75,8 @@ class Featured:
 
     @property
     def usable(self) -> Tensor:
-        """(B,) bool: finite loss and gradient; only these enter the sketch."""
-        return torch.isfinite(self.loss) & torch.isfinite(self.grads).all(dim=1)
+        """(B,) bool: finite loss and gradient, not an outlier; only these enter the sketch."""
+        return usable(self.loss, self.grads)
 
 
 @dataclass
@@ -246,3 +246,7 @@ def _raise_first_nonfinite(ref: ShardRef, item: Featured) -> None:
         if bool(bad.any()):
             key = item.batch.keys[int(bad.nonzero()[0, 0])]
             raise SampleError(ref.name, key, reason, ref.url)
+    norms = item.grads.to(torch.float64).norm(dim=1)
+    if bool((norms > MAX_GRAD_NORM).any()):
+        key = item.batch.keys[int((norms > MAX_GRAD_NORM).nonzero()[0, 0])]
+        raise SampleError(ref.name, key, GRAD_OUTLIER, ref.url)

@@ -211,3 +211,28 @@ def test_gzipped_tar_shards_in_a_folder_are_read_and_emitted_gzipped(tmp_path, c
     again = tmp_path / "again"
     sage_stream.run(str(tmp_path / "in"), out=str(again), checkpoint=ckpt, **OPTIONS)
     assert (again / "shards" / "c.tgz").read_bytes() == (out / "shards" / "c.tgz").read_bytes()
+
+
+# --- 7. one finite outlier is an error row, never a run-wide abort -------------------------
+
+
+@pytest.mark.parametrize("scale", [1e16, 1e19, 1e30])
+def test_an_outlier_input_is_an_error_row_naming_it_and_select_runs(tmp_path, ckpt, scale):
+    members: list[tuple[str, bytes, int]] = []
+    for i in range(30):
+        members += sample_members(f"o{i:03d}", i)
+    wild = np.full(DIM, scale, dtype=np.float32)
+    members += [("o999.npy", npy_bytes(wild), 0o644), ("o999.cls", b"1", 0o644)]
+    url = write_bytes(str(tmp_path / "in" / "outlier.tar"), hostile_tar(members))
+    out = tmp_path / "out"
+    sage_stream.run(url, out=str(out), checkpoint=ckpt, **OPTIONS)
+    rows = score_rows(out)
+    assert rows["o999"]["status"] == "error", rows["o999"]
+    assert rows["o999"]["reason"] in ("non-finite loss", "non-finite gradient",
+                                      "gradient norm over 1e+15 (an outlier input?)")  # fmt: skip
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == 30 and all(np.isfinite(r["score"]) for r in ok)
+    assert (out / "_SUCCESS").exists()
+    with pytest.raises(SageError, match=r"outlier\.tar.*key 'o999'"):
+        sage_stream.run(url, out=str(tmp_path / "fail"), checkpoint=ckpt, on_error="fail",
+                        **OPTIONS)  # fmt: skip
