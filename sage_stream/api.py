@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import error_reasons, most_common, run_warnings
 from .config import Config, make_config
 from .errors import InputError, MismatchError
 from .executors import Executor, open_executor
@@ -52,6 +53,7 @@ class SelectResult:
     scored: int
     kept: int
     params: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # see sage_stream.checks
 
 
 @dataclass
@@ -82,6 +84,7 @@ def pinned(refs: list[ShardRef], cfg: Config) -> list[ShardRef]:
 def _take(ctx: StageContext) -> None:
     """Claim OUT, under its lease: refuse a different earlier run before touching it."""
     cfg = ctx.cfg
+    ctx.out.refuse_foreign(cfg.inputs)
     ctx.out.claim(run_identity(cfg, ctx.refs, ctx.fingerprint), run_config(cfg), cfg.overwrite)
     ctx.out.clear_success()
 
@@ -120,8 +123,15 @@ def _select(cfg: Config, shards: list[str]) -> SelectResult:
 
     if cfg.scorer == "sage":
         _check_has_sage_scores(cfg, shards, read)
-    params = {"keep": cfg.keep, "balance": cfg.balance, "min_score": cfg.min_score,
-              "scorer": cfg.scorer, "seed": cfg.seed}  # fmt: skip
+    params: dict[str, Any] = {"keep": cfg.keep, "balance": cfg.balance,
+                              "min_score": cfg.min_score, "scorer": cfg.scorer,
+                              "seed": cfg.seed}  # fmt: skip
+    recorded = folder.recorded_config() or {}
+    warnings = run_warnings(cfg.scorer, recorded.get("checkpoint", cfg.checkpoint), shards, read)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if warnings:  # recorded only when there are some: a sound run's selection is unchanged
+        params["warnings"] = warnings
     chosen = select_parts(shards, local_map(read), keep=cfg.keep, balance=cfg.balance,
                           min_score=cfg.min_score, scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
     scored = 0
@@ -141,7 +151,7 @@ def _select(cfg: Config, shards: list[str]) -> SelectResult:
             folder.clear_success()
 
     written = write_selection_parts(folder, counted(), params)
-    return SelectResult(written.url, scored, written.kept, params)
+    return SelectResult(written.url, scored, written.kept, params, warnings)
 
 
 def _check_has_sage_scores(cfg: Config, shards: list[str], read: Callable[[str], Any]) -> None:
@@ -179,9 +189,12 @@ def _run_held(cfg: Config, ctx: StageContext) -> RunResult:
         sketched = executor.sketch(ctx) if cfg.scorer == "sage" else None
         scored = executor.score(ctx, _stored_sketch(ctx))
         if scored.scored == 0:
+            folder, names = ctx.out, [r.name for r in ctx.refs]
+            parts = (read_part(folder, n, ["reason"])[0] for n in names)
             raise InputError(
-                f"no sample could be scored ({scored.errored} errors): see the reasons in "
-                f"{ctx.out.scores}, or run with --on-error fail to stop at the first"
+                f"no sample could be scored ({scored.errored} errors, most often "
+                f"{most_common(error_reasons(parts))}): the reasons of all are in "
+                f"{ctx.out.scores}"
             )
         chosen = _select(cfg, [r.name for r in ctx.refs])
         emitted = executor.emit(cfg, ctx.refs, _sketch_stats(cfg))

@@ -80,16 +80,40 @@ def _output_summary(url: str, storage_options: dict) -> str:
 
 
 def describe(url: str, storage_options: dict | None = None) -> str:
+    """A summary of whatever `url` is: a finished or partial run, a sketch, scores, a part."""
     storage_options = storage_options or {}
     if not exists(url, storage_options):
         raise InputError(f"nothing at {url}")
+    if url.endswith(".parquet"):  # a file: never ask for entries under it
+        return _parquet_summary(url, storage_options)
     if exists(join(url, "zarr.json"), storage_options):
         return _sketch_summary(url, storage_options)
     folder = OutputFolder(url, storage_options)
     if folder.exists(folder.manifest):
         return _output_summary(url, storage_options)
-    if url.endswith(".parquet") or url.rstrip("/").endswith(SCORES):
+    if url.rstrip("/").endswith(SCORES):
         return _scores_summary(url, storage_options)
-    if folder.exists(folder.scores):
-        return _scores_summary(folder.scores, storage_options)
+    if any(folder.exists(u) for u in (folder.sketch, folder.scores, folder.selection)):
+        return _partial_summary(folder)
     raise InputError(f"{url} is not a sketch.zarr, a scores table or a sage-stream output")
+
+
+def _parquet_summary(url: str, storage_options: dict) -> str:
+    """A scores part, or a selection (no status column): what it holds."""
+    table = read_table(url, storage_options=storage_options)
+    if "status" in table.column_names:
+        return _scores_summary(url, storage_options)
+    labels = Counter(table["label"].to_pylist()) if "label" in table.column_names else {}
+    return f"table {url}: {table.num_rows} rows; labels {dict(sorted(labels.items()))}"
+
+
+def _partial_summary(folder: OutputFolder) -> str:
+    """A run that stopped before emit (failed, killed, or run step by step): what is there."""
+    lines = [f"output {folder.url}: INCOMPLETE (no manifest: the run stopped before emit)"]
+    if folder.exists(folder.sketch):
+        lines.append(f"  sketch: {folder.sketch}")
+    if folder.exists(folder.scores) and list_names(folder.scores, folder.storage_options):
+        lines.append(_scores_summary(folder.scores, folder.storage_options))
+    if folder.exists(folder.selection):
+        lines.append(_parquet_summary(folder.selection, folder.storage_options))
+    return "\n".join(lines)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,25 @@ class OutputFolder:
             self.wipe()
         self.write_json(self.work("run.json"), identity)
         self.write_json(self.work("config.json"), config)
+
+    def refuse_foreign(self, inputs: Sequence[str] = ()) -> None:
+        """OUT must be empty, missing, or a sage-stream output: a run never writes into a
+        folder of other files (nor into an input folder), where its outputs would mix with
+        them and a later run could read its selection.parquet as a shard."""
+        root = _comparable(self.url)
+        for spec in inputs:
+            if "://" in spec and not spec.startswith("file://"):
+                continue  # remote inputs: the shard check (refuse_inputs_inside) covers them
+            if _comparable(spec.lstrip("@")) == root:
+                raise InputError(f"--out {self.url} is an input location: choose another --out")
+        names = [n for n in self.names(self.url) if not n.startswith(".")]
+        foreign = sorted(set(names) - set(ENTRIES) - {"_LEASE"})  # outputs.lease.LEASE
+        if foreign:
+            raise InputError(
+                f"--out {self.url} is not empty and not a sage-stream output (it holds "
+                f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): choose an "
+                "empty or new folder"
+            )
 
     def refuse_inputs_inside(self, refs: list[Any]) -> None:
         """Inputs may not live under OUT: --overwrite would delete them, and a run's own

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import Batch, Decoder, Inputs, Skipped, input_shape, to_device
+from ..checks import FailFast
 from ..config import PREDICTED, Config, shard_options
 from ..decode import make_decoder
 from ..errors import InputError, SampleError, ShardError
@@ -52,6 +53,7 @@ class StageContext:
     decoder: Decoder
     loader_workers: int = 0  # decode processes (0: in this process), resolved from the cfg
     warned: set[str] = field(default_factory=set)  # warnings already given in this run
+    fail_fast: FailFast = field(default_factory=FailFast)  # stops a run where nearly all fail
 
     @property
     def num_classes(self) -> int:
@@ -152,6 +154,7 @@ def _items(
             if isinstance(entry, Skipped):
                 if fail:
                     raise SampleError(ref.name, entry.key, entry.reason, ref.url)
+                ctx.fail_fast.record(0, [entry.reason])
                 yield entry
                 progress.advance(1)
                 continue
@@ -160,9 +163,11 @@ def _items(
                 _warn_shapes(ctx, ref, shapes)
             featured = _featurize(ctx, ref, entry, fail)
             if isinstance(featured, list):  # the model refused the batch: a skip per sample
+                ctx.fail_fast.record(0, [f.reason for f in featured])
                 yield from featured
                 progress.advance(len(featured))
                 continue
+            _record(ctx.fail_fast, featured)
             yield featured
             progress.advance(len(featured.batch.keys))
     except ShardError as exc:
@@ -170,6 +175,14 @@ def _items(
             raise
         log.warning("%s: the rest of %s is lost: %s", progress.name, ref.name, exc.reason)
         yield Broken(exc.reason)
+
+
+def _record(check: FailFast, item: Featured) -> None:
+    usable = item.usable
+    ok = int(usable.sum())
+    bad_loss = ~torch.isfinite(item.loss[~usable])
+    reasons = [NONFINITE_LOSS if b else NONFINITE_GRAD for b in bad_loss.tolist()]
+    check.record(ok, reasons)
 
 
 def _sample_shape(x: Inputs) -> Any:

@@ -60,6 +60,16 @@ def read_manifest(folder: OutputFolder) -> dict[str, Any]:
         raise InputError(f"{url} is not valid JSON: {exc}") from None
 
 
+def _partial_manifest(status: np.ndarray, kept: list[np.ndarray], selected: bool) -> dict:
+    n_kept = int(sum(k.sum() for k in kept))
+    scored = int((status == "ok").sum())
+    totals = {"seen": len(status), "scored": scored, "errored": len(status) - scored,
+              "kept": n_kept if selected else None, "dropped": scored - n_kept if selected else None}  # fmt: skip
+    step = "emit" if selected else "select and emit"
+    note = f"this run did not finish (no manifest.json): figures from scores/ only; {step} not run"
+    return {"totals": totals, "warnings": [note]}
+
+
 def _column(tables: list[pa.Table], name: str, null: float | str, dtype: type) -> np.ndarray:
     if not tables:
         return np.zeros(0, dtype=dtype)
@@ -70,16 +80,20 @@ def _column(tables: list[pa.Table], name: str, null: float | str, dtype: type) -
 def load_run(out: str, storage_options: dict | None = None) -> RunData:
     """Read what the report needs from a run's output; InputError naming what is missing."""
     folder = OutputFolder(out, storage_options or {})
-    manifest = read_manifest(folder)
-    selection = SelectionFile(folder)
-    params = selection.params
     names = folder.scored_shards()
+    finished = folder.exists(folder.manifest)
+    if not finished and not names:
+        read_manifest(folder)  # nothing to report on: its error says what to run
+    manifest = read_manifest(folder) if finished else {}
+    selection = SelectionFile(folder) if folder.exists(folder.selection) else None
+    params = selection.params if selection is not None else {}
     parts, kept, index, errors = [], [], [], {}
     none = pa.array([], pa.string())
     for i, name in enumerate(names):
         part, error = read_part(folder, name, COLUMNS)
         parts.append(part)
-        keys = selection.read(name, ["__key__"])["__key__"] if name in selection.rows else none
+        chosen = selection is not None and name in selection.rows
+        keys = selection.read(name, ["__key__"])["__key__"] if chosen else none  # type: ignore[union-attr]
         in_selection = pc.is_in(part["__key__"], value_set=pa.chunked_array([keys]).combine_chunks()
                                 if isinstance(keys, pa.ChunkedArray) else keys)  # fmt: skip
         kept.append(np.asarray(in_selection.to_numpy(zero_copy_only=False), dtype=bool))
@@ -87,6 +101,8 @@ def load_run(out: str, storage_options: dict | None = None) -> RunData:
         if error:
             errors[name] = error
     status = _column(parts, "status", "", object)
+    if not finished:  # a failed or partial run: what its scores and selection say
+        manifest = _partial_manifest(status, kept, selection is not None)
     sketch = manifest.get("sketch") or None
     return RunData(
         out=out,

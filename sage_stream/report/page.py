@@ -207,6 +207,10 @@ def render(
         f'<p class="sub">Run output <code>{escape(out)}</code> · scorer '
         f"<b>{escape(str(selection.get('scorer', '?')))}</b> · computed from scores/, "
         "selection.parquet, sketch.zarr and manifest.json (no model run)</p>",
+        *(
+            f'<p class="note"><b>Warning:</b> {escape(str(w))}</p>'
+            for w in (manifest.get("warnings") or selection.get("warnings") or [])
+        ),
         "<h2>Totals</h2>",
         table(total_names, [[totals.get(k) for k in total_names]], left=0),
         "<h3>Selection</h3>",

@@ -61,3 +61,14 @@ class DictNet(nn.Module):
 
 def dict_net() -> nn.Module:
     return DictNet()
+
+
+def collapsed(dim: int = 8, classes: int = 3) -> nn.Module:
+    """An MLP whose hidden layer ignores its input (tiny weights, a large bias): every sample
+    of a class gets the same gradient, as with a badly initialised proxy: flat scores."""
+    torch.manual_seed(0)
+    first = nn.Linear(dim, 16)
+    with torch.no_grad():
+        first.weight.mul_(1e-6)
+        first.bias.fill_(1.0)
+    return nn.Sequential(first, nn.ReLU(), nn.Linear(16, classes))
