@@ -80,7 +80,7 @@ def _column(tables: list[pa.Table], name: str, null: float | str, dtype: type) -
 def load_run(out: str, storage_options: dict | None = None) -> RunData:
     """Read what the report needs from a run's output; InputError naming what is missing."""
     folder = OutputFolder(out, storage_options or {})
-    names = folder.scored_shards()
+    names = folder.scored_shards() if folder.exists(folder.scores) else []
     finished = folder.exists(folder.manifest)
     if not finished and not names:
         read_manifest(folder)  # nothing to report on: its error says what to run
