@@ -3,7 +3,9 @@ DataLoader workers so that every kept sample comes out exactly once per epoch.""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -70,7 +72,14 @@ class SelectedDataset(IterableDataset):
     torch.distributed when initialised at construction) and DataLoader workers, so each kept
     sample comes once per epoch across all of them; a worker with no shard yields nothing, so
     nodes may get unequal counts. ``shuffle`` permutes the shard order per epoch
-    (``set_epoch``), the same on every node and worker. ``on_error="skip"`` logs and skips an
+    (``set_epoch``), the same on every node and worker. ``shuffle_buffer=N`` also shuffles
+    samples, through a buffer of N per DataLoader worker (webdataset's ``shuffle(N)``; seeded
+    by seed, epoch, rank and worker, so an epoch is reproducible). ``equal_per_rank=True``
+    makes every rank yield exactly ``num_samples // world_size`` samples per epoch, split
+    evenly over its DataLoader workers, as webdataset's ``with_epoch`` does: a rank whose
+    shards hold fewer starts over on them, one with more stops early, so distributed training
+    never waits at the end of an epoch for a rank that has run out (each sample then comes at
+    most twice or not at all in that epoch, not exactly once). ``on_error="skip"`` logs and skips an
     undecodable sample or the rest of a broken shard instead of raising.
     """
 
@@ -86,6 +95,8 @@ class SelectedDataset(IterableDataset):
         label_key: str | None = None,
         preprocess: Any = None,
         shuffle: bool = False,
+        shuffle_buffer: int = 0,
+        equal_per_rank: bool = False,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -99,7 +110,14 @@ class SelectedDataset(IterableDataset):
         )
         self.decode = decode or self._default_decode(input_key, label_key, preprocess)
         self.transform = transform
+        if shuffle_buffer < 0:
+            raise InputError(f"shuffle_buffer must be 0 (off) or more, got {shuffle_buffer}")
+        if equal_per_rank and self.plan.num_samples is None:
+            raise InputError(
+                "equal_per_rank needs the kept counts per shard, which this run did not record"
+            )
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle_buffer, self.equal_per_rank = shuffle_buffer, equal_per_rank
         self.rank, self.world_size = node_of(rank, world_size)
         self.on_error = on_error
         self.storage_options = storage_options
@@ -140,8 +158,34 @@ class SelectedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard in assigned(self.shard_order(), self.rank, self.world_size, worker, workers):
-            yield from self._items(shard)
+        order = self.shard_order()
+        mine = assigned(order, self.rank, self.world_size, worker, workers)
+        if not self.equal_per_rank:
+            items: Iterator[Any] = (item for shard in mine for item in self._items(shard))
+        else:
+            quota = self._quota(worker, workers)
+            items = itertools.islice(self._cycled(mine or order, quota), quota)
+        if self.shuffle_buffer > 0:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+            items = _buffer_shuffled(items, self.shuffle_buffer, rng)
+        yield from items
+
+    def _quota(self, worker: int, workers: int) -> int:
+        """Samples this DataLoader worker yields under equal_per_rank."""
+        per_rank = int(self.plan.num_samples or 0) // self.world_size
+        return per_rank // workers + (1 if worker < per_rank % workers else 0)
+
+    def _cycled(self, shards: list[FeedShard], quota: int) -> Iterator[Any]:
+        """The shards' items again and again, until `quota` came (or nothing ever does)."""
+        given = 0
+        while given < quota:
+            before = given
+            for shard in shards:
+                for item in self._items(shard):
+                    yield item
+                    given += 1
+            if given == before:  # the shards hold nothing: never spin
+                return
 
     def _items(self, shard: FeedShard) -> Iterator[Any]:
         samples = shard_samples(self.plan, shard, self.storage_options)
@@ -159,3 +203,17 @@ class SelectedDataset(IterableDataset):
                     return
                 continue
             yield item if self.transform is None else self.transform(item)
+
+
+def _buffer_shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Items in a random order through a buffer of `size` (webdataset's shuffle stage)."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer

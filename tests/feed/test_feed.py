@@ -330,3 +330,35 @@ def test_s3_in_forked_dataloader_workers(data, s3_bucket):
         ds = SelectedDataset(f"{s3_bucket}/out", decode=key_of, **kw)
         got = DataLoader(ds, batch_size=None, num_workers=2)  # s3fs was used before the fork
         assert sorted(tuple(k) for k in got) == selection(out)
+
+
+def test_shuffle_buffer_mixes_samples_within_shards_reproducibly(data):
+    out = out_of(data, "tar")
+
+    def keys(epoch: int, buffer: int) -> list[str]:
+        ds = SelectedDataset(out, decode=key_of, shuffle_buffer=buffer, seed=1)
+        ds.set_epoch(epoch)
+        return [k for k, _ in ds]
+
+    plain = keys(0, 0)
+    mixed = keys(0, 16)
+    assert sorted(mixed) == sorted(plain) and mixed != plain  # same samples, once each
+    assert keys(0, 16) == mixed and keys(1, 16) != mixed  # reproducible, new per epoch
+    with pytest.raises(InputError, match="shuffle_buffer"):
+        SelectedDataset(out, shuffle_buffer=-1)
+
+
+def test_equal_per_rank_gives_every_rank_the_same_count(data):
+    out = out_of(data, "tar")
+    total = SelectedDataset(out).num_samples
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+        for world in (2, 3):
+            for workers in (0, 2):
+                counts = []
+                for rank in range(world):
+                    ds = SelectedDataset(out, decode=key_of, rank=rank, world_size=world,
+                                         equal_per_rank=True)  # fmt: skip
+                    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+                    counts.append(sum(1 for _ in loader))
+                assert counts == [total // world] * world, (world, workers, counts)
