@@ -38,6 +38,7 @@ from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
 from .passes.sketch import SketchResult
 from .sample import ShardRef
+from .selection import SKETCHED
 from .storage import pin_of
 from .threshold import COLUMNS as SELECT_COLUMNS
 from .threshold import local_map, select_parts
@@ -90,7 +91,7 @@ def _take(ctx: StageContext) -> None:
 
 
 def _stored_sketch(ctx: StageContext) -> StoredSketch | None:
-    if ctx.cfg.scorer != "sage":
+    if ctx.cfg.scorer not in SKETCHED:
         return None  # the baselines rank by loss, gradient norm or chance: no sketch needed
     return ctx.out.sketch_store().read(expected=ctx.identity())
 
@@ -118,10 +119,12 @@ def _select(cfg: Config, shards: list[str]) -> SelectResult:
     if cfg.keep is None and cfg.min_score is None:
         raise InputError("say how much to keep: --keep FRACTION or --min-score T")
 
-    def read(name: str) -> Any:
-        return read_part(folder, name, list(SELECT_COLUMNS))[0]
+    columns = [*SELECT_COLUMNS, "coverage"] if cfg.scorer == "sage-coverage" else SELECT_COLUMNS
 
-    if cfg.scorer == "sage":
+    def read(name: str) -> Any:
+        return read_part(folder, name, list(columns))[0]
+
+    if cfg.scorer in SKETCHED:
         _check_has_sage_scores(cfg, shards, read)
     params: dict[str, Any] = {"keep": cfg.keep, "balance": cfg.balance,
                               "min_score": cfg.min_score, "scorer": cfg.scorer,
@@ -169,7 +172,7 @@ def _check_has_sage_scores(cfg: Config, shards: list[str], read: Callable[[str],
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
     folder = cfg.output
-    if cfg.scorer != "sage" or not folder.exists(folder.sketch):
+    if cfg.scorer not in SKETCHED or not folder.exists(folder.sketch):
         return None
     head = folder.sketch_store().header()  # metadata only: emit never needs the basis
     return {**head["stats"], "identity": head["identity"]}
@@ -186,7 +189,7 @@ def _run(cfg: Config) -> RunResult:
 
 def _run_held(cfg: Config, ctx: StageContext) -> RunResult:
     with open_executor(cfg) as executor:
-        sketched = executor.sketch(ctx) if cfg.scorer == "sage" else None
+        sketched = executor.sketch(ctx) if cfg.scorer in SKETCHED else None
         scored = executor.score(ctx, _stored_sketch(ctx))
         if scored.scored == 0:
             folder, names = ctx.out, [r.name for r in ctx.refs]
@@ -444,14 +447,14 @@ def run(
     progress: bool | None = None,
     config: Config | None = None,
 ) -> RunResult:
-    """All steps: sketch (for the sage scorer), score, select, emit.
+    """All steps: sketch (for the sage and sage-coverage scorers), score, select, emit.
 
         sage_stream.run("s3://bucket/train/shard-{000..099}.tar", model="mymodels:proxy",
                         checkpoint="s3://bucket/proxy.pt", out="s3://bucket/sel", keep=0.3)
 
     `keep` (a fraction) or `min_score` (a threshold) says how much to keep; `balance` how the
-    budget is shared between classes (proportional | equal | none); `scorer` sage or a
-    baseline (loss, loss-easy, grad-norm, random). The other options are `sketch`'s.
+    budget is shared between classes (proportional | equal | none); `scorer` sage-coverage
+    (default), sage or a baseline (loss, loss-easy, grad-norm, random). The other options are `sketch`'s.
     """
     options = dict(locals())
     del options["config"]

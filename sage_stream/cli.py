@@ -199,9 +199,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scorer",
         choices=SCORERS,
-        help="sage (default), or a baseline: loss, loss-easy, grad-norm, random",
+        help="sage-coverage (default: agreement and ridge leverage from the sketch set aside "
+        "the likely-wrong samples, a seeded leverage-weighted draw picks among the rest; with "
+        "--min-score, a threshold on the agreement), sage (highest agreement with the class "
+        "consensus first), or a baseline: loss, loss-easy, grad-norm, random",
     )
-    g.add_argument("--seed", type=int, help="seed for projection and random scorer (default 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="seed for projection and the seeded draws of random and sage-coverage (default 0)",
+    )
     g.add_argument(
         "--overwrite",
         action="store_true",

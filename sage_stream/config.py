@@ -87,7 +87,7 @@ class Config:
     storage_options: dict[str, Any] = field(default_factory=dict)
     executor: str = "local"
     workers: int | None = None  # --executor ray: actors (default: one per GPU, else 2)
-    scorer: str = "sage"
+    scorer: str = "sage-coverage"  # with --min-score: a threshold on the agreement, as sage
     consensus: str = "mean-gradient"
     keep: float | None = None
     balance: str = "proportional"

@@ -9,9 +9,12 @@ gradients themselves are never stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .coverage import ridge_leverage
 
 # Reasons a sample gets no score. They are recorded in scores/ under status "error".
 NONFINITE_LOSS = "non-finite loss"
@@ -67,6 +70,15 @@ def agreement(z: Tensor, labels: Tensor, consensus: Tensor) -> Tensor:
     return (unit * consensus.to(torch.float64)[labels]).sum(dim=1)
 
 
+class SketchTensors(NamedTuple):
+    """What pass 2 scores against, on the scoring device."""
+
+    sigma: Tensor  # (ℓ,)
+    basis: Tensor  # (ℓ, D) V, orthonormal rows
+    consensus: Tensor  # (C, ℓ) μ_c
+    ridge: float  # λ of the ridge leverage (coverage.ridge_lambda)
+
+
 @dataclass
 class ScoredBatch:
     """Per-sample results of one batch, as float64 on the CPU; reason is None where ok."""
@@ -75,6 +87,7 @@ class ScoredBatch:
     loss: Tensor  # (B,)
     grad_norm: Tensor  # (B,)
     energy: Tensor  # (B,) NaN where no sketch or no gradient
+    coverage: Tensor  # (B,) ridge leverage τ; NaN where no sketch or no score
     z: Tensor | None  # (B, ℓ) float32, kept only when asked (centroid consensus)
     reasons: list[str | None]
 
@@ -101,11 +114,11 @@ def score_batch(
     grads: Tensor,
     loss: Tensor,
     labels: Tensor,
-    sketch: tuple[Tensor, Tensor, Tensor] | None,
+    sketch: SketchTensors | None,
     *,
     keep_z: bool = False,
 ) -> ScoredBatch:
-    """Score one batch against `sketch` = (sigma, basis, consensus), or only measure it if None.
+    """Score one batch against `sketch`, or only measure it if None.
 
     grads (B, D) and labels (B,) on the sketch's device. With `keep_z` the sketch coordinates
     are returned for centroid consensus, and the score is left NaN (it needs every z first).
@@ -115,9 +128,9 @@ def score_batch(
         nan = torch.full_like(grad_norm, float("nan"))
         reasons = failure_reasons(loss, grad_norm, None, None)
         return ScoredBatch(
-            nan.cpu(), loss.double().cpu(), grad_norm.cpu(), nan.cpu(), None, reasons
+            nan.cpu(), loss.double().cpu(), grad_norm.cpu(), nan.cpu(), nan.cpu(), None, reasons
         )
-    sigma, basis, consensus = sketch
+    sigma, basis, consensus, ridge = sketch
     finite = (torch.isfinite(grads).all(dim=1) & (grad_norm <= MAX_GRAD_NORM)).unsqueeze(1)
     safe_grads = torch.where(finite, grads, torch.zeros_like(grads))  # NaN must not leak into z
     z, energy = sketch_coordinates(safe_grads, sigma, basis)
@@ -130,11 +143,14 @@ def score_batch(
     ok = torch.tensor([r is None for r in reasons], device=grads.device)
     score = torch.where(ok, score, torch.full_like(score, float("nan")))
     energy = torch.where(finite.squeeze(1) & (grad_norm > 0), energy, torch.nan)
+    coverage = ridge_leverage(safe_grads, sigma, basis, ridge).to(ok.device)
+    coverage = torch.where(ok, coverage, torch.full_like(coverage, float("nan")))
     return ScoredBatch(
         score.cpu(),
         loss.double().cpu(),
         grad_norm.cpu(),
         energy.cpu(),
+        coverage.cpu(),
         z.float().cpu() if keep_z else None,
         reasons,
     )

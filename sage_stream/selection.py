@@ -23,9 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sage_stream.coverage import coverage_ranking
 from sage_stream.errors import InputError
 
-SCORERS = ("sage", "loss", "loss-easy", "grad-norm", "random")
+SCORERS = ("sage-coverage", "sage", "loss", "loss-easy", "grad-norm", "random")
+SKETCHED = ("sage-coverage", "sage")  # the scorers that need pass 1's sketch
 BALANCES = ("proportional", "equal", "none")
 
 # The scores/ column each scorer ranks by (random needs none: it hashes shard and key).
@@ -44,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
 def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
     """Per-row ranking value (float64, shape ``(len(table),)``); higher is kept first.
 
+    ``sage-coverage`` → agreement filters, ridge leverage draws (``coverage.coverage_ranking``);
     ``sage`` → score; ``loss`` → loss (hardest first); ``loss-easy`` → −loss; ``grad-norm`` →
     grad_norm; ``random`` → a value in [0, 1) from blake2b of ``f"{seed}\\0{shard}\\0{key}"``, so
     it depends neither on row order nor on which other rows exist. Rows that are not candidates
@@ -53,6 +56,9 @@ def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
     if scorer == "random":
         _check_columns(table, ("__key__", "__shard__"))
         return _random_values(table, seed)
+    if scorer == "sage-coverage":
+        _check_columns(table, ("status",))
+        return coverage_ranking(table, _ok_mask(table), seed)
     column = _SOURCE[scorer]
     _check_columns(table, ("status", column))
     values = table[column].cast(pa.float64()).to_numpy(zero_copy_only=False)
@@ -121,13 +127,16 @@ def select(
     """The kept candidates as ``__key__, __shard__, label, score``, sorted by shard then key.
 
     Give exactly one of ``keep`` (fraction in (0, 1], split over classes by ``balance``) or
-    ``min_score`` (keep every candidate whose ranking value is ≥ it; ``balance`` is ignored).
-    ``score`` is the value ranked on: the score, the loss (also for ``loss-easy``), grad_norm, or
-    the random value.
+    ``min_score`` (keep every candidate whose ranking value is ≥ it; ``balance`` is ignored;
+    for ``sage-coverage`` the threshold is on the agreement, as for ``sage``: with a threshold
+    there is nothing left for coverage to decide). ``score`` is the value ranked on: the score,
+    the loss (also for ``loss-easy``), grad_norm, the random value, or sage-coverage's key.
     """
     _check_args(keep, balance, min_score, scorer)
     _check_columns(table, _REQUIRED)
     cand = table.filter(pa.array(_ok_mask(table)))
+    if scorer == "sage-coverage" and min_score is not None:
+        scorer = "sage"
     values = ranking_values(cand, scorer, seed)  # (N,)
     key_rank, shard_rank = _string_rank(cand, "__key__"), _string_rank(cand, "__shard__")
     by_name = np.lexsort((key_rank, shard_rank))  # (N,) output order: shard, then key

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .coverage import with_data_params
 from .errors import InputError
 from .selection import (
     OUTPUT_SCHEMA,
@@ -472,6 +473,10 @@ def select_parts(
     `selection.select` keeps on all parts at once (same arguments)."""
     _check_args(keep, balance, min_score, scorer)
     names = sorted(names)
+    if scorer == "sage-coverage" and min_score is not None:
+        scorer = "sage"  # as selection.select: a threshold is on the agreement
+    elif scorer == "sage-coverage":  # its ranking needs two data-wide numbers: one pass first
+        map_parts = with_data_params(map_parts, names)
     cuts = None
     if keep is not None:
         cuts = find_cuts(names, map_parts, keep=keep, balance=balance, scorer=scorer, seed=seed,

@@ -89,7 +89,9 @@ def test_output_shards_load_in_webdataset_with_identical_members(tar_run, data):
         k = sample["__key__"]
         assert sample["npy"] == originals[f"{k}.npy"] and sample["cls"] == originals[f"{k}.cls"]
         meta = json.loads(sample["sage.json"])
-        assert meta["score"] == pytest.approx(scores[k]["score"]) and meta["scorer"] == "sage"
+        assert (
+            meta["score"] == pytest.approx(scores[k]["score"]) and meta["scorer"] == "sage-coverage"
+        )
     index = json.loads((out / "shardindex.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1"
     assert sum(s["nsamples"] for s in index["shardlist"]) == len(kept)
@@ -172,7 +174,7 @@ def test_parquet_run_keeps_rows_and_adds_sage_columns(data, tmp_path):
         i = int(row["__key__"][1:])
         assert row["features"] == pytest.approx(data["x"][i].tolist())
         assert row["note"] == f"row {i}" and row["label"] == data["noisy"][i]
-        assert -1 <= row["sage_score"] <= 1 and row["sage_scorer"] == "sage"
+        assert -1 <= row["sage_score"] <= 1 and row["sage_scorer"] == "sage-coverage"
 
 
 def test_tar_and_parquet_runs_agree(tar_run, data, tmp_path):

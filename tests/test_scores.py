@@ -46,13 +46,16 @@ def test_every_failure_gets_its_reason_and_no_score():
     )
     loss = torch.tensor([0.5, float("inf"), 0.5, 0.5, 0.5, 0.5])
     labels = torch.tensor([0, 0, 0, 0, 0, 1])
-    out = scores.score_batch(grads, loss, labels, (sigma, basis, consensus))
+    out = scores.score_batch(
+        grads, loss, labels, scores.SketchTensors(sigma, basis, consensus, 1.0)
+    )
     assert out.reasons == [
         None, scores.NONFINITE_LOSS, scores.NONFINITE_GRAD, scores.ZERO_GRAD,
         scores.ORTHOGONAL, scores.NO_CONSENSUS,
     ]  # fmt: skip
     assert out.score[0] == 1.0 and torch.isnan(out.score[1:]).all()
     assert out.energy[4] == 0.0 and torch.isnan(out.energy[2:4]).all()
+    assert out.coverage[0] == 1.0 / (4.0 + 1.0) and torch.isnan(out.coverage[1:]).all()
 
 
 def test_without_a_sketch_only_loss_and_norm_are_measured():

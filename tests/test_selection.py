@@ -27,6 +27,7 @@ SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("loss", pa.float64()),
         ("grad_norm", pa.float64()),
+        ("coverage", pa.float64()),
     ]
 )
 
@@ -41,6 +42,7 @@ def make_table(labels, scores, *, status=None, keys=None, shards=None, loss=None
         "score": scores,
         "loss": loss or [float(i) for i in range(n)],
         "grad_norm": grad_norm or [float(n - i) for i in range(n)],
+        "coverage": [0.05 + (7 * i % 13) / 13 for i in range(n)],
     }
     return pa.table(cols, schema=SCHEMA)
 

@@ -19,6 +19,7 @@ SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("loss", pa.float64()),
         ("grad_norm", pa.float64()),
+        ("coverage", pa.float64()),
     ]
 )
 
@@ -40,6 +41,7 @@ def random_table(seed: int, n: int = 400, shards: int = 5, classes: int = 4) -> 
             "score": np.round(rng.normal(size=m), 1).tolist(),
             "loss": np.round(rng.exponential(size=m), 0).tolist(),
             "grad_norm": (np.round(rng.normal(size=m), 0) * 0.0).tolist(),  # ±0.0: all tied
+            "coverage": np.round(rng.exponential(size=m) * 0.1, 2).tolist(),  # ties, zeros
         },
         schema=SCHEMA,
     )
@@ -86,7 +88,7 @@ def test_ties_resolved_by_key_bytes_then_shard():
     n = len(keys)
     table = pa.table({"__key__": keys, "__shard__": shards, "label": [0] * n,
                       "status": ["ok"] * n, "score": [0.5] * n, "loss": [1.0] * n,
-                      "grad_norm": [1.0] * n}, schema=SCHEMA)  # fmt: skip
+                      "grad_norm": [1.0] * n, "coverage": [0.1] * n}, schema=SCHEMA)  # fmt: skip
     for k in range(1, n + 1):
         keep = k / n
         expected = select(table, keep=keep, balance="none")

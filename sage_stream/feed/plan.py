@@ -21,7 +21,13 @@ log = logging.getLogger("sage_stream")
 
 ON_ERROR = ("raise", "skip")
 # The record entry each scorer ranked on (random leaves none behind: its value is a hash).
-RANKED_BY = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": "grad_norm"}
+RANKED_BY = {
+    "sage-coverage": "score",
+    "sage": "score",
+    "loss": "loss",
+    "loss-easy": "loss",
+    "grad-norm": "grad_norm",
+}
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ def attach_scores(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]
 
 
 def ranked_score(record: Mapping[str, Any]) -> float:
-    """The value the run's scorer ranked on (score, loss or grad-norm); NaN for random."""
+    """The value the run's scorer ranked on (score, loss or grad-norm); for sage-coverage, whose
+    ranking is a seeded draw, the agreement it filtered on; NaN for random."""
     name = RANKED_BY.get(record.get("scorer") or "sage")
     value = record.get(name) if name else None
     return math.nan if value is None else float(value)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import RECORDED_WHEN_SET, Config
 from ..sample import ShardRef
+from ..selection import SKETCHED
 
 # The manifest records these under "selection", not under "config".
 SELECTION_FIELDS = ("keep", "balance", "min_score")
@@ -62,7 +63,7 @@ def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[st
         **sketch_options(cfg),
         "batch_size": cfg.batch_size,
         "consensus": cfg.consensus,
-        "sketched": cfg.scorer == "sage",
+        "sketched": cfg.scorer in SKETCHED,  # sage and sage-coverage share one scores/
     }
 
 

@@ -27,6 +27,7 @@ SCORE_SCHEMA = pa.schema(
         ("loss", pa.float64()),
         ("grad_norm", pa.float64()),
         ("energy", pa.float64()),
+        ("coverage", pa.float64()),  # ridge leverage τ from the sketch (sage_stream.coverage)
         ("status", pa.string()),
         ("reason", pa.string()),
     ]

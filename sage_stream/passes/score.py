@@ -1,4 +1,4 @@
-"""Pass 2: shards → per-sample gradients → agreement scores → scores/part-<shard>.parquet.
+"""Pass 2: shards → per-sample gradients → agreement and coverage → scores/part-<shard>.parquet.
 
 Every input sample gets exactly one row, status "ok" with its score or "error" with a reason,
 so that seen = scored + errored holds. With `--consensus centroid` the sketch coordinates
@@ -16,12 +16,13 @@ import pyarrow as pa
 import torch
 
 from ..batches import Batch, Skipped
+from ..coverage import ridge_lambda
 from ..outputs.folder import OutputFolder
 from ..outputs.sketch_store import StoredSketch
 from ..outputs.tables import SCORE_COLUMNS, errored_count, read_part, write_part
 from ..progress import Progress
 from ..sample import ShardRef
-from ..scores import ScoredBatch, score_batch
+from ..scores import ScoredBatch, SketchTensors, score_batch
 from .centroid import rescore_with_centroids
 from .loop import Broken, Featured, Item, StageContext
 
@@ -38,21 +39,20 @@ class ShardScores:
     z: list[torch.Tensor] = field(default_factory=list)  # (n, ℓ) pieces, centroid only
 
     def add_skipped(self, item: Skipped, ell: int | None) -> None:
-        self._add(item.key, item.index, item.label, None, None, None, None, item.reason)
+        self._add(item.key, item.index, item.label, None, None, None, None, None, item.reason)
         if ell is not None:
             self.z.append(torch.zeros(1, ell))
 
     def add_batch(self, batch: Batch, scored: ScoredBatch) -> None:
         columns = [
             [None if v != v else v for v in t.tolist()]  # NaN -> null
-            for t in (scored.score, scored.loss, scored.grad_norm, scored.energy)
+            for t in (scored.score, scored.loss, scored.grad_norm, scored.energy, scored.coverage)
         ]
         labels = batch.y.tolist()
         for i, key in enumerate(batch.keys):
-            score, loss, gnorm, energy = (c[i] for c in columns)
-            self._add(
-                key, batch.indices[i], labels[i], score, loss, gnorm, energy, scored.reasons[i]
-            )
+            score, loss, gnorm, energy, cover = (c[i] for c in columns)
+            self._add(key, batch.indices[i], labels[i], score, loss, gnorm, energy, cover,
+                      scored.reasons[i])  # fmt: skip
         if scored.z is not None:
             self.z.append(scored.z)
 
@@ -65,10 +65,11 @@ class ShardScores:
         loss: float | None,
         gnorm: float | None,
         energy: float | None,
+        coverage: float | None,
         reason: str | None,
     ) -> None:
-        values = (key, self.shard, label, score, loss, gnorm, energy)
-        for column, value in zip(SCORE_COLUMNS[:7], values, strict=True):
+        values = (key, self.shard, label, score, loss, gnorm, energy, coverage)
+        for column, value in zip(SCORE_COLUMNS[:8], values, strict=True):
             self.rows[column].append(value)
         self.rows["status"].append("ok" if reason is None else "error")
         self.rows["reason"].append(reason)
@@ -86,13 +87,14 @@ class ShardScores:
         return z[self.order()]
 
 
-def _sketch_tensors(
-    ctx: StageContext, sketch: StoredSketch | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _sketch_tensors(ctx: StageContext, sketch: StoredSketch | None) -> SketchTensors | None:
     if sketch is None:
         return None
-    dev = ctx.device
-    return sketch.sigma.to(dev), sketch.basis.to(dev), sketch.consensus.to(dev)
+    dev, stats = ctx.device, sketch.stats
+    ridge = ridge_lambda(stats["frobenius_sq"], stats["n"], stats["delta"])
+    return SketchTensors(
+        sketch.sigma.to(dev), sketch.basis.to(dev), sketch.consensus.to(dev), ridge
+    )
 
 
 def score_items(

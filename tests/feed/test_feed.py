@@ -88,7 +88,7 @@ def test_emitted_and_original_sources_yield_the_same_kept_samples(data, fmt):
     assert all("/shards/" in s["__url__"] for s in emitted)
     assert all("/shards/" not in s["__url__"] for s in original)
     scores = scores_by_key(out)
-    scorer = "sage" if fmt == "tar" else "loss"
+    scorer = "sage-coverage" if fmt == "tar" else "loss"
     for s in emitted:
         row = scores[s["__key__"]]
         assert s["sage"]["scorer"] == scorer and s["sage"]["label"] == row["label"]
@@ -301,19 +301,23 @@ def test_training_example_reports_heldout_accuracy_on_demo_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_quality_benchmark_writes_its_table_plot_and_results(tmp_path):
+def test_quality_benchmark_writes_its_table_plot_and_results(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling modules
     bench = load_script("benchmarks/quality.py")
-    (tmp_path / "quality.md").write_text(f"# Q\n\n{bench.BEGIN}\nold\n{bench.END}\n\nguidance\n")
-    argv = ["--scorers", "loss-easy,random", "--keeps", "0.5", "--seeds", "2"]
-    report = bench.main([*argv, "--output-dir", str(tmp_path)])
-    cells = [report["results"][n]["0.5"] for n in ("loss-easy", "random", "random-subset")]
+    begin, end = bench.quality_report.BEGIN, bench.quality_report.END
+    (tmp_path / "quality.md").write_text(f"# Q\n\n{begin}\nold\n{end}\n\nguidance\n")
+    argv = ["--scenarios", "label-noise", "--scorers", "loss-easy,random", "--keeps", "0.5"]
+    report = bench.main([*argv, "--seeds", "2", "--output-dir", str(tmp_path)])
+    results = report["scenarios"]["label-noise"]["results"]
+    cells = [results[n]["0.5"] for n in ("loss-easy", "random", "random-subset")]
     assert all(c["n"] == [700] and len(c["accuracy"]["values"]) == 2 for c in cells)
     assert all(0.0 <= a <= 1.0 for c in cells for a in c["accuracy"]["values"])
     easy, rand = cells[0]["flipped_share"]["mean"], cells[1]["flipped_share"]["mean"]
     assert easy < rand  # keeping the lowest losses drops flipped labels
     text = (tmp_path / "quality.md").read_text()
-    assert "old" not in text and text.endswith("guidance\n") and "| 0.5 | 700 |" in text
-    assert json.loads((tmp_path / "quality.json").read_text())["keeps"] == [0.5]
+    assert "\nold\n" not in text and text.endswith("guidance\n") and "| 0.5 | 700 |" in text
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["scenarios"]["label-noise"]["keeps"] == [0.5]
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 

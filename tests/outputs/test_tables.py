@@ -27,7 +27,7 @@ def part(shard: str, keys: list[str], status: list[str]) -> pa.Table:
     return pa.table({
         "__key__": keys, "__shard__": [shard] * n, "label": list(range(n)),
         "score": [0.5 if s == "ok" else None for s in status], "loss": [1.0] * n,
-        "grad_norm": [2.0] * n, "energy": [math.nan] * n, "status": status,
+        "grad_norm": [2.0] * n, "energy": [math.nan] * n, "coverage": [0.1] * n, "status": status,
         "reason": [None if s == "ok" else "bad" for s in status],
     })  # fmt: skip
 

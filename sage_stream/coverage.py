@@ -1,0 +1,222 @@
+"""Coverage: ridge leverage scores from the FD sketch (pass 2), and the `sage-coverage` ranking.
+
+Where it sits: pass 2 computes, next to each sample's agreement, its ridge leverage
+
+    τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i
+
+from the same sketch B = diag(σ)Vᵀ (ℓ×D) and the same gradient g_i (D), in the same memory
+bound: with V's rows orthonormal, (BᵀB + λI)⁻¹ = V diag(1/(σ² + λ)) Vᵀ + (I − VᵀV)/λ, so
+
+    τ_i = Σ_j (v_jᵀ g_i)² / (σ_j² + λ)  +  (‖g_i‖² − ‖V g_i‖²) / λ
+
+needs only V g_i (ℓ numbers, already computed for z = B g) and ‖g_i‖². τ is high for a sample
+whose gradient points where few others do (a rare direction) and low for one of many near-copies:
+m copies of the same gradient share the leverage one of them alone would have. λ is the FD
+shrinkage Δ (so that BᵀB + ΔI ≽ AᵀA ≽ BᵀB: the sketch's error is absorbed in the ridge) plus
+the mean squared gradient norm ‖A‖²_F / N (a ridge at the scale of one sample, so that no single
+sample's leverage is near 1 only because the sketch has spare rank).
+
+Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong,
+coverage decides among the rest. τ ranges from ≈ 0 (one of many near-copies) to ≈ 1 (a sample
+no other sample supports); a mislabelled sample sits near the top, its gradient pulling towards
+another class. So a candidate *passes* when its agreement is not among the lowest
+`FILTER_QUANTILE` of its class's and its τ is at most `SUPPORT` times the mean τ of all
+candidates. The passing samples are drawn without replacement with probability proportional to
+τ_i^(1/T) (Efraimidis–Spirakis keys, in log form: log(τ)/T + Gumbel noise hashed from the
+seed and key, so the draw is deterministic and independent of row order); the samples that
+fail come after every passing one, by agreement. The two data-wide parameters (the τ cap and
+each class's agreement cut) come from one pass over the score parts (`with_data_params`), in
+memory of one part plus a histogram per class, so selection stays bounded (threshold.py) and
+every part is ranked by a function of its own rows. selection.parquet's `score` is the ranking
+value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+# Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
+FILTER_QUANTILE = 0.2  # per class, at most this share of lowest agreement goes last
+SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
+TEMPERATURE = 3.0  # T in τ^(1/T): 1 draws in proportion to leverage; larger is flatter
+
+
+def ridge_lambda(frobenius_sq: float, n: int, delta: float) -> float:
+    """λ = ‖A‖²_F / N + Δ from the sketch's stats; 0 when there were no rows."""
+    return float(frobenius_sq) / n + float(delta) if n else 0.0
+
+
+def ridge_leverage(grads: Tensor, sigma: Tensor, basis: Tensor, lam: float) -> Tensor:
+    """τ_i = g_iᵀ(BᵀB + λI)⁻¹g_i with B = diag(σ)V, V (ℓ, D) orthonormal rows.
+
+    grads (B, D), sigma (ℓ,), basis (ℓ, D), λ > 0 -> (B,) float64 (NaN if λ ≤ 0).
+    """
+    if not lam > 0:
+        return torch.full((grads.shape[0],), float("nan"), dtype=torch.float64)
+    g = grads.to(torch.float64)
+    vg = g @ basis.to(torch.float64).T  # (B, ℓ)
+    in_span = (vg**2 / (sigma.to(torch.float64) ** 2 + lam)).sum(dim=1)  # (B,)
+    rest = ((g**2).sum(dim=1) - (vg**2).sum(dim=1)).clamp_min(0.0)  # ‖(I − VᵀV) g‖²
+    return in_span + rest / lam
+
+
+def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
+    """Standard Gumbel noise per key, from blake2b of seed and key: (N,). Not of the shard, so
+    that the same samples stored as tar or as Parquet shards get the same draw."""
+    digests = b"".join(
+        hashlib.blake2b(f"coverage\0{seed}\0{k}".encode(), digest_size=8).digest() for k in keys
+    )
+    bits = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1), never 0 or 1
+    return -np.log(-np.log(u))
+
+
+AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1, 1]
+CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
+
+
+@dataclass
+class Partial:
+    """What the parameters need from the parts; partials of disjoint parts add up."""
+
+    tau_sum: int = 0  # Σ τ in units of 2^-32 (integers: exact, the same in any order)
+    n: int = 0
+    hist: dict[int, np.ndarray] = field(default_factory=dict)  # label -> (AGREEMENT_BINS,)
+
+    def add(self, other: Partial) -> Partial:
+        self.tau_sum += other.tau_sum
+        self.n += other.n
+        for label, h in other.hist.items():
+            self.hist[label] = self.hist.get(label, 0) + h
+        return self
+
+
+def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    missing = [c for c in ("score", "coverage", "label") if c not in table.column_names]
+    if missing:
+        raise InputError(
+            f"scores table lacks column(s) {', '.join(missing)}: --scorer sage-coverage needs "
+            "scores made by this version with a sketch (rerun `sage-stream score`)"
+        )
+    score = table["score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+    tau = table["coverage"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+    if np.isnan(score[ok]).any() or np.isnan(tau[ok]).any():
+        raise InputError(
+            "--scorer sage-coverage needs a SAGE score and a coverage on every scored row; "
+            "some are null (scores made without a sketch?)"
+        )
+    labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
+    return score, tau, labels
+
+
+def _fixed_sum(tau: np.ndarray) -> int:
+    """Σ τ in units of 2^-32, each τ clipped to [0, 2^24] (far above any cap): an integer sum,
+    so that a whole table and its parts in any order give the same cap. Chunks of 64 rows keep
+    numpy's int64 from overflowing (64 · 2^56 < 2^63)."""
+    fixed = np.round(np.clip(tau, 0.0, 2.0**24) * 2.0**32).astype(np.int64)
+    if not len(fixed):
+        return 0
+    return sum(int(x) for x in np.add.reduceat(fixed, np.arange(0, len(fixed), 64)))
+
+
+def _bins(score: np.ndarray) -> np.ndarray:
+    return np.clip(((score + 1.0) * (AGREEMENT_BINS / 2)).astype(np.int64), 0, AGREEMENT_BINS - 1)
+
+
+def partial(table: pa.Table, ok: np.ndarray) -> Partial:
+    """One part's contribution: Σ τ, the candidates, and per class a histogram of agreement."""
+    score, tau, labels = _columns(table, ok)
+    out = Partial(_fixed_sum(tau[ok]), int(ok.sum()))
+    bins = _bins(score[ok])
+    for label in np.unique(labels[ok]).tolist():
+        members = labels[ok] == label
+        out.hist[label] = np.bincount(bins[members], minlength=AGREEMENT_BINS)
+    return out
+
+
+@dataclass(frozen=True)
+class Params:
+    """The ranking's data-wide parameters: the τ cap and, per class, the lowest passing bin."""
+
+    cap: float
+    cut: dict[int, int]
+
+
+def params(got: Partial, quantile: float = FILTER_QUANTILE, support: float = SUPPORT) -> Params:
+    """cap = support · mean τ; a class's cut is the agreement bin of its ⌊q·n_c⌋-th lowest row
+    (0-based): rows in that bin or above pass, so at most a share q of the class is filtered."""
+    cap = support * (got.tau_sum / got.n) * 2.0**-32 if got.n else 0.0
+    cut = {}
+    for label, h in got.hist.items():
+        below = math.floor(quantile * int(h.sum()))
+        cut[label] = int(np.searchsorted(np.cumsum(h), below, side="right"))
+    return Params(cap, cut)
+
+
+def with_params(table: pa.Table, p: Params) -> pa.Table:
+    """The part with the parameters as columns, so that the ranking is a function of the row."""
+    labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
+    cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
+    table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
+    return table.append_column(CUT_COLUMN, pa.array(cut))
+
+
+def with_data_params(map_parts: Any, names: list[str]) -> Any:
+    """A MapParts (threshold.py) whose parts carry the parameters, found first by one pass of
+    `map_parts` over the parts: memory is one part plus a histogram per class."""
+    got = Partial()
+    for one in map_parts(lambda t: partial(t, _ok(t)), names):
+        got.add(one)
+    found = params(got)
+    return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
+
+
+def _ok(table: pa.Table) -> np.ndarray:
+    return pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
+
+
+def coverage_ranking(
+    table: pa.Table,
+    ok: np.ndarray,
+    seed: int = 0,
+    *,
+    quantile: float = FILTER_QUANTILE,
+    support: float = SUPPORT,
+    temperature: float = TEMPERATURE,
+) -> np.ndarray:
+    """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
+
+    Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(min(τ, cap))/T + Gumbel (their
+    class's weighted draw; the map keeps the order and bounds the range); rows that fail get
+    their agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The
+    parameters come from the columns `with_params` adds (a part of a bigger table), else from
+    this table itself (quantile and support are used only then).
+    """
+    score, tau, labels = _columns(table, ok)
+    if CAP_COLUMN in table.column_names:
+        cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
+        cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
+    else:
+        p = params(partial(table, ok), quantile, support)
+        cap = np.full(len(score), p.cap)
+        cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
+    passes = (_bins(score) >= cut) & (tau <= cap)
+    noise = gumbel_noise(table["__key__"].to_pylist(), seed)
+    with np.errstate(divide="ignore"):
+        weight = np.log(np.clip(tau, 0.0, cap))  # τ = 0: −inf, drawn last among the passing
+    key = noise if np.isinf(temperature) else weight / temperature + noise
+    finite = np.where(np.isfinite(key), key, 0.0)
+    bounded = np.where(np.isneginf(key), 2.0, 3.0 + finite / (1.0 + np.abs(finite)))
+    values = np.where(passes, bounded, score)
+    return np.where(ok, values, np.nan)

@@ -1,0 +1,140 @@
+"""Ridge leverage against a direct inverse; the sage-coverage ranking's filter and draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sage_stream import coverage
+from sage_stream.errors import InputError
+from sage_stream.fd import FrequentDirections
+from sage_stream.selection import select
+
+
+def _direct(g: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
+    """τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i with an explicit D×D inverse."""
+    inv = np.linalg.inv(b.T @ b + lam * np.eye(b.shape[1]))
+    return np.einsum("id,de,ie->i", g, inv, g)
+
+
+def test_leverage_matches_the_direct_inverse_for_a_partial_basis():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(9, 4)))[0].T  # (ℓ=4, D=9) orthonormal rows
+    sigma = np.array([5.0, 3.0, 1.0, 0.2])
+    g = rng.normal(size=(6, 9))
+    got = coverage.ridge_leverage(*(torch.from_numpy(a) for a in (g, sigma, basis)), 0.7)
+    np.testing.assert_allclose(got.numpy(), _direct(g, sigma[:, None] * basis, 0.7), rtol=1e-10)
+
+
+def test_leverage_from_an_fd_sketch_matches_its_own_b_and_bounds_the_exact_one():
+    # The same τ as the direct computation on the sketch's B; with λ = λ0 + Δ, BᵀB + λI ≽
+    # AᵀA + λ0·I, so each sketched τ is at most the exact leverage with ridge λ0.
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 12)) * np.linspace(3, 0.1, 12)  # (N, D), decaying spectrum
+    fd = FrequentDirections(dim=12, ell=5)
+    fd.update(torch.from_numpy(a).float())
+    sigma, basis = fd.finalize()
+    lam = coverage.ridge_lambda(fd.frobenius_sq, fd.n_rows, fd.delta)
+    lam0 = fd.frobenius_sq / fd.n_rows
+    assert lam == pytest.approx(lam0 + fd.delta)
+    got = coverage.ridge_leverage(torch.from_numpy(a), sigma, basis, lam).numpy()
+    b = sigma.double().numpy()[:, None] * basis.double().numpy()
+    np.testing.assert_allclose(got, _direct(a, b, lam), rtol=1e-5)
+    exact = _direct(a, a, lam0)
+    assert np.all(got <= exact * (1 + 1e-5))
+    assert got.sum() <= exact.sum() and got.min() > 0
+
+
+def test_copies_share_the_leverage_of_one():
+    # Ten copies of a row in an exact sketch have a tenth-ish of a lone row's leverage.
+    rng = np.random.default_rng(2)
+    lone, copy = rng.normal(size=(1, 6)), rng.normal(size=(1, 6))
+    rest = rng.normal(size=(40, 6))
+    a = np.vstack([lone, np.repeat(copy, 10, axis=0), rest])
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    tau = coverage.ridge_leverage(
+        torch.from_numpy(a), torch.from_numpy(s), torch.from_numpy(vt), 1.0
+    )
+    assert tau[1] < tau[0] / 3
+
+
+def _table(n: int = 40) -> pa.Table:
+    rng = np.random.default_rng(3)
+    return pa.table(
+        {
+            "__key__": [f"k{i:03d}" for i in range(n)],
+            "__shard__": ["a.tar"] * (n // 2) + ["b.tar"] * (n - n // 2),
+            "label": [i % 2 for i in range(n)],
+            "score": rng.uniform(-1, 1, n),
+            "coverage": rng.uniform(0.09, 0.11, n),
+            "loss": rng.uniform(0, 2, n),
+            "grad_norm": rng.uniform(0, 2, n),
+            "status": ["ok"] * n,
+        }
+    )
+
+
+def test_the_draw_is_deterministic_order_free_and_seeded():
+    table = _table()
+    first = select(table, keep=0.3, scorer="sage-coverage", seed=0)
+    shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    assert select(shuffled, keep=0.3, scorer="sage-coverage", seed=0).equals(first)
+    other = select(table, keep=0.3, scorer="sage-coverage", seed=1)
+    assert other["__key__"].to_pylist() != first["__key__"].to_pylist()
+
+
+def test_low_agreement_goes_last_and_min_score_is_on_agreement():
+    table = _table()
+    score = table["score"].to_numpy()
+    labels = np.array(table["label"].to_pylist())
+    ok = np.ones(table.num_rows, dtype=bool)
+    values = coverage.coverage_ranking(table, ok, 0, quantile=0.25, support=np.inf)
+    for c in (0, 1):
+        members = np.flatnonzero(labels == c)
+        worst = members[np.argsort(score[members])[:5]]  # 25% of 20
+        rest = np.setdiff1d(members, worst)
+        assert values[worst].max() < values[rest].min()  # the filtered share goes last
+        assert np.array_equal(np.argsort(values[worst]), np.argsort(score[worst]))
+    everything = select(table, keep=1.0, scorer="sage-coverage")
+    assert everything.num_rows == table.num_rows
+    by_threshold = select(table, min_score=0.3, scorer="sage-coverage")
+    assert by_threshold.equals(select(table, min_score=0.3, scorer="sage"))
+
+
+def test_weighted_draw_follows_leverage():
+    # One class, no filters, T = 1: rows with 9x the leverage are kept far more often.
+    n = 200
+    table = _table(n).set_column(2, "label", pa.array([0] * n))
+    tau = np.where(np.arange(n) < n // 2, 0.9, 0.1)
+    table = table.set_column(table.schema.get_field_index("coverage"), "coverage", pa.array(tau))
+    ok = np.ones(n, dtype=bool)
+    heavy = 0
+    for seed in range(20):
+        values = coverage.coverage_ranking(
+            table, ok, seed, quantile=0.0, support=np.inf, temperature=1.0
+        )
+        heavy += int((np.argsort(-values)[:20] < n // 2).sum())
+    assert heavy > 0.8 * 20 * 20
+
+
+def test_unsupported_samples_go_last_and_infinite_temperature_is_uniform():
+    n = 100
+    table = _table(n).set_column(2, "label", pa.array([0] * n))
+    tau = np.full(n, 0.01)
+    tau[:5] = 1.0  # mean 0.0595: these five are above 0.5 x mean
+    table = table.set_column(table.schema.get_field_index("coverage"), "coverage", pa.array(tau))
+    ok = np.ones(n, dtype=bool)
+    values = coverage.coverage_ranking(table, ok, 0, quantile=0.0, support=0.5)
+    assert set(np.argsort(values)[:5]) == set(range(5))
+    flat = coverage.coverage_ranking(table, ok, 0, quantile=0.0, support=0.5,
+                                     temperature=np.inf)  # fmt: skip
+    noise = coverage.gumbel_noise(table["__key__"].to_pylist(), 0)
+    np.testing.assert_array_equal(np.argsort(flat[5:]), np.argsort(noise[5:]))  # only the noise
+
+
+def test_missing_coverage_is_a_clear_error():
+    table = _table().drop_columns(["coverage"])
+    with pytest.raises(InputError, match="coverage"):
+        select(table, keep=0.5, scorer="sage-coverage")
