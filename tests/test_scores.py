@@ -75,7 +75,7 @@ def test_progress_logs_plain_lines_off_a_terminal(caplog):
 
 def test_an_outlier_gradient_is_an_error_and_never_sketched():
     """Issue 15, case 7: ‖g‖ > 1e15 (inputs of 1e30) is an error row, not an ok row with no score."""
-    from sage_stream.scores import GRAD_OUTLIER, MAX_GRAD_NORM, score_batch, usable
+    from sage_stream.scores import GRAD_OUTLIER, MAX_GRAD_NORM, SketchTensors, score_batch, usable
 
     torch.manual_seed(0)
     grads = torch.randn(4, 6)
@@ -85,10 +85,12 @@ def test_an_outlier_gradient_is_an_error_and_never_sketched():
     assert usable(loss, grads).tolist() == [True, False, False, False]
     basis = torch.linalg.qr(torch.randn(6, 3))[0].T.contiguous()  # (3, 6) orthonormal rows
     sigma, consensus = torch.ones(3), torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
-    scored = score_batch(grads, loss, torch.tensor([0, 1, 0, 1]), (sigma, basis, consensus))
+    sketch = SketchTensors(sigma, basis, consensus, 1.0)
+    scored = score_batch(grads, loss, torch.tensor([0, 1, 0, 1]), sketch)
     assert scored.reasons[1] == GRAD_OUTLIER and f"{MAX_GRAD_NORM:.0e}" in GRAD_OUTLIER
     assert scored.reasons[0] is None and torch.isfinite(scored.score[0])
     assert torch.isnan(scored.score[1:]).all() and None not in scored.reasons[1:]
+    assert torch.isfinite(scored.coverage[0]) and torch.isnan(scored.coverage[1:]).all()
 
 
 def test_a_non_finite_score_is_an_error(monkeypatch):
@@ -97,5 +99,6 @@ def test_a_non_finite_score_is_an_error(monkeypatch):
     monkeypatch.setattr(scores, "agreement", lambda z, labels, c: torch.tensor([0.5, float("nan")]))
     grads, basis = torch.ones(2, 3), torch.eye(3)
     scored = scores.score_batch(grads, torch.zeros(2), torch.tensor([0, 0]),
-                                (torch.ones(3), basis, torch.ones(1, 3) / 3**0.5))  # fmt: skip
+                                scores.SketchTensors(torch.ones(3), basis,
+                                                     torch.ones(1, 3) / 3**0.5, 1.0))  # fmt: skip
     assert scored.reasons == [None, scores.NONFINITE_SCORE]
