@@ -43,12 +43,24 @@ def decode_npy(data: bytes) -> np.ndarray:
     return array
 
 
+# Larger images are refused from their header, before a pixel is decoded: a 245 KB PNG can
+# hold 84 Mpx (2.6 GB as float32 RGB). 2**25 (5792², 33.5 Mpx) is far above any model input.
+MAX_IMAGE_PIXELS = 2**25
+
+
 def decode_image(data: bytes, transform: ImageTransform | None = None) -> torch.Tensor:
     """Image bytes -> float32 tensor (C, H, W) in [0, 1]; L gives 1 channel, all else RGB.
 
     With a `transform` (--resize, --crop, --normalize, --image-mode) it does the conversion.
+    An image of more than MAX_IMAGE_PIXELS pixels is a ValueError, read from its header.
     """
     with Image.open(io.BytesIO(data)) as opened:
+        width, height = opened.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS} (2**25): not decoded"
+            )
         if transform is not None:
             return transform(opened)
         image = opened if opened.mode in ("L", "RGB") else opened.convert("RGB")

@@ -236,3 +236,23 @@ def test_labels_are_ascii_digits_only(text):
 @pytest.mark.parametrize(("text", "label"), [("3", 3), (" 12\n", 12), ("-1", -1), ("007", 7)])
 def test_plain_labels_still_read(text, label):
     assert decode_label(text.encode()) == label
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(monkeypatch):
+    """Issue 15, case 6: a small PNG of many pixels is refused before it is decoded."""
+    import io
+
+    from PIL import Image
+
+    from sage_stream import decode
+
+    buf = io.BytesIO()
+    Image.new("L", (300, 200)).save(buf, format="PNG")
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(1))
+    with pytest.raises(ValueError, match="300x200 = 60000 pixels, over the limit"):
+        decode.decode_image(buf.getvalue())
+    assert decoded == []  # never decoded
+    monkeypatch.undo()
+    assert decode.decode_image(buf.getvalue()).shape == (1, 200, 300)
