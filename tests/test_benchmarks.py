@@ -103,3 +103,11 @@ def test_a_case_past_the_time_cap_is_recorded_as_timeout():
     common = _common()
     result = common.run_case("sleep", {"seconds": 60}, common.Caps(timeout_s=2, mem_gib=4))
     assert result["status"] == "timeout" and result["child_wall_s"] < 30
+
+
+def test_scale_select_streams_the_in_memory_answer(tmp_path):
+    r = run_script("scale_select.py", tmp_path)
+    rows = {(row["n"], row["case"]): row for row in r["rows"]}
+    assert all(row["status"] == "ok" for row in r["rows"])
+    assert rows[(20_000, "streaming")]["kept"] == rows[(20_000, "in_memory")]["kept"] > 0
+    assert r["streaming_peak_growth_largest_over_smallest"] < 1.25  # 4× the rows, same peak
