@@ -41,6 +41,8 @@ CLASSES = 10
 
 def write_scores(root: Path, n: int, per_part: int) -> Path:
     """OUT/scores/part-<shard>.parquet with n rows in parts of per_part; reused if present."""
+    from sage_stream.outputs.tables import SCORE_SCHEMA
+
     out = root / f"out-{n}"
     done = out / "scores.done"
     if done.exists():
@@ -61,9 +63,11 @@ def write_scores(root: Path, n: int, per_part: int) -> Path:
             "loss": rng.exponential(1.0, m),
             "grad_norm": rng.exponential(1.0, m),
             "energy": rng.random(m),
+            "coverage": rng.random(m),
             "status": pa.array(status),
             "reason": pa.nulls(m, pa.string()),
         })  # fmt: skip
+        table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)  # as pass 2 writes it
         pq.write_table(table, out / "scores" / f"part-{shard}.parquet")
     done.write_text("")
     return out
