@@ -75,7 +75,10 @@ def _row_keys(
 
 
 def _key_text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    """A binary key as text: bytes that are not UTF-8 become ``\\xff`` escapes, so two keys
+    that differ in such bytes stay two keys ("replace" made both U+FFFD: false
+    duplicates)."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _keyed_batches(

@@ -21,8 +21,8 @@ import torch
 import zarr
 from torch import Tensor
 
-from ..errors import InputError, MismatchError
-from ..storage import exists, filesystem
+from ..errors import InputError, MismatchError, SageError, StorageError
+from ..storage import describe, exists, filesystem
 
 FORMAT_VERSION = 1
 COLUMN_CHUNK = 8192  # basis chunks are ℓ × 8192 float32: 8 MiB at ℓ = 256
@@ -78,7 +78,27 @@ class SketchStore:
         identity: dict[str, Any],
         stats: dict[str, Any],
     ) -> None:
-        """Write the finished sketch; status turns "complete" only after every array is in."""
+        """Write the finished sketch; status turns "complete" only after every array is in.
+
+        A store that refuses a write (a full disk, no permission) is one StorageError line;
+        the sketch stays "in-progress", so a rerun writes it again.
+        """
+        try:
+            self._write(sigma, basis, consensus, class_counts, identity, stats)
+        except SageError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot write the sketch {self.url}: {describe(e)}") from e
+
+    def _write(
+        self,
+        sigma: Tensor,
+        basis: Tensor,
+        consensus: Tensor,
+        class_counts: Tensor,
+        identity: dict[str, Any],
+        stats: dict[str, Any],
+    ) -> None:
         group = self.group("w")
         group.attrs.update({"format_version": FORMAT_VERSION, "status": "in-progress"})
         ell, dim = basis.shape
@@ -158,12 +178,15 @@ class SketchStore:
 
     def write_projections(self, shard: str, z: Tensor) -> None:
         """Store one shard's z rows (n×ℓ) as float16, for centroid consensus and re-scoring."""
-        group = self.group("a")
         data = z.to(torch.float16).cpu().numpy()
-        proj = group.require_group(PROJECTIONS)
-        if f"part-{shard}" in proj:
-            del proj[f"part-{shard}"]
-        _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
+        try:
+            proj = self.group("a").require_group(PROJECTIONS)
+            if f"part-{shard}" in proj:
+                del proj[f"part-{shard}"]
+            _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
+        except OSError as e:  # a full disk: one line (see write)
+            raise StorageError(f"cannot write the projections of {shard} in {self.url}: "
+                               f"{describe(e)}") from e  # fmt: skip
 
     def read_projections(self, shard: str) -> Tensor:
         return torch.from_numpy(_array(self.group("r"), f"{PROJECTIONS}/part-{shard}")[...])

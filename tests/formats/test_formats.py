@@ -416,3 +416,16 @@ def test_copy_selected_parquet_replaces_existing_sage_columns_and_uses_row_keys(
     copy_selected_parquet(pq_ref(url), out, {"000000002": {"score": 0.5}})
     got = pq.read_table(io.BytesIO(out.getvalue()))
     assert got.to_pylist() == [{"v": 3, "sage_score": 0.5}]
+
+
+def test_non_utf8_binary_parquet_keys_stay_distinct(mem_url):
+    """Issue 15, case 8: b"a\\xff" and b"a\\xfe" are two samples, not a false duplicate."""
+    table = pa.table({"__key__": pa.array([b"a\xff", b"a\xfe", b"ok"], pa.binary()),
+                      "x": [1, 2, 3]})  # fmt: skip
+    url = make_parquet_shard(f"{mem_url}/k.parquet", table)
+    samples = list(read_shard(pq_ref(url)))
+    assert [(s.key, s.error) for s in samples] == [("a\\xff", None), ("a\\xfe", None), ("ok", None)]
+    out = io.BytesIO()
+    assert copy_selected(pq_ref(url), out, {"a\\xfe": {"score": 0.5}}) == 1
+    out.seek(0)
+    assert pq.read_table(out)["x"].to_pylist() == [2]

@@ -77,3 +77,29 @@ def test_header_reads_metadata_and_checks_identity(tmp_path):
     assert head["identity"] == IDENTITY and head["stats"] == {"n": 12}
     with pytest.raises(MismatchError, match="ell: stored 4, now 8"):
         store.header(expected={**IDENTITY, "ell": 8})
+
+
+def test_a_full_disk_while_writing_the_sketch_is_one_line(tmp_path, monkeypatch):
+    """Issue 15, case 8: ENOSPC inside zarr is a StorageError, and the sketch stays unusable."""
+    import errno
+
+    from sage_stream.errors import StorageError
+    from sage_stream.outputs import sketch_store
+
+    real, calls = sketch_store._put, []
+
+    def full(group, name, data, chunks):
+        calls.append(name)
+        if len(calls) == 2:  # the basis went in, then the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(group, name, data, chunks)
+
+    monkeypatch.setattr(sketch_store, "_put", full)
+    url = str(tmp_path / "sketch.zarr")
+    with pytest.raises(
+        StorageError, match=r"cannot write the sketch .*No space left on device"
+    ) as e:
+        write(url)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError):  # in-progress: never read as a finished sketch
+        SketchStore(url).read(expected=IDENTITY)
