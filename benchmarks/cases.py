@@ -135,7 +135,9 @@ def case_sage(p: dict[str, Any]) -> dict[str, Any]:
         "forward": lambda: {"forward_samples": _forward(p, opts)},
         "sketch": lambda: {"sketch": sage_stream.sketch(shards, **opts).stats},
         "score": lambda: {"seen": sage_stream.score(shards, **opts).seen},
-        "select": lambda: {"kept": sage_stream.select(out=out, inputs=shards, keep=p["keep"]).kept},
+        "select": lambda: {
+            "kept": sage_stream.select(out=out, inputs=shards, keep=p["keep"], scorer="sage").kept
+        },  # the agreement ranking, which peers.py compares with the exact SVD's
         "emit": lambda: {"emit": sage_stream.emit(shards, out=out, progress=False).totals},
         "raw_copy": lambda: {"bytes": _raw_copy(p)},
     }

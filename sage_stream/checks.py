@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError
+from .selection import SKETCHED
 
 FAIL_FAST_SAMPLES = 256
 FAIL_FAST_SHARE = 0.95
@@ -110,7 +111,7 @@ def run_warnings(
             "loads trained ones itself), and an untrained proxy's scores say little about the "
             "samples"
         )
-    if scorer == "sage":
+    if scorer in SKETCHED:  # both rank on (or filter by) the agreement
         spread = Spread()
         for name in shards:
             spread.add(read_scores(name)["score"])
