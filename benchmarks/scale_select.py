@@ -80,7 +80,7 @@ def child(case: str, out: str, keep: float) -> None:
     base = _vmhwm_mib()
     start = time.perf_counter()
     if case == "streaming":
-        result = sage_stream.select(out=out, keep=keep, scorer="sage")  # the agreement ranking
+        result = sage_stream.select(out=out, keep=keep)
         kept = result.kept
     else:
         from sage_stream.outputs.folder import OutputFolder
@@ -89,7 +89,7 @@ def child(case: str, out: str, keep: float) -> None:
 
         folder = OutputFolder(out)
         table = read_scores(folder, folder.scored_shards())
-        chosen = select(table, keep=keep, scorer="sage")
+        chosen = select(table, keep=keep)
         write_selection(folder, chosen, {"keep": keep})
         kept = chosen.num_rows
     seconds = time.perf_counter() - start
