@@ -87,8 +87,15 @@ def _keyed_batches(
     key_column: str,
     batch_rows: int,
     columns: list[str] | None,
-) -> Iterator[tuple[pa.RecordBatch, list[str], list[str | None]]]:
-    """``(batch, keys, errors)`` in file order; ShardError if the stream breaks."""
+) -> Iterator[tuple[pa.RecordBatch | None, list[str], list[str | None]]]:
+    """``(batch, keys, errors)`` in file order, one row group at a time.
+
+    A row group whose data cannot be decoded does not end the shard: its rows not yet given
+    come out as ``(None, keys, errors)``, every row an error naming the row group, and the
+    next row group is read. The footer's row count says how many rows that is; the keys are
+    read from the key column alone when that still decodes, else they are row numbers.
+    ShardError if the stream itself breaks (storage.open_shard) or the shard changed.
+    """
     names = pf.schema_arrow.names
     key_col = key_column if key_column in names else None
     if columns is not None:
@@ -99,20 +106,49 @@ def _keyed_batches(
     seen: set[str] = set()
     start = 0
     last_key: str | None = None
-    # use_threads=False: a read error inside pyarrow's thread pool can abort the interpreter
-    # at exit (pyarrow 26); one shard's decoding is never the bottleneck of a pass.
-    batches = pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
-    try:
-        for batch in batches:
-            keys, errors = _row_keys(batch, key_col, start, seen)
-            yield batch, keys, errors
-            start += batch.num_rows
-            last_key = keys[-1] if keys else last_key
-    except ShardError as e:
-        raise ShardError(e.url, e.reason, key=e.key or last_key) from e
-    except (pa.ArrowException, OSError) as e:
-        reason = f"unreadable Parquet data: {_one_line(e)}"
-        raise ShardError(ref.url, reason, key=last_key) from e
+    for group in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        done = 0
+        # use_threads=False: a read error inside pyarrow's thread pool can abort the
+        # interpreter at exit (pyarrow 26); one shard's decoding is never a pass's bottleneck.
+        batches = pf.iter_batches(
+            batch_size=batch_rows, row_groups=[group], columns=columns, use_threads=False
+        )
+        try:
+            for batch in batches:
+                keys, errors = _row_keys(batch, key_col, start + done, seen)
+                yield batch, keys, errors
+                done += batch.num_rows
+                last_key = keys[-1] if keys else last_key
+        except ShardError as e:
+            raise ShardError(e.url, e.reason, key=e.key or last_key) from e
+        except (pa.ArrowException, OSError) as e:
+            reason = f"unreadable Parquet data in row group {group}: {_one_line(e)}"
+            keys = _group_keys(pf, group, key_col, start, rows)[done:]
+            failed: list[str | None] = []
+            for key in keys:
+                failed.append("duplicate key in shard" if key in seen else reason)
+                seen.add(key)
+            if keys:
+                yield None, keys, failed
+                last_key = keys[-1]
+        start += rows
+
+
+def _group_keys(
+    pf: pq.ParquetFile, group: int, key_col: str | None, start: int, rows: int
+) -> list[str]:
+    """The keys of a row group whose data did not decode: its key column when that decodes
+    on its own (and has one non-null key per row), else row numbers as for a keyless shard."""
+    if key_col is not None:
+        try:
+            values = pf.read_row_group(group, columns=[key_col], use_threads=False)
+            keys = values.column(0).to_pylist()
+        except (pa.ArrowException, OSError):
+            keys = []
+        if len(keys) == rows and all(k is not None for k in keys):
+            return [_key_text(k) for k in keys]
+    return [f"{start + i:09d}" for i in range(rows)]
 
 
 def read_parquet(
@@ -134,15 +170,19 @@ def read_parquet(
         pf = _open(ref, f)
         start = 0
         for batch, keys, errors in _keyed_batches(ref, pf, key_column, batch_rows, columns):
-            values = {
-                name: _python_values(batch.column(i))
-                for i, name in enumerate(batch.schema.names)
-                if name != key_column
-            }
+            values = (
+                {
+                    name: _python_values(batch.column(i))
+                    for i, name in enumerate(batch.schema.names)
+                    if name != key_column
+                }
+                if batch is not None
+                else {}
+            )
             for row, (key, error) in enumerate(zip(keys, errors, strict=True)):
                 fields = {name: column[row] for name, column in values.items()}
                 yield Sample(key=key, shard=ref.name, fields=fields, index=start + row, error=error)
-            start += batch.num_rows
+            start += len(keys)
 
 
 def _python_values(column: pa.Array) -> list:
@@ -201,6 +241,8 @@ def copy_selected_parquet(
         written = 0
         batches = _keyed_batches(ref, pf, key_column, 1024, None) if keep else iter(())
         for batch, keys, errors in batches:
+            if batch is None:
+                continue  # a row group that did not decode: error rows, never kept
             table = _kept_rows(batch, keys, errors, keep, extra)
             if table is not None:
                 buffered.append(table)

@@ -213,6 +213,27 @@ def test_an_unreadable_parquet_shard_is_recorded_under_skip(tmp_path):
     assert "shards/corrupt.parquet" not in [o["url"] for o in manifest(out)["outputs"]]
 
 
+def test_a_corrupt_parquet_row_group_costs_only_its_rows(tmp_path):
+    x, _, y = blobs(80)
+    (url, _) = write_parquet_set(tmp_path / "in", x, y, shards=2)  # 40 rows: groups 16, 16, 8
+    data = bytearray(Path(url).read_bytes())
+    chunk = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(1).column(1)  # features
+    start = min(o for o in (chunk.data_page_offset, chunk.dictionary_page_offset) if o)
+    data[start : start + 16] = b"\xff" * 16
+    Path(url).write_bytes(bytes(data))
+    out = tmp_path / "out"
+    options = {**OPTIONS, "input_key": "features", "label_key": "label"}
+    sage_stream.run(str(tmp_path / "in"), out=str(out), **options)
+    assert manifest(out)["shard_errors"] == []
+    rows = score_rows(out, "part-000.parquet")
+    bad = [r for r in rows if r["status"] == "error"]
+    assert len(rows) == 40 and [r["__key__"] for r in bad] == [f"k{i:05d}" for i in range(16, 32)]
+    assert all("unreadable Parquet data in row group 1" in r["reason"] for r in bad)
+    emitted = pq.read_table(out / "shards" / "part-000.parquet")["__key__"].to_pylist()
+    assert emitted and not {f"k{i:05d}" for i in range(16, 32)} & set(emitted)
+    assert {f"k{i:05d}" for i in range(32, 40)} & set(emitted)  # the group after it goes on
+
+
 def test_an_empty_shard_is_not_an_error(skipped):
     (entry,) = [e for e in manifest(skipped)["inputs"] if e["name"] == "empty.tar"]
     assert (entry["seen"], entry["shard_error"]) == (0, None)

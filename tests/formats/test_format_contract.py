@@ -426,19 +426,6 @@ TAR_CORRUPTIONS: dict[str, Corruption] = {
     "text": lambda d: (TEXT, 0),
 }
 PQ_CORRUPTIONS: dict[str, Corruption] = {
-    "0xff over row group 0 page header": lambda d: (
-        overwrite(d, pq_page_header(d, 0, 0), b"\xff" * 16),
-        0,
-    ),
-    "zeroed row group 2 page header": lambda d: (
-        overwrite(d, pq_page_header(d, 2, 1), b"\0" * 16),
-        2,
-    ),
-    # default batching may read several row groups at once: any correct prefix will do
-    "0xff over row group 1 page header, default batches": lambda d: (
-        overwrite(d, pq_page_header(d, 1, 2), b"\xff" * 16),
-        None,
-    ),
     "0xff over footer metadata": lambda d: (overwrite(d, pq_footer(d), b"\xff" * 32), 0),
     "footer length past the start": lambda d: (
         overwrite(d, len(d) - 8, struct.pack("<I", len(d) + 100)),
@@ -449,9 +436,28 @@ PQ_CORRUPTIONS: dict[str, Corruption] = {
     "random bytes ending in PAR1": lambda d: (GARBAGE + b"PAR1", 0),
     "text": lambda d: (TEXT, 0),
 }
-# Parquet cases other than "default batches" read one row per batch, so that the rows of the
-# row groups before the corrupt one can come out (and must be correct).
+# Parquet cases read one row per batch, so that any rows before the break can come out (and
+# must be correct).
 PQ_KW = {"batch_rows": 1}
+# A page that does not decode spoils its row group only: (corrupted bytes, the bad row group,
+# whether its key column still decodes). The shard has one row group per sample.
+PQ_ROW_GROUP_CORRUPTIONS: dict[str, Callable[[bytes], tuple[bytes, int, bool]]] = {
+    "0xff over row group 0 key page": lambda d: (
+        overwrite(d, pq_page_header(d, 0, 0), b"\xff" * 16),
+        0,
+        False,
+    ),
+    "zeroed row group 2 page header": lambda d: (
+        overwrite(d, pq_page_header(d, 2, 1), b"\0" * 16),
+        2,
+        True,
+    ),
+    "0xff over row group 1 page header": lambda d: (
+        overwrite(d, pq_page_header(d, 1, 2), b"\xff" * 16),
+        1,
+        True,
+    ),
+}
 
 
 def corruption_cases() -> list:
@@ -459,8 +465,7 @@ def corruption_cases() -> list:
     for name, corrupt in TAR_CORRUPTIONS.items():
         cases.append(pytest.param("tar", corrupt, {}, id=f"tar-{name}"))
     for name, corrupt in PQ_CORRUPTIONS.items():
-        kw = {} if "default batches" in name else PQ_KW
-        cases.append(pytest.param("parquet", corrupt, kw, id=f"parquet-{name}"))
+        cases.append(pytest.param("parquet", corrupt, PQ_KW, id=f"parquet-{name}"))
     return cases
 
 
@@ -476,6 +481,24 @@ def test_corrupt_header_or_garbage_is_a_shard_error(mem_url, format_name, corrup
     assert len(got) < len(samples)
     if survivors is not None:
         assert len(got) == survivors
+
+
+@pytest.mark.parametrize("kw", [PQ_KW, {}], ids=["one-row-batches", "default-batches"])
+@pytest.mark.parametrize("name", list(PQ_ROW_GROUP_CORRUPTIONS))
+def test_a_corrupt_parquet_row_group_is_error_rows_and_the_shard_goes_on(mem_url, name, kw):
+    fmt = FORMATS["parquet"]
+    samples = specs(4)
+    bad, group, key_readable = PQ_ROW_GROUP_CORRUPTIONS[name](fmt.shard_bytes(mem_url, samples))
+    url = write_bytes(fmt.url(mem_url, "bad"), bad)
+    got, err = read_until_error(fmt, url, **kw)
+    assert err is None
+    expected = expected_samples(fmt, samples, "bad.parquet")
+    assert len(got) == len(samples)  # the footer's row count: every row is accounted for
+    assert [g for i, g in enumerate(got) if i != group] == expected[:group] + expected[group + 1 :]
+    key, shard, index, fields, error = got[group]
+    assert (shard, index, fields) == ("bad.parquet", group, {})
+    assert key == (samples[group][0] if key_readable else f"{group:09d}")
+    assert error is not None and f"row group {group}" in error
 
 
 # --- 5. copy-out ---------------------------------------------------------------------------
