@@ -159,6 +159,27 @@ def test_hostile_run_completes_with_error_rows(hostile_run):
     assert sum(r["status"] == "ok" for r in rows.values()) == 36
 
 
+def test_hostile_run_resumes(hostile_run, tmp_path, ckpt):
+    # a resume over the shard whose names are not UTF-8 (its key once crashed every rerun):
+    # a copy of the finished OUT with its last steps undone, scored and emitted again
+    import shutil
+
+    out, _ = hostile_run
+    again = tmp_path / "out"
+    shutil.copytree(out, again)
+    for name in ("_SUCCESS", "manifest.json", "shardindex.json", "selection.parquet"):
+        (again / name).unlink(missing_ok=True)
+    shutil.rmtree(again / "shards")
+    shutil.rmtree(again / "scores")
+    url = str(Path(str(out)).parent / "in" / "hostile.tar")
+    sage_stream.run(url, out=str(again), checkpoint=ckpt, **OPTIONS)
+    assert (again / "_SUCCESS").exists()
+    assert score_rows(again) == score_rows(out)
+    assert sorted(p.name for p in (again / "shards").iterdir()) == sorted(
+        p.name for p in (out / "shards").iterdir()
+    )
+
+
 def test_emitted_shards_extract_safely(hostile_run, tmp_path):
     out, _ = hostile_run
     shards = sorted((out / "shards").glob("*.tar"))
