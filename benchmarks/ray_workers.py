@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, command, machine, versions, work_dir  # noqa: E402
+from common import RESULTS, work_dir, write_results  # noqa: E402
 from scale_run import write_shards  # noqa: E402
 
 
@@ -72,20 +71,14 @@ def main() -> None:
         ray.shutdown()
     same = outs[1] == outs[2]
     body = {
-        "benchmark": "ray_workers",
-        "mode": "quick" if args.quick else "full",
-        "command": command(),
-        "machine": machine("cpu", 1),
-        "versions": versions(),
         "rows": rows,
         "speedup_2_over_1": round(rows[0]["seconds"] / rows[1]["seconds"], 3),
         "outputs_identical_1_vs_2": same,
         "files_compared": len(outs[1]),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    target = args.results / f"ray_workers-cpu{'-quick' if args.quick else ''}.json"
-    target.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"wrote {target}; outputs identical: {same}")
+    args.device, args.threads = "cpu", 1
+    write_results(args, "ray_workers", body)
+    print(f"outputs identical with 1 and 2 workers: {same}")
 
 
 if __name__ == "__main__":

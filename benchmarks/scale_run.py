@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, command, machine, versions, work_dir  # noqa: E402
+from common import RESULTS, work_dir, write_results  # noqa: E402
 
 PER_SHARD = 10_000
 STEPS = ("score", "select", "emit")
@@ -110,18 +110,11 @@ def main() -> None:
         extra = (b["shards"] - a["shards"]) or 1
         per_shard_kib[step] = round((b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 / extra, 2)
     body = {
-        "benchmark": "scale_run",
-        "mode": "quick" if args.quick else "full",
-        "command": command(),
-        "machine": machine("cpu", 1),
-        "versions": versions(),
         "rows": rows,
         "peak_rss_growth_kib_per_shard": per_shard_kib,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"scale_run-cpu{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"wrote {path}")
+    args.device, args.threads = "cpu", 1
+    write_results(args, "scale_run", body)
 
 
 if __name__ == "__main__":

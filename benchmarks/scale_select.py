@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, command, machine, versions, work_dir  # noqa: E402
+from common import RESULTS, work_dir, write_results  # noqa: E402
 
 ROWS_PER_PART = 100_000
 CLASSES = 10
@@ -139,26 +139,22 @@ def main() -> None:
         out = write_scores(root, n, per_part)
         cases = ["streaming", "in_memory"] if i == 0 else ["streaming"]
         for case in cases:
-            got = {"n": n, "parts": -(-n // per_part), **run_child(case, out, args.keep, args.timeout)}
+            got = {
+                "n": n,
+                "parts": -(-n // per_part),
+                **run_child(case, out, args.keep, args.timeout),
+            }
             print(got, flush=True)
             rows.append(got)
     stream = [r for r in rows if r["case"] == "streaming" and r["status"] == "ok"]
     body = {
-        "benchmark": "scale_select",
-        "mode": "quick" if args.quick else "full",
-        "command": command(),
-        "machine": machine("cpu", 1),
-        "versions": versions(),
         "rows": rows,
         "streaming_peak_growth_largest_over_smallest": (
             round(stream[-1]["peak_rss_mib"] / stream[0]["peak_rss_mib"], 3)
             if len(stream) > 1 else None
         ),
     }  # fmt: skip
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"scale_select-cpu{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_results(args, "scale_select", body)
 
 
 if __name__ == "__main__":

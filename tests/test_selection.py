@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+from runs import SCORES_SCHEMA
 
 from sage_stream.errors import InputError
 from sage_stream.selection import (
@@ -16,19 +17,6 @@ from sage_stream.selection import (
     proportional_quotas,
     ranking_values,
     select,
-)
-
-SCHEMA = pa.schema(
-    [
-        ("__key__", pa.string()),
-        ("__shard__", pa.string()),
-        ("label", pa.int64()),
-        ("status", pa.string()),
-        ("score", pa.float64()),
-        ("loss", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("coverage", pa.float64()),
-    ]
 )
 
 
@@ -44,7 +32,7 @@ def make_table(labels, scores, *, status=None, keys=None, shards=None, loss=None
         "grad_norm": grad_norm or [float(n - i) for i in range(n)],
         "coverage": [0.05 + (7 * i % 13) / 13 for i in range(n)],
     }
-    return pa.table(cols, schema=SCHEMA)
+    return pa.table(cols, schema=SCORES_SCHEMA)
 
 
 def kept_keys(out: pa.Table) -> list[str]:

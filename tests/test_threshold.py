@@ -5,23 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from runs import SCORES_SCHEMA
 
 from sage_stream.errors import InputError
 from sage_stream.selection import BALANCES, SCORERS, select
 from sage_stream.threshold import local_map, ordered_bits, select_parts
-
-SCHEMA = pa.schema(
-    [
-        ("__key__", pa.string()),
-        ("__shard__", pa.string()),
-        ("label", pa.int64()),
-        ("status", pa.string()),
-        ("score", pa.float64()),
-        ("loss", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("coverage", pa.float64()),
-    ]
-)
 
 
 def random_table(seed: int, n: int = 400, shards: int = 5, classes: int = 4) -> pa.Table:
@@ -43,7 +31,7 @@ def random_table(seed: int, n: int = 400, shards: int = 5, classes: int = 4) -> 
             "grad_norm": (np.round(rng.normal(size=m), 0) * 0.0).tolist(),  # ±0.0: all tied
             "coverage": np.round(rng.exponential(size=m) * 0.1, 2).tolist(),  # ties, zeros
         },
-        schema=SCHEMA,
+        schema=SCORES_SCHEMA,
     )
 
 
@@ -88,7 +76,7 @@ def test_ties_resolved_by_key_bytes_then_shard():
     n = len(keys)
     table = pa.table({"__key__": keys, "__shard__": shards, "label": [0] * n,
                       "status": ["ok"] * n, "score": [0.5] * n, "loss": [1.0] * n,
-                      "grad_norm": [1.0] * n, "coverage": [0.1] * n}, schema=SCHEMA)  # fmt: skip
+                      "grad_norm": [1.0] * n, "coverage": [0.1] * n}, schema=SCORES_SCHEMA)  # fmt: skip
     for k in range(1, n + 1):
         keep = k / n
         expected = select(table, keep=keep, balance="none")

@@ -13,6 +13,8 @@ projection or ℓ is refused with the list of what differs, never used for a wro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -83,31 +85,16 @@ class SketchStore:
         A store that refuses a write (a full disk, no permission) is one StorageError line;
         the sketch stays "in-progress", so a rerun writes it again.
         """
-        try:
-            self._write(sigma, basis, consensus, class_counts, identity, stats)
-        except SageError:
-            raise
-        except OSError as e:
-            raise StorageError(f"cannot write the sketch {self.url}: {describe(e)}") from e
-
-    def _write(
-        self,
-        sigma: Tensor,
-        basis: Tensor,
-        consensus: Tensor,
-        class_counts: Tensor,
-        identity: dict[str, Any],
-        stats: dict[str, Any],
-    ) -> None:
-        group = self.group("w")
-        group.attrs.update({"format_version": FORMAT_VERSION, "status": "in-progress"})
-        ell, dim = basis.shape
-        _put(group, "basis", basis.float().cpu().numpy(), (ell, min(dim, COLUMN_CHUNK)))
-        _put(group, "singular_values", sigma.float().cpu().numpy(), (ell,))
-        _put(group, "consensus", consensus.float().cpu().numpy(), consensus.shape)
-        counts = class_counts.to(torch.int64).cpu().numpy()
-        _put(group, "class_counts", counts, class_counts.shape)
-        group.attrs.update({"identity": identity, "stats": stats, "status": "complete"})
+        with _refused_as_one_line(f"the sketch {self.url}"):
+            group = self.group("w")
+            group.attrs.update({"format_version": FORMAT_VERSION, "status": "in-progress"})
+            ell, dim = basis.shape
+            _put(group, "basis", basis.float().cpu().numpy(), (ell, min(dim, COLUMN_CHUNK)))
+            _put(group, "singular_values", sigma.float().cpu().numpy(), (ell,))
+            _put(group, "consensus", consensus.float().cpu().numpy(), consensus.shape)
+            counts = class_counts.to(torch.int64).cpu().numpy()
+            _put(group, "class_counts", counts, class_counts.shape)
+            group.attrs.update({"identity": identity, "stats": stats, "status": "complete"})
 
     def _complete_group(self) -> zarr.Group:
         try:
@@ -179,14 +166,22 @@ class SketchStore:
     def write_projections(self, shard: str, z: Tensor) -> None:
         """Store one shard's z rows (n×ℓ) as float16, for centroid consensus and re-scoring."""
         data = z.to(torch.float16).cpu().numpy()
-        try:
+        with _refused_as_one_line(f"the projections of {shard} in {self.url}"):
             proj = self.group("a").require_group(PROJECTIONS)
             if f"part-{shard}" in proj:
                 del proj[f"part-{shard}"]
             _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
-        except OSError as e:  # a full disk: one line (see write)
-            raise StorageError(f"cannot write the projections of {shard} in {self.url}: "
-                               f"{describe(e)}") from e  # fmt: skip
 
     def read_projections(self, shard: str) -> Tensor:
         return torch.from_numpy(_array(self.group("r"), f"{PROJECTIONS}/part-{shard}")[...])
+
+
+@contextmanager
+def _refused_as_one_line(what: str) -> Iterator[None]:
+    """A store that refuses a write (a full disk, no permission) is one StorageError line."""
+    try:
+        yield
+    except SageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot write {what}: {describe(e)}") from e

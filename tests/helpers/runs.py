@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+# The columns of scores/ that selection reads, for tables that tests make by hand.
+SCORES_SCHEMA = pa.schema(
+    [
+        ("__key__", pa.string()),
+        ("__shard__", pa.string()),
+        ("label", pa.int64()),
+        ("status", pa.string()),
+        ("score", pa.float64()),
+        ("loss", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("coverage", pa.float64()),
+    ]
+)
 
 
 def output_files(out: Path) -> dict[str, bytes]:
