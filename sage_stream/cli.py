@@ -200,7 +200,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--scorer",
         choices=SCORERS,
         help="sage-coverage (default: agreement and ridge leverage from the sketch set aside "
-        "the likely-wrong samples, a seeded leverage-weighted draw picks among the rest; with "
+        "the likely-wrong samples, a seeded draw weighted by the leverage of each gradient's "
+        "direction picks among the rest; with "
         "--min-score, a threshold on the agreement), sage (highest agreement with the class "
         "consensus first), or a baseline: loss, loss-easy, grad-norm, random",
     )

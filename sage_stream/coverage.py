@@ -17,18 +17,20 @@ the mean squared gradient norm ‖A‖²_F / N (a ridge at the scale of one samp
 sample's leverage is near 1 only because the sketch has spare rank).
 
 Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong,
-coverage decides among the rest. τ ranges from ≈ 0 (one of many near-copies) to ≈ 1 (a sample
-no other sample supports); a mislabelled sample sits near the top, its gradient pulling towards
-another class. So a candidate *passes* when its agreement is not among the lowest
-`FILTER_QUANTILE` of its class's and its τ is at most `SUPPORT` times the mean τ of all
-candidates. The passing samples are drawn without replacement with probability proportional to
-τ_i^(1/T) (Efraimidis–Spirakis keys, in log form: log(τ)/T + Gumbel noise hashed from the
-seed and key, so the draw is deterministic and independent of row order); the samples that
-fail come after every passing one, by agreement. The two data-wide parameters (the τ cap and
-each class's agreement cut) come from one pass over the score parts (`with_data_params`), in
-memory of one part plus a histogram per class, so selection stays bounded (threshold.py) and
-every part is ranked by a function of its own rows. selection.parquet's `score` is the ranking
-value.
+the direction's leverage decides among the rest. τ ranges from ≈ 0 (one of many near-copies, or
+a sample the proxy already fits) to ≈ 1 (a sample no other sample supports); a mislabelled
+sample sits near the top, its large gradient pulling towards another class. So a candidate
+*passes* when its agreement is not among the lowest `FILTER_QUANTILE` of its class's and its τ
+is at most `SUPPORT` times the mean τ of all candidates. The passing samples are drawn without
+replacement with probability proportional to w_i^(1/T), w_i = τ_i / ‖g_i‖² = ĝ_iᵀ(BᵀB + λI)⁻¹ĝ_i
+the leverage of the gradient's *direction* ĝ_i (so a rare direction weighs more whatever the
+gradient's size: τ alone mostly tracks ‖g_i‖², which the cap already judged), with
+Efraimidis–Spirakis keys in log form: log(w)/T + Gumbel noise hashed from the seed and key, so
+the draw is deterministic and independent of row order. The samples that fail come after every
+passing one, by agreement. The two data-wide parameters (the τ cap and each class's agreement
+cut) come from one pass over the score parts (`with_data_params`), in memory of one part plus a
+histogram per class, so selection stays bounded (threshold.py) and every part is ranked by a
+function of its own rows. selection.parquet's `score` is the ranking value.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ from torch import Tensor
 from .errors import InputError
 
 # Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
-FILTER_QUANTILE = 0.2  # per class, at most this share of lowest agreement goes last
+FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
-TEMPERATURE = 3.0  # T in τ^(1/T): 1 draws in proportion to leverage; larger is flatter
+TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; larger is flatter
 
 
 def ridge_lambda(frobenius_sq: float, n: int, delta: float) -> float:
@@ -103,7 +105,9 @@ class Partial:
 
 
 def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    missing = [c for c in ("score", "coverage", "label") if c not in table.column_names]
+    missing = [
+        c for c in ("score", "coverage", "label", "grad_norm") if c not in table.column_names
+    ]
     if missing:
         raise InputError(
             f"scores table lacks column(s) {', '.join(missing)}: --scorer sage-coverage needs "
@@ -197,9 +201,9 @@ def coverage_ranking(
 ) -> np.ndarray:
     """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
 
-    Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(min(τ, cap))/T + Gumbel (their
-    class's weighted draw; the map keeps the order and bounds the range); rows that fail get
-    their agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The
+    Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(τ/‖g‖²)/T + Gumbel (their class's
+    weighted draw; the map keeps the order and bounds the range); rows that fail get their
+    agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The
     parameters come from the columns `with_params` adds (a part of a bigger table), else from
     this table itself (quantile and support are used only then).
     """
@@ -213,8 +217,9 @@ def coverage_ranking(
         cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
     passes = (_bins(score) >= cut) & (tau <= cap)
     noise = gumbel_noise(table["__key__"].to_pylist(), seed)
-    with np.errstate(divide="ignore"):
-        weight = np.log(np.clip(tau, 0.0, cap))  # τ = 0: −inf, drawn last among the passing
+    norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+    with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing
+        weight = np.log(np.clip(tau, 0.0, None)) - 2.0 * np.log(norm)  # log(τ/‖g‖²)
     key = noise if np.isinf(temperature) else weight / temperature + noise
     finite = np.where(np.isfinite(key), key, 0.0)
     bounded = np.where(np.isneginf(key), 2.0, 3.0 + finite / (1.0 + np.abs(finite)))

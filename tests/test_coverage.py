@@ -103,20 +103,38 @@ def test_low_agreement_goes_last_and_min_score_is_on_agreement():
     assert by_threshold.equals(select(table, min_score=0.3, scorer="sage"))
 
 
-def test_weighted_draw_follows_leverage():
-    # One class, no filters, T = 1: rows with 9x the leverage are kept far more often.
-    n = 200
+def _one_class(n: int, tau: np.ndarray, grad_norm: np.ndarray) -> pa.Table:
     table = _table(n).set_column(2, "label", pa.array([0] * n))
-    tau = np.where(np.arange(n) < n // 2, 0.9, 0.1)
-    table = table.set_column(table.schema.get_field_index("coverage"), "coverage", pa.array(tau))
-    ok = np.ones(n, dtype=bool)
-    heavy = 0
-    for seed in range(20):
+    for name, values in (("coverage", tau), ("grad_norm", grad_norm)):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+    return table
+
+
+def _heavy_share(table: pa.Table, heavy: np.ndarray, draws: int = 20) -> float:
+    """Share of the top 10% over `draws` seeds (no filters, T = 1) that are `heavy` rows."""
+    ok = np.ones(table.num_rows, dtype=bool)
+    top = table.num_rows // 10
+    hits = 0
+    for seed in range(draws):
         values = coverage.coverage_ranking(
             table, ok, seed, quantile=0.0, support=np.inf, temperature=1.0
         )
-        heavy += int((np.argsort(-values)[:20] < n // 2).sum())
-    assert heavy > 0.8 * 20 * 20
+        hits += int(heavy[np.argsort(-values)[:top]].sum())
+    return hits / (draws * top)
+
+
+def test_weighted_draw_follows_the_leverage_of_the_direction():
+    # Weight τ/‖g‖²: with equal norms, rows with 9x the leverage are kept far more often ...
+    n = 200
+    heavy = np.arange(n) < n // 2
+    by_tau = _one_class(n, np.where(heavy, 0.9, 0.1), np.ones(n))
+    assert _heavy_share(by_tau, heavy) > 0.8
+    # ... and with equal τ, rows whose gradient is 3x smaller (so whose direction has 9x the
+    # leverage) are too; a larger τ that only comes from a larger gradient weighs nothing more.
+    by_direction = _one_class(n, np.full(n, 0.1), np.where(heavy, 1.0 / 3.0, 1.0))
+    assert _heavy_share(by_direction, heavy) > 0.8
+    by_size = _one_class(n, np.where(heavy, 0.9, 0.1), np.where(heavy, 3.0, 1.0))
+    assert 0.3 < _heavy_share(by_size, heavy, draws=40) < 0.7
 
 
 def test_unsupported_samples_go_last_and_infinite_temperature_is_uniform():
