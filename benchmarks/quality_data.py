@@ -12,8 +12,9 @@ is the pool the stage selects from:
 - ``small-budget``: the 1,400 with clean labels, kept at 1-10%.
 
 The proxy model that judges the pool is the demo's MLP trained on that pool (its labels as they
-are, noisy or not) with the demo's recipe. Everything here is fixed: the seeds of the benchmark
-vary only the trained models and the seeded draws.
+are, noisy or not) with the demo's recipe, trained as the demo trains it (`train_reproducible`:
+numpy starting weights, float64 steps), so that it does not depend on the machine. Everything
+here is fixed: the seeds of the benchmark vary only the trained models and the seeded draws.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sage_stream.demo import (
     TEST_SIZE,
     flip_labels,
     load_digits_data,
-    train,
+    train_reproducible,
     write_shards,
 )
 
@@ -125,5 +126,6 @@ def prepare(name: str, root: Path, keeps: tuple[float, ...] | None = None) -> Sc
     folder = root / name
     sc.urls = write_shards(folder / "input", sc.x, sc.y)
     sc.checkpoint = str(folder / "proxy.pt")
-    torch.save(train(sc.x, sc.y).state_dict(), sc.checkpoint)
+    proxy = train_reproducible(sc.x, sc.y)  # the same proxy on any machine
+    torch.save(proxy.float().state_dict(), sc.checkpoint)
     return sc

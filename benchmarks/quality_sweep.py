@@ -2,11 +2,12 @@
 
 For each scenario of `quality_data.py` the stage runs once (`sage_stream.run`, sage-coverage),
 then `coverage.coverage_ranking` ranks its scores with each setting of the filter share q, the
-τ cap (SUPPORT × mean τ; inf: none) and the temperature T; the top of each class by
-proportional quotas (as `select` takes them) trains a fresh model per seed, tested as in
-`quality.py`. Prints, per cell, accuracy minus the random scorer's and the flipped share.
+τ cap (SUPPORT × mean τ; inf: none) and the temperature T of the draw (inf: uniform among the
+passing); the top of each class by proportional quotas (as `select` takes them) trains a fresh
+model per seed, tested as in `quality.py`. Prints, per cell, accuracy minus the random scorer's,
+the flipped share and the distinct-digit share, and writes benchmarks/results/quality-sweep.json.
 
-    python benchmarks/quality_sweep.py --scenarios label-noise,redundancy --seeds 2
+    cd benchmarks && python quality_sweep.py --seeds 3
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sage_stream.demo import accuracy, train
 
 VARIANTS = [
     {"quantile": q, "support": c, "temperature": t}
-    for q, c, t in itertools.product((0.0, 0.2), (np.inf, 0.5, 1.0, 3.0), (1.0, 3.0))
+    for q, c, t in itertools.product((0.0, 0.05, 0.2), (1.0, 1.5, 2.0, np.inf), (3.0, np.inf))
 ]
 
 
@@ -52,8 +53,8 @@ def kept(table: pa.Table, values: np.ndarray, keep: float) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scenarios", default="label-noise,redundancy")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--scenarios", default="label-noise,redundancy,long-tail,small-budget")
+    p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     found: dict = {}
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             for keep in sc.keeps:
                 rows = {}
                 for label, rank in [("random", None), *[(json.dumps(v), v) for v in VARIANTS]]:
-                    accs, flipped = [], []
+                    accs, flipped, distinct = [], [], []
                     for seed in range(args.seeds):
                         if rank is None:
                             values = selection.ranking_values(table, "random", seed)
@@ -80,12 +81,22 @@ def main(argv: list[str] | None = None) -> dict:
                         model = train(sc.x[idx], sc.y[idx], seed=seed)
                         accs.append(accuracy(model, sc.x_test, sc.y_test))
                         flipped.append(float((sc.y[idx] != sc.y_clean[idx]).mean()))
-                    rows[label] = (float(np.mean(accs)), float(np.mean(flipped)))
+                        distinct.append(len(np.unique(sc.group[idx])) / len(idx))
+                    rows[label] = tuple(float(np.mean(v)) for v in (accs, flipped, distinct))
                 base = rows["random"][0]
-                for label, (acc, flip) in rows.items():
+                for label, (acc, flip, dist) in rows.items():
                     print(f"{name} {keep} {label}: {acc:.3f} ({acc - base:+.3f} vs random), "
-                          f"flipped {flip:.1%}", flush=True)  # fmt: skip
+                          f"flipped {flip:.1%}, distinct {dist:.1%}", flush=True)  # fmt: skip
                 found[f"{name} {keep}"] = rows
+    out = Path(__file__).parent / "results" / "quality-sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "seeds": args.seeds,
+        "columns": ["accuracy", "flipped_share", "distinct_share"],
+        "cells": found,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return found
 
 
