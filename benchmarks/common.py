@@ -66,6 +66,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def cpu_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that run on the CPU on one thread (scale, Ray): --quick,
+    --results and --work; `write_results` records cpu and 1 thread for them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    p.set_defaults(device="cpu", threads=1)
+    return p
+
+
 def start(args: argparse.Namespace) -> None:
     """Check the device, fail early and clearly if `--device cuda` has no CUDA behind it, and
     give this parent process the same thread count as its cases."""

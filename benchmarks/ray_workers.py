@@ -11,7 +11,6 @@ the same bytes (every file under OUT, manifest.json apart from `config.executor`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, work_dir, write_results  # noqa: E402
+from common import cpu_parser, work_dir, write_results  # noqa: E402
 from scale_run import write_shards  # noqa: E402
 
 
@@ -34,10 +33,7 @@ def digests(out: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--work", type=Path, default=None)
+    p = cpu_parser(__doc__.splitlines()[0])
     args = p.parse_args()
     n, per_shard = (6_000, 1_000) if args.quick else (240_000, 10_000)
     root = work_dir(args, "ray_workers")
@@ -76,7 +72,6 @@ def main() -> None:
         "outputs_identical_1_vs_2": same,
         "files_compared": len(outs[1]),
     }
-    args.device, args.threads = "cpu", 1
     write_results(args, "ray_workers", body)
     print(f"outputs identical with 1 and 2 workers: {same}")
 

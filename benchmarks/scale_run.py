@@ -12,7 +12,6 @@ driver holds per shard; a step whose peak grew with the samples would show it he
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, work_dir, write_results  # noqa: E402
+from common import cpu_parser, work_dir, write_results  # noqa: E402
 
 PER_SHARD = 10_000
 STEPS = ("score", "select", "emit")
@@ -83,10 +82,7 @@ def run_step(step: str, inputs: Path, out: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--work", type=Path, default=None)
+    p = cpu_parser(__doc__.splitlines()[0])
     args = p.parse_args()
     sizes = [20_000, 80_000] if args.quick else [250_000, 2_000_000]
     per_shard = 2_000 if args.quick else PER_SHARD
@@ -113,7 +109,6 @@ def main() -> None:
         "rows": rows,
         "peak_rss_growth_kib_per_shard": per_shard_kib,
     }
-    args.device, args.threads = "cpu", 1
     write_results(args, "scale_run", body)
 
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, work_dir, write_results  # noqa: E402
+from common import cpu_parser, work_dir, write_results  # noqa: E402
 
 ROWS_PER_PART = 100_000
 CLASSES = 10
@@ -117,12 +117,9 @@ def run_child(case: str, out: Path, keep: float, timeout: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+    p = cpu_parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="*", default=None)
     p.add_argument("--keep", type=float, default=0.3)
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--work", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=7200)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -132,7 +129,6 @@ def main() -> None:
         return
     sizes = args.sizes or ([20_000, 80_000] if args.quick else [10**7, 10**8])
     per_part = 2_000 if args.quick else ROWS_PER_PART
-    args.threads, args.device = 1, "cpu"
     root = work_dir(args, "scale_select")
     rows = []
     for i, n in enumerate(sizes):

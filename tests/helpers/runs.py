@@ -7,19 +7,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# The columns of scores/ that selection reads, for tables that tests make by hand.
-SCORES_SCHEMA = pa.schema(
-    [
-        ("__key__", pa.string()),
-        ("__shard__", pa.string()),
-        ("label", pa.int64()),
-        ("status", pa.string()),
-        ("score", pa.float64()),
-        ("loss", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("coverage", pa.float64()),
-    ]
-)
+from sage_stream.outputs.tables import SCORE_SCHEMA
+from sage_stream.threshold import COLUMNS as SELECT_COLUMNS
+
+# The columns of scores/ that selection reads (sage-coverage's too), for tables that tests make
+# by hand.
+SCORES_SCHEMA = pa.schema([SCORE_SCHEMA.field(name) for name in [*SELECT_COLUMNS, "coverage"]])
 
 
 def output_files(out: Path) -> dict[str, bytes]:
