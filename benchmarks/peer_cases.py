@@ -37,7 +37,7 @@ from sage_stream.config import make_config
 from sage_stream.gradients import GradientFeaturizer
 from sage_stream.passes.loop import build_context, shard_batches
 from sage_stream.scores import agreement, consensus_directions, sketch_coordinates
-from sage_stream.selection import select
+from sage_stream.select.reference import select
 
 log = logging.getLogger("benchmarks.peers")
 

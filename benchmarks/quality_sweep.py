@@ -27,8 +27,9 @@ import torch
 from quality_data import prepare
 
 import sage_stream
-from sage_stream import coverage, selection
 from sage_stream.demo import accuracy, train
+from sage_stream.select import coverage, orderings
+from sage_stream.select.quotas import proportional_quotas
 
 VARIANTS = [
     {"quantile": q, "support": c, "temperature": t}
@@ -41,7 +42,7 @@ def kept(table: pa.Table, values: np.ndarray, keep: float) -> np.ndarray:
     labels = table["label"].to_numpy()
     classes, counts = np.unique(labels, return_counts=True)
     counted = dict(zip(classes.tolist(), counts.tolist(), strict=True))
-    quotas = selection.proportional_quotas(counted, keep)
+    quotas = proportional_quotas(counted, keep)
     keys = np.array([int(k) for k in table["__key__"].to_pylist()])
     out = []
     for c, n in quotas.items():
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                     accs, flipped, distinct = [], [], []
                     for seed in range(args.seeds):
                         if rank is None:
-                            values = selection.ranking_values(table, "random", seed)
+                            values = orderings.ranking_values(table, "random", seed)
                         else:
                             values = coverage.coverage_ranking(table, ok, seed, **rank)
                         idx = kept(table, values, keep)

@@ -5,8 +5,8 @@ writes), with 10 classes, values on a grid of 10^-4 (so ties are common) and 3% 
 Each case runs in its own child process, which reports its peak RSS (VmHWM) after import and
 at the end, and its wall time:
 
-    streaming   sage_stream.select(out=..., keep=0.3): threshold.py, one part at a time
-    in_memory   the reference: every part read into one table, selection.select, written
+    streaming   sage_stream.select(out=..., keep=0.3): select/bounded.py, one part at a time
+    in_memory   the reference: every part read into one table, select.reference.select, written
 
 Streaming memory should be flat from 10^7 to 10^8 rows; the in-memory baseline runs at the
 smallest size only (at 10^8 it needs tens of GiB), in the same run, as the ratio's baseline.
@@ -85,7 +85,7 @@ def child(case: str, out: str, keep: float) -> None:
     else:
         from sage_stream.outputs.folder import OutputFolder
         from sage_stream.outputs.tables import read_scores, write_selection
-        from sage_stream.selection import select
+        from sage_stream.select.reference import select
 
         folder = OutputFolder(out)
         table = read_scores(folder, folder.scored_shards())

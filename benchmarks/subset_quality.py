@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from data import BlobSpec, accuracy, blob_arrays, blob_mlp, test_arrays, train
 
-from sage_stream.selection import select
+from sage_stream.select.reference import select
 
 TEST_SIZE = 5000
 

@@ -7,10 +7,9 @@ The flow, one module (or package) per step; README.md's "Layout" has the whole m
     decode, batches     Sample -> (input tensor, label) batches; bad samples -> recorded skips
     model, gradients    the proxy model; per-sample gradient features (+ projection)
     fd                  Frequent Directions, the sketch of pass 1 (pure tensor code)
-    scores              agreement of each gradient with its class (pure)
-    selection           keep fraction / quotas / threshold (pure, in memory: the reference)
-    threshold           the same selection over the score parts, in bounded memory
-    passes/             the shard loop, and pass 1, pass 2 and emit over it
+    scores              agreement and coverage of each gradient (pure)
+    select/             which samples to keep: rules, quotas, orderings, the bounded path
+    passes/             the shard loop, and pass 1, pass 2, select and emit over it
     outputs/            everything under OUT: the folder, identity, sketch store, tables,
                         manifest
     executors/          where the passes run: local, or Ray

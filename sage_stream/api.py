@@ -21,40 +21,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import error_reasons, most_common, run_warnings
+from .checks import error_reasons, most_common
 from .config import Config, make_config
 from .errors import InputError, MismatchError
 from .executors import Executor, open_executor
 from .inputs import expand_inputs
 from .outputs.folder import OutputFolder
 from .outputs.identity import run_config, run_identity
-from .outputs.lease import check as check_lease
 from .outputs.lease import hold
-from .outputs.selection_file import write_selection_parts
 from .outputs.sketch_store import StoredSketch
 from .outputs.tables import read_part
 from .passes.emit import EmitResult
 from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
+from .passes.select import SelectResult, run_select
 from .passes.sketch import SketchResult
 from .sample import ShardRef
-from .selection import SKETCHED
+from .select.rules import SKETCHED, Rules
 from .storage import pin_of
-from .threshold import COLUMNS as SELECT_COLUMNS
-from .threshold import local_map, select_parts
 
 log = logging.getLogger("sage_stream")
 Inputs = str | Sequence[str]
 C = Config  # the defaults below are Config's, so that they have one owner
-
-
-@dataclass
-class SelectResult:
-    url: str
-    scored: int
-    kept: int
-    params: dict[str, Any]
-    warnings: list[str] = dataclasses.field(default_factory=list)  # see sage_stream.checks
 
 
 @dataclass
@@ -113,61 +101,14 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
     return [dataclasses.replace(r, pin=p) for r, p in zip(refs, pins, strict=True)]
 
 
+def _rules(cfg: Config) -> Rules:
+    """The selection asked for (checked: exactly one of keep and min-score)."""
+    return Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed)
+
+
 def _select(cfg: Config, shards: list[str]) -> SelectResult:
-    """Select shard by shard (threshold.py): memory does not grow with the number of samples."""
-    folder = cfg.output
-    if cfg.keep is None and cfg.min_score is None:
-        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
-
-    columns = [*SELECT_COLUMNS, "coverage"] if cfg.scorer == "sage-coverage" else SELECT_COLUMNS
-
-    def read(name: str) -> Any:
-        return read_part(folder, name, list(columns))[0]
-
-    if cfg.scorer in SKETCHED:
-        _check_has_sage_scores(cfg, shards, read)
-    params: dict[str, Any] = {"keep": cfg.keep, "balance": cfg.balance,
-                              "min_score": cfg.min_score, "scorer": cfg.scorer,
-                              "seed": cfg.seed}  # fmt: skip
-    recorded = folder.recorded_config() or {}
-    warnings = run_warnings(cfg.scorer, recorded.get("checkpoint", cfg.checkpoint), shards, read)
-    for warning in warnings:
-        log.warning("%s", warning)
-    if warnings:  # recorded only when there are some: a sound run's selection is unchanged
-        params["warnings"] = warnings
-    chosen = select_parts(shards, local_map(read), keep=cfg.keep, balance=cfg.balance,
-                          min_score=cfg.min_score, scorer=cfg.scorer, seed=cfg.seed)  # fmt: skip
-    scored = 0
-
-    def counted() -> Any:
-        nonlocal scored
-        first = True
-        for name, kept, candidates in chosen:
-            if first:  # the search is over; from here on OUT changes
-                check_lease(folder)  # a writer whose lease was broken stops before changing it
-                folder.clear_success()  # only now: a refused select changes nothing
-                first = False
-            scored += candidates
-            yield name, kept
-        if first:
-            check_lease(folder)
-            folder.clear_success()
-
-    written = write_selection_parts(folder, counted(), params)
-    return SelectResult(written.url, scored, written.kept, params, warnings)
-
-
-def _check_has_sage_scores(cfg: Config, shards: list[str], read: Callable[[str], Any]) -> None:
-    """The first part with rows tells whether the run has SAGE scores at all."""
-    for name in shards:
-        part = read(name)
-        if part.num_rows:
-            if part["score"].null_count == part.num_rows:
-                raise InputError(
-                    f"the scores under {cfg.out} have no SAGE score: run `sage-stream sketch` "
-                    "and `score`, or choose another --scorer"
-                )
-            return
+    """Select shard by shard (passes/select.py): memory does not grow with the samples."""
+    return run_select(cfg.output, _rules(cfg), shards, cfg.checkpoint)
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
@@ -179,8 +120,7 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 
 
 def _run(cfg: Config) -> RunResult:
-    if cfg.keep is None and cfg.min_score is None:
-        raise InputError("say how much to keep: --keep FRACTION or --min-score T")
+    _rules(cfg)  # a run that cannot select is refused before it starts
     ctx = _claim(cfg)
     with hold(cfg.output, cfg.force_unlock):
         _take(ctx)

@@ -1,32 +1,25 @@
-"""Checks that stop or warn before a run wastes hours: where they sit in the flow.
+"""Checks that stop a run before it wastes hours (the shard loop, both passes).
 
-- `FailFast` (the shard loop, both passes): once the first `FAIL_FAST_SAMPLES` samples are
-  seen, if at least `FAIL_FAST_SHARE` of them failed, the run stops with the most common
-  reason, in one line (a wrong --input-key would otherwise run both full passes and then say
-  only "no sample could be scored").
-- `run_warnings` (select): no --checkpoint, or scores with almost no spread (an untrained
-  proxy gives every sample nearly the same agreement; the report's zoomed histograms would
-  make it look like a real separation). The warnings go to the log, the selection's record,
-  the manifest and the report.
-
-Neither changes a result: a run that passes them writes exactly what it wrote before.
+`FailFast`: once the first `FAIL_FAST_SAMPLES` samples are seen, if at least `FAIL_FAST_SHARE`
+of them failed, the run stops with the most common reason, in one line (a wrong --input-key
+would otherwise run both full passes and then say only "no sample could be scored").
+`error_reasons` gives the same summary after a pass that scored nothing. The selection's own
+warnings (no checkpoint, flat scores) are select/warn.py's. Neither changes a result: a run
+that passes them writes exactly what it wrote before.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError
-from .selection import SKETCHED
 
 FAIL_FAST_SAMPLES = 256
 FAIL_FAST_SHARE = 0.95
-FLAT_SPREAD = 0.01  # scores whose standard deviation is below this tell samples apart poorly
 
 
 class FailFast:
@@ -69,57 +62,3 @@ def error_reasons(parts: Iterable[pa.Table]) -> Counter[str]:
         for item in pc.value_counts(reasons).to_pylist():
             counts[item["values"]] += item["counts"]
     return counts
-
-
-class Spread:
-    """Streaming count, mean, variance (Welford, merged per part), min and max of scores."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-        self.low, self.high = math.inf, -math.inf
-
-    def add(self, scores: pa.ChunkedArray | pa.Array) -> None:
-        values = scores.drop_null()
-        n = len(values)
-        if not n:
-            return
-        mean = float(pc.mean(values).as_py())
-        m2 = float(pc.variance(values, ddof=0).as_py()) * n
-        delta, total = mean - self.mean, self.n + n
-        self.m2 += m2 + delta * delta * self.n * n / total
-        self.mean += delta * n / total
-        self.n = total
-        lo, hi = pc.min_max(values).values()
-        self.low, self.high = min(self.low, lo.as_py()), max(self.high, hi.as_py())
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.n) if self.n else 0.0
-
-
-def run_warnings(
-    scorer: str,
-    checkpoint: str | None,
-    shards: Iterable[str],
-    read_scores: Callable[[str], pa.Table],
-) -> list[str]:
-    """The warnings of a run, for its scorer (see the module docstring); [] for a sound one."""
-    warnings = []
-    if scorer != "random" and not checkpoint:
-        warnings.append(
-            "no --checkpoint: the proxy has its factory's weights (random, unless the factory "
-            "loads trained ones itself), and an untrained proxy's scores say little about the "
-            "samples"
-        )
-    if scorer in SKETCHED:  # both rank on (or filter by) the agreement
-        spread = Spread()
-        for name in shards:
-            spread.add(read_scores(name)["score"])
-        if spread.n > 1 and spread.std < FLAT_SPREAD:
-            warnings.append(
-                f"the scores have almost no spread (std {spread.std:.2g}, from "
-                f"{spread.low:.4f} to {spread.high:.4f} over {spread.n} samples): the proxy "
-                "barely tells the samples apart, so the kept set is close to arbitrary; train "
-                "it on this data (or check --checkpoint)"
-            )
-    return warnings

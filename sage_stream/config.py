@@ -8,7 +8,6 @@ them are never mixed) is said once, in `outputs.identity`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from .errors import InputError
 from .outputs.folder import OutputFolder
-from .selection import BALANCES, SCORERS
+from .select.rules import BALANCES, SCORERS, check_amount
 from .storage import exists, open_input
 from .transforms import check_options
 
@@ -116,12 +115,7 @@ class Config:
             raise InputError("--workers must be a positive integer")
         if self.project_dim is not None and self.project_dim < 1:
             raise InputError("--project-dim must be a positive integer")
-        if self.keep is not None and not 0 < self.keep <= 1:
-            raise InputError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.keep is not None and self.min_score is not None:
-            raise InputError("give --keep or --min-score, not both")
-        if self.min_score is not None and not math.isfinite(self.min_score):
-            raise InputError(f"--min-score must be a finite number, got {self.min_score}")
+        check_amount(self.keep, self.min_score)  # the selection's own rule (select/rules.py)
         check_options(self.resize, self.crop, self.normalize, self.image_mode)
         if not isinstance(self.model_args, dict):
             raise InputError(

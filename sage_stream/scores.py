@@ -4,6 +4,23 @@ Given the finished sketch B = diag(σ)Vᵀ (ℓ×D) and the per-class gradient s
 each sample's gradient g is moved into the sketch basis, z = B g (ℓ), and scored by its cosine
 with its class's consensus direction μ_y. Everything here is O(B·ℓ + C·ℓ) in memory; the
 gradients themselves are never stored.
+
+Coverage (the `coverage` column): next to its agreement, each sample gets its ridge leverage
+
+    τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i
+
+from the same sketch B = diag(σ)Vᵀ (ℓ×D) and the same gradient g_i (D), in the same memory
+bound: with V's rows orthonormal, (BᵀB + λI)⁻¹ = V diag(1/(σ² + λ)) Vᵀ + (I − VᵀV)/λ, so
+
+    τ_i = Σ_j (v_jᵀ g_i)² / (σ_j² + λ)  +  (‖g_i‖² − ‖V g_i‖²) / λ
+
+needs only V g_i (ℓ numbers, already computed for z = B g) and ‖g_i‖². τ is high for a sample
+whose gradient points where few others do (a rare direction) and low for one of many near-copies:
+m copies of the same gradient share the leverage one of them alone would have. λ is the FD
+shrinkage Δ (so that BᵀB + ΔI ≽ AᵀA ≽ BᵀB: the sketch's error is absorbed in the ridge) plus
+the mean squared gradient norm ‖A‖²_F / N (a ridge at the scale of one sample, so that no single
+sample's leverage is near 1 only because the sketch has spare rank). Selection ranks by it in
+select/coverage.py.
 """
 
 from __future__ import annotations
@@ -13,8 +30,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-from .coverage import ridge_leverage
 
 # Reasons a sample gets no score. They are recorded in scores/ under status "error".
 NONFINITE_LOSS = "non-finite loss"
@@ -27,6 +42,25 @@ NONFINITE_SCORE = "non-finite score"
 # past ~1.8e19, and a single such row would own the sketch (FD keeps the largest directions).
 MAX_GRAD_NORM = 1e15
 GRAD_OUTLIER = f"gradient norm over {MAX_GRAD_NORM:.0e} (an outlier input?)"
+
+
+def ridge_lambda(frobenius_sq: float, n: int, delta: float) -> float:
+    """λ = ‖A‖²_F / N + Δ from the sketch's stats; 0 when there were no rows."""
+    return float(frobenius_sq) / n + float(delta) if n else 0.0
+
+
+def ridge_leverage(grads: Tensor, sigma: Tensor, basis: Tensor, lam: float) -> Tensor:
+    """τ_i = g_iᵀ(BᵀB + λI)⁻¹g_i with B = diag(σ)V, V (ℓ, D) orthonormal rows.
+
+    grads (B, D), sigma (ℓ,), basis (ℓ, D), λ > 0 -> (B,) float64 (NaN if λ ≤ 0).
+    """
+    if not lam > 0:
+        return torch.full((grads.shape[0],), float("nan"), dtype=torch.float64)
+    g = grads.to(torch.float64)
+    vg = g @ basis.to(torch.float64).T  # (B, ℓ)
+    in_span = (vg**2 / (sigma.to(torch.float64) ** 2 + lam)).sum(dim=1)  # (B,)
+    rest = ((g**2).sum(dim=1) - (vg**2).sum(dim=1)).clamp_min(0.0)  # ‖(I − VᵀV) g‖²
+    return in_span + rest / lam
 
 
 def usable(loss: Tensor, grads: Tensor) -> Tensor:
@@ -76,7 +110,7 @@ class SketchTensors(NamedTuple):
     sigma: Tensor  # (ℓ,)
     basis: Tensor  # (ℓ, D) V, orthonormal rows
     consensus: Tensor  # (C, ℓ) μ_c
-    ridge: float  # λ of the ridge leverage (coverage.ridge_lambda)
+    ridge: float  # λ of the ridge leverage (ridge_lambda)
 
 
 @dataclass

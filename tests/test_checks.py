@@ -1,4 +1,5 @@
-"""Checks that stop or warn before a run wastes hours (sage_stream.checks)."""
+"""Checks that stop or warn before a run wastes hours (sage_stream.checks, and the
+selection's warnings of sage_stream.select.warn seen from the command line)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from shardmaker import make_tar_shard, npy_bytes
 from tiny import blobs, train_checkpoint, write_tar_set
 
-from sage_stream.checks import FailFast, Spread, error_reasons
+from sage_stream.checks import FailFast, error_reasons
 from sage_stream.cli import main
 from sage_stream.errors import InputError
 
@@ -29,15 +30,7 @@ def test_fail_fast_stops_at_the_check_point_with_the_most_common_reason():
     assert ok.checked
 
 
-def test_spread_merges_parts_like_one_pass():
-    import numpy as np
-
-    values = np.random.default_rng(0).normal(size=100)
-    s = Spread()
-    for part in np.array_split(values, 7):
-        s.add(pa.array(list(part) + [None]))
-    assert s.n == 100 and abs(s.std - values.std()) < 1e-9
-    assert s.low == values.min() and s.high == values.max()
+def test_error_reasons_add_up_over_parts():
     table = pa.table({"reason": ["a", None, "b", "a"]})
     assert error_reasons([table, table]).most_common(1) == [("a", 4)]
 

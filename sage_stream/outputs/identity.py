@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import RECORDED_WHEN_SET, Config
 from ..sample import ShardRef
-from ..selection import SKETCHED
+from ..select.rules import SKETCHED
 
 # The manifest records these under "selection", not under "config".
 SELECTION_FIELDS = ("keep", "balance", "min_score")

@@ -53,7 +53,7 @@ def manifest(
         "totals": totals(shards),
         "shard_errors": [s for s in shards if s["shard_error"]],
         "sketch": sketch_stats,
-        # only when there are some (sage_stream.checks): a sound run's manifest is unchanged
+        # only when there are some (sage_stream.select.warn): a sound run's manifest is unchanged
         **({"warnings": selection["warnings"]} if selection.get("warnings") else {}),
     }
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..selection import OUTPUT_SCHEMA
+from ..select.rules import OUTPUT_SCHEMA
 from .folder import OutputFolder
 
 SELECTION_KEY = b"sage_stream.selection"

@@ -5,6 +5,7 @@
     sketch   pass 1: FD sketch + class sums → sketch.zarr, in fixed groups of shards merged in
              a fixed tree
     score    pass 2: a row per sample → scores/ (centroid: scored afterwards from stored z)
+    select   the kept samples → selection.parquet (what is kept: the `select` package)
     emit     kept samples byte for byte → shards/, then the manifest and _SUCCESS
 
 A shard is the unit of progress, of resume and of parallel work. Each pass keeps its own

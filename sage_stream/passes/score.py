@@ -16,13 +16,12 @@ import pyarrow as pa
 import torch
 
 from ..batches import Batch, Skipped
-from ..coverage import ridge_lambda
 from ..outputs.folder import OutputFolder
 from ..outputs.sketch_store import StoredSketch
 from ..outputs.tables import SCORE_COLUMNS, errored_count, read_part, write_part
 from ..progress import Progress
 from ..sample import ShardRef
-from ..scores import ScoredBatch, SketchTensors, score_batch
+from ..scores import ScoredBatch, SketchTensors, ridge_lambda, score_batch
 from .centroid import rescore_with_centroids
 from .loop import Broken, Featured, Item, StageContext
 

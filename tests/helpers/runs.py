@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sage_stream.outputs.tables import SCORE_SCHEMA
-from sage_stream.threshold import COLUMNS as SELECT_COLUMNS
+from sage_stream.select.rules import COLUMNS as SELECT_COLUMNS
 
 # The columns of scores/ that selection reads (sage-coverage's too), for tables that tests make
 # by hand.

@@ -16,7 +16,7 @@ from sage_stream.outputs.selection_file import (
     selection_file,
     write_selection_parts,
 )
-from sage_stream.selection import OUTPUT_SCHEMA
+from sage_stream.select.rules import OUTPUT_SCHEMA
 
 
 def kept(shard: str, keys: list[str]) -> pa.Table:

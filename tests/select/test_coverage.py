@@ -1,63 +1,14 @@
-"""Ridge leverage against a direct inverse; the sage-coverage ranking's filter and draw."""
+"""The sage-coverage ranking: its filter, its seeded weighted draw, its errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
-from sage_stream import coverage
 from sage_stream.errors import InputError
-from sage_stream.fd import FrequentDirections
-from sage_stream.selection import select
-
-
-def _direct(g: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
-    """τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i with an explicit D×D inverse."""
-    inv = np.linalg.inv(b.T @ b + lam * np.eye(b.shape[1]))
-    return np.einsum("id,de,ie->i", g, inv, g)
-
-
-def test_leverage_matches_the_direct_inverse_for_a_partial_basis():
-    rng = np.random.default_rng(0)
-    basis = np.linalg.qr(rng.normal(size=(9, 4)))[0].T  # (ℓ=4, D=9) orthonormal rows
-    sigma = np.array([5.0, 3.0, 1.0, 0.2])
-    g = rng.normal(size=(6, 9))
-    got = coverage.ridge_leverage(*(torch.from_numpy(a) for a in (g, sigma, basis)), 0.7)
-    np.testing.assert_allclose(got.numpy(), _direct(g, sigma[:, None] * basis, 0.7), rtol=1e-10)
-
-
-def test_leverage_from_an_fd_sketch_matches_its_own_b_and_bounds_the_exact_one():
-    # The same τ as the direct computation on the sketch's B; with λ = λ0 + Δ, BᵀB + λI ≽
-    # AᵀA + λ0·I, so each sketched τ is at most the exact leverage with ridge λ0.
-    rng = np.random.default_rng(1)
-    a = rng.normal(size=(200, 12)) * np.linspace(3, 0.1, 12)  # (N, D), decaying spectrum
-    fd = FrequentDirections(dim=12, ell=5)
-    fd.update(torch.from_numpy(a).float())
-    sigma, basis = fd.finalize()
-    lam = coverage.ridge_lambda(fd.frobenius_sq, fd.n_rows, fd.delta)
-    lam0 = fd.frobenius_sq / fd.n_rows
-    assert lam == pytest.approx(lam0 + fd.delta)
-    got = coverage.ridge_leverage(torch.from_numpy(a), sigma, basis, lam).numpy()
-    b = sigma.double().numpy()[:, None] * basis.double().numpy()
-    np.testing.assert_allclose(got, _direct(a, b, lam), rtol=1e-5)
-    exact = _direct(a, a, lam0)
-    assert np.all(got <= exact * (1 + 1e-5))
-    assert got.sum() <= exact.sum() and got.min() > 0
-
-
-def test_copies_share_the_leverage_of_one():
-    # Ten copies of a row in an exact sketch have a tenth-ish of a lone row's leverage.
-    rng = np.random.default_rng(2)
-    lone, copy = rng.normal(size=(1, 6)), rng.normal(size=(1, 6))
-    rest = rng.normal(size=(40, 6))
-    a = np.vstack([lone, np.repeat(copy, 10, axis=0), rest])
-    u, s, vt = np.linalg.svd(a, full_matrices=False)
-    tau = coverage.ridge_leverage(
-        torch.from_numpy(a), torch.from_numpy(s), torch.from_numpy(vt), 1.0
-    )
-    assert tau[1] < tau[0] / 3
+from sage_stream.select import coverage
+from sage_stream.select.reference import select
 
 
 def _table(n: int = 40) -> pa.Table:

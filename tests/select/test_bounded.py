@@ -1,4 +1,4 @@
-"""Selection in bounded memory (threshold.py) against the in-memory selection (the reference)."""
+"""Selection in bounded memory (select/bounded.py) against the in-memory selection (the reference)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 from runs import SCORES_SCHEMA
 
 from sage_stream.errors import InputError
-from sage_stream.selection import BALANCES, SCORERS, select
-from sage_stream.threshold import local_map, ordered_bits, select_parts
+from sage_stream.select.bounded import select_parts
+from sage_stream.select.parts import local_map, ordered_bits
+from sage_stream.select.reference import select
+from sage_stream.select.rules import BALANCES, SCORERS
 
 
 def random_table(seed: int, n: int = 400, shards: int = 5, classes: int = 4) -> pa.Table:

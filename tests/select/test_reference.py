@@ -10,14 +10,10 @@ import pytest
 from runs import SCORES_SCHEMA
 
 from sage_stream.errors import InputError
-from sage_stream.selection import (
-    BALANCES,
-    SCORERS,
-    equal_quotas,
-    proportional_quotas,
-    ranking_values,
-    select,
-)
+from sage_stream.select.orderings import ranking_values
+from sage_stream.select.quotas import equal_quotas, proportional_quotas
+from sage_stream.select.reference import select
+from sage_stream.select.rules import BALANCES, SCORERS
 
 
 def make_table(labels, scores, *, status=None, keys=None, shards=None, loss=None, grad_norm=None):

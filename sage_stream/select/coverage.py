@@ -1,20 +1,9 @@
-"""Coverage: ridge leverage scores from the FD sketch (pass 2), and the `sage-coverage` ranking.
+"""The `sage-coverage` ranking: agreement and ridge leverage set the likely-wrong aside, the
+leverage of each gradient's direction draws among the rest.
 
-Where it sits: pass 2 computes, next to each sample's agreement, its ridge leverage
-
-    τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i
-
-from the same sketch B = diag(σ)Vᵀ (ℓ×D) and the same gradient g_i (D), in the same memory
-bound: with V's rows orthonormal, (BᵀB + λI)⁻¹ = V diag(1/(σ² + λ)) Vᵀ + (I − VᵀV)/λ, so
-
-    τ_i = Σ_j (v_jᵀ g_i)² / (σ_j² + λ)  +  (‖g_i‖² − ‖V g_i‖²) / λ
-
-needs only V g_i (ℓ numbers, already computed for z = B g) and ‖g_i‖². τ is high for a sample
-whose gradient points where few others do (a rare direction) and low for one of many near-copies:
-m copies of the same gradient share the leverage one of them alone would have. λ is the FD
-shrinkage Δ (so that BᵀB + ΔI ≽ AᵀA ≽ BᵀB: the sketch's error is absorbed in the ridge) plus
-the mean squared gradient norm ‖A‖²_F / N (a ridge at the scale of one sample, so that no single
-sample's leverage is near 1 only because the sketch has spare rank).
+Where it sits: pass 2 records each sample's agreement (``score``) and its ridge leverage
+τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i (``coverage``; scores.ridge_leverage says how and why); selection
+ranks the candidates by them here, for both paths (reference.py, bounded.py).
 
 Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong,
 the direction's leverage decides among the rest. τ ranges from ≈ 0 (one of many near-copies, or
@@ -29,7 +18,7 @@ Efraimidis–Spirakis keys in log form: log(w)/T + Gumbel noise hashed from the 
 the draw is deterministic and independent of row order. The samples that fail come after every
 passing one, by agreement. The two data-wide parameters (the τ cap and each class's agreement
 cut) come from one pass over the score parts (`with_data_params`), in memory of one part plus a
-histogram per class, so selection stays bounded (threshold.py) and every part is ranked by a
+histogram per class, so selection stays bounded (bounded.py) and every part is ranked by a
 function of its own rows. selection.parquet's `score` is the ranking value.
 """
 
@@ -43,34 +32,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from torch import Tensor
 
-from .errors import InputError
+from ..errors import InputError
+from .rules import ok_mask
 
 # Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
 FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
 TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; larger is flatter
-
-
-def ridge_lambda(frobenius_sq: float, n: int, delta: float) -> float:
-    """λ = ‖A‖²_F / N + Δ from the sketch's stats; 0 when there were no rows."""
-    return float(frobenius_sq) / n + float(delta) if n else 0.0
-
-
-def ridge_leverage(grads: Tensor, sigma: Tensor, basis: Tensor, lam: float) -> Tensor:
-    """τ_i = g_iᵀ(BᵀB + λI)⁻¹g_i with B = diag(σ)V, V (ℓ, D) orthonormal rows.
-
-    grads (B, D), sigma (ℓ,), basis (ℓ, D), λ > 0 -> (B,) float64 (NaN if λ ≤ 0).
-    """
-    if not lam > 0:
-        return torch.full((grads.shape[0],), float("nan"), dtype=torch.float64)
-    g = grads.to(torch.float64)
-    vg = g @ basis.to(torch.float64).T  # (B, ℓ)
-    in_span = (vg**2 / (sigma.to(torch.float64) ** 2 + lam)).sum(dim=1)  # (B,)
-    rest = ((g**2).sum(dim=1) - (vg**2).sum(dim=1)).clamp_min(0.0)  # ‖(I − VᵀV) g‖²
-    return in_span + rest / lam
 
 
 def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
@@ -89,14 +58,14 @@ CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_par
 
 
 @dataclass
-class Partial:
+class CoverageSums:
     """What the parameters need from the parts; partials of disjoint parts add up."""
 
     tau_sum: int = 0  # Σ τ in units of 2^-32 (integers: exact, the same in any order)
     n: int = 0
     hist: dict[int, np.ndarray] = field(default_factory=dict)  # label -> (AGREEMENT_BINS,)
 
-    def add(self, other: Partial) -> Partial:
+    def add(self, other: CoverageSums) -> CoverageSums:
         self.tau_sum += other.tau_sum
         self.n += other.n
         for label, h in other.hist.items():
@@ -138,10 +107,10 @@ def _bins(score: np.ndarray) -> np.ndarray:
     return np.clip(((score + 1.0) * (AGREEMENT_BINS / 2)).astype(np.int64), 0, AGREEMENT_BINS - 1)
 
 
-def partial(table: pa.Table, ok: np.ndarray) -> Partial:
+def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
     """One part's contribution: Σ τ, the candidates, and per class a histogram of agreement."""
     score, tau, labels = _columns(table, ok)
-    out = Partial(_fixed_sum(tau[ok]), int(ok.sum()))
+    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()))
     bins = _bins(score[ok])
     for label in np.unique(labels[ok]).tolist():
         members = labels[ok] == label
@@ -157,7 +126,9 @@ class Params:
     cut: dict[int, int]
 
 
-def params(got: Partial, quantile: float = FILTER_QUANTILE, support: float = SUPPORT) -> Params:
+def params(
+    got: CoverageSums, quantile: float = FILTER_QUANTILE, support: float = SUPPORT
+) -> Params:
     """cap = support · mean τ; a class's cut is the agreement bin of its ⌊q·n_c⌋-th lowest row
     (0-based): rows in that bin or above pass, so at most a share q of the class is filtered."""
     cap = support * (got.tau_sum / got.n) * 2.0**-32 if got.n else 0.0
@@ -177,17 +148,13 @@ def with_params(table: pa.Table, p: Params) -> pa.Table:
 
 
 def with_data_params(map_parts: Any, names: list[str]) -> Any:
-    """A MapParts (threshold.py) whose parts carry the parameters, found first by one pass of
+    """A MapParts (parts.py) whose parts carry the parameters, found first by one pass of
     `map_parts` over the parts: memory is one part plus a histogram per class."""
-    got = Partial()
-    for one in map_parts(lambda t: partial(t, _ok(t)), names):
+    got = CoverageSums()
+    for one in map_parts(lambda t: part_sums(t, ok_mask(t)), names):
         got.add(one)
     found = params(got)
     return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
-
-
-def _ok(table: pa.Table) -> np.ndarray:
-    return pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
 
 
 def coverage_ranking(
@@ -212,7 +179,7 @@ def coverage_ranking(
         cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
         cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
     else:
-        p = params(partial(table, ok), quantile, support)
+        p = params(part_sums(table, ok), quantile, support)
         cap = np.full(len(score), p.cap)
         cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
     passes = (_bins(score) >= cut) & (tau <= cap)

@@ -1,8 +1,9 @@
 """Select in bounded memory: each class's exact cut found by passes over the score parts.
 
-Where it sits: ``scores/part-<shard>.parquet`` → **threshold** → ``selection.parquet``. It
-returns exactly the rows `selection.select` keeps on the whole table (the reference, kept for
-tests), but never holds more than one part plus O(C·2^bits + M) numbers, whatever N is:
+Where it sits: ``scores/part-<shard>.parquet`` → **bounded** → ``selection.parquet`` (written by
+passes/select.py). It returns exactly the rows `reference.select` keeps on the whole table (the
+reference, kept for tests), but never holds more than one part plus O(C·2^bits + M) numbers,
+whatever N is:
 
     count   one pass: per class the candidates and the range of their ranking values
     search  radix passes: per class, a histogram of the next bits of the ranking value
@@ -15,147 +16,29 @@ tests), but never holds more than one part plus O(C·2^bits + M) numbers, whatev
 A *cut* is a row position in the ranking (value descending, then key, then shard): a row is
 kept iff it ranks at or before its class's cut. Every pass works on one part at a time and
 returns a partial (counts, histograms, collected rows) that simply adds up, so the passes can
-run shard-parallel (`map_parts`) and merge on the driver.
-
-Each part is one shard's rows (as pass 2 writes them), so a (shard, key) that occurs twice does
-so within one part, where it is checked.
+run shard-parallel (`map_parts`) and merge on the driver. A part is prepared for every pass
+(parts.py): its candidates, checked, and their ranking values.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import InputError
 from .coverage import with_data_params
-from .errors import InputError
-from .selection import (
-    OUTPUT_SCHEMA,
-    _check_args,
-    _check_columns,
-    _fraction,
-    _ok_mask,
-    _round_half_up,
-    equal_quotas,
-    proportional_quotas,
-    ranking_values,
-)
+from .orderings import recorded_score
+from .parts import Counts, MapParts, Rows, count_part, group_of, key_bytes, prepare
+from .quotas import class_quotas, overall_quota
+from .rules import OUTPUT_SCHEMA, Rules
 
-COLUMNS = ["__key__", "__shard__", "label", "status", "score", "loss", "grad_norm"]
 MEMORY_ROWS = 1 << 18  # rows collected at once to finish a search in memory
 HISTOGRAM_CELLS = 1 << 22  # classes × buckets of one radix pass (int64: 32 MiB)
-
-ReadPart = Callable[[str], pa.Table]  # shard name -> its scores part (the COLUMNS at least)
-MapParts = Callable[[Callable[[pa.Table], object], list[str]], Iterable[object]]
-
-
-def local_map(read: ReadPart) -> MapParts:
-    """Run a per-part function over the parts in this process, one part in memory at a time."""
-
-    def run(fn: Callable[[pa.Table], object], names: list[str]) -> Iterator[object]:
-        return (fn(read(name)) for name in names)
-
-    return run
-
-
-# --- one part, prepared ------------------------------------------------------------------------
-
-
-@dataclass
-class Rows:
-    """The candidate rows of one part: names, labels and ranking values."""
-
-    table: pa.Table  # candidates only (status ok)
-    values: np.ndarray  # (n,) float64 ranking value
-    order: np.ndarray  # (n,) uint64, same order as values (−0.0 and 0.0 equal)
-    labels: np.ndarray | None  # (n,) int64, None when a label is null (checked by the caller)
-    null_labels: int
-
-
-def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
-    """One part's candidates, checked as `selection.select` checks the whole table."""
-    _check_columns(table, tuple(COLUMNS))
-    cand = table.filter(pa.array(_ok_mask(table)))
-    for column in ("__key__", "__shard__"):
-        if cand[column].null_count:
-            raise InputError(
-                f"scored rows must all have a {column!r}; {cand[column].null_count} are null"
-            )
-    _check_unique(cand)
-    values = ranking_values(cand, scorer, seed)
-    labels = cand["label"]
-    nulls = labels.null_count
-    as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    return Rows(cand, values, ordered_bits(values), as_int, nulls)
-
-
-def ordered_bits(values: np.ndarray) -> np.ndarray:
-    """float64 -> uint64 with the same order (``a < b`` iff ``bits(a) < bits(b)``), no NaN."""
-    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)  # + 0.0: −0.0 → 0.0
-    negative = bits >> np.uint64(63) == 1
-    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
-
-
-def _check_unique(cand: pa.Table) -> None:
-    if cand.num_rows < 2:
-        return
-    names = pc.binary_join_element_wise(cand["__shard__"], cand["__key__"], "\0")
-    if len(pc.unique(names)) == cand.num_rows:
-        return
-    order = pc.sort_indices(cand, sort_keys=[("__shard__", "ascending"), ("__key__", "ascending")])
-    ranked = names.take(order).to_pylist()
-    first = next(i for i in range(1, len(ranked)) if ranked[i] == ranked[i - 1])
-    shard, key = ranked[first].split("\0", 1)
-    raise InputError(
-        f"shard {shard!r}, key {key!r}: scored more than once; rerun score for that shard"
-    )
-
-
-# --- the count pass -------------------------------------------------------------------------
-
-
-@dataclass
-class Counts:
-    """What the count pass adds up over parts: per label, candidates and value range."""
-
-    n: dict[int, int] = field(default_factory=dict)
-    low: dict[int, int] = field(default_factory=dict)  # smallest ordered value
-    high: dict[int, int] = field(default_factory=dict)
-    null_labels: int = 0
-    total: int = 0
-    low_all: int | None = None
-    high_all: int | None = None
-
-    def add(self, other: Counts) -> None:
-        for c, n in other.n.items():
-            self.n[c] = self.n.get(c, 0) + n
-            self.low[c] = min(self.low.get(c, other.low[c]), other.low[c])
-            self.high[c] = max(self.high.get(c, other.high[c]), other.high[c])
-        self.null_labels += other.null_labels
-        self.total += other.total
-        if other.low_all is not None and other.high_all is not None:
-            first = self.low_all is None or self.high_all is None
-            self.low_all = other.low_all if first else min(self.low_all, other.low_all)  # type: ignore[type-var]
-            self.high_all = other.high_all if first else max(self.high_all, other.high_all)  # type: ignore[type-var]
-
-
-def count_part(rows: Rows) -> Counts:
-    out = Counts(null_labels=rows.null_labels, total=len(rows.values))
-    if len(rows.values):
-        out.low_all, out.high_all = int(rows.order.min()), int(rows.order.max())
-    if rows.labels is not None and len(rows.labels):
-        by_class = np.argsort(rows.labels, kind="stable")
-        labels, order = rows.labels[by_class], rows.order[by_class]
-        classes, starts, sizes = np.unique(labels, return_index=True, return_counts=True)
-        low, high = np.minimum.reduceat(order, starts), np.maximum.reduceat(order, starts)
-        for c, n, lo, hi in zip(classes.tolist(), sizes.tolist(), low.tolist(), high.tolist(),
-                                strict=True):  # fmt: skip
-            out.n[c], out.low[c], out.high[c] = n, lo, hi
-    return out
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -188,25 +71,9 @@ class Cuts:
     scored: int
 
 
-def _group_of(rows: Rows, labels: list[int | None]) -> np.ndarray:
-    """(n,) int64: for each row, the position in `labels` of its class, or -1."""
-    n = len(rows.values)
-    if labels == [None]:
-        return np.zeros(n, dtype=np.int64)
-    if rows.labels is None:
-        raise InputError(f"{rows.null_labels} scored samples without a label: use --balance none")
-    known = np.array(labels, dtype=np.int64)
-    sorter = np.argsort(known, kind="stable")
-    pos = np.searchsorted(known, rows.labels, sorter=sorter)
-    pos = np.minimum(pos, max(len(known) - 1, 0))
-    found = sorter[pos] if len(known) else np.zeros(n, dtype=np.int64)
-    hit = known[found] == rows.labels if len(known) else np.zeros(n, dtype=bool)
-    return np.where(hit, found, -1)
-
-
 def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray]:
     """The rows in play: their indices and the position of their search, grouped by search."""
-    group = _group_of(rows, [s.label for s in searches])
+    group = group_of(rows, [s.label for s in searches])
     low = np.array([s.low for s in searches], dtype=np.uint64)
     high = np.array([s.high for s in searches], dtype=np.uint64)
     g = np.maximum(group, 0)
@@ -216,7 +83,7 @@ def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray
     gid = group[idx]
     if not any(s.prefix for s in searches) and not any(s.exact_key for s in searches):
         return idx, gid
-    offsets, data = _key_bytes(rows.table["__key__"])
+    offsets, data = key_bytes(rows.table["__key__"])
     keep = np.ones(len(idx), dtype=bool)
     bounds = np.searchsorted(gid, np.arange(len(searches) + 1))
     for i, s in enumerate(searches):
@@ -230,18 +97,6 @@ def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray
             ok &= data[np.minimum(start + j, max(len(data) - 1, 0))] == byte
         keep[mine] = ok
     return idx[keep], gid[keep]
-
-
-def _key_bytes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The UTF-8 bytes of a string column: (n + 1,) int64 offsets into a uint8 buffer."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    arr = arr.cast(pa.large_string())
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
-        arr.offset : arr.offset + len(arr) + 1
-    ]
-    buffer = arr.buffers()[2]
-    data = np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.zeros(1, np.uint8)
-    return offsets, data
 
 
 def _radix_shift(s: Search, bits: int) -> int:
@@ -262,7 +117,7 @@ def tie_part(rows: Rows, searches: list[Search]) -> np.ndarray:
     """(len(searches), 257) int64: per tie search, rows in play by the key's next byte
     (0: the key ends there, b + 1: byte b)."""
     idx, gid = _members(rows, searches)
-    offsets, data = _key_bytes(rows.table["__key__"])
+    offsets, data = key_bytes(rows.table["__key__"])
     depth = np.array([len(s.prefix or b"") for s in searches], dtype=np.int64)
     at = offsets[idx] + depth[gid]
     ended = at >= offsets[idx + 1]
@@ -322,7 +177,7 @@ def _searches(counts: Counts, keep: float, balance: str) -> dict[int | None, Sea
     sizes: dict[int | None, int]
     ranges: dict[int | None, tuple[int, int]]
     if balance == "none":
-        quotas = {None: _round_half_up(_fraction(keep) * counts.total)}
+        quotas = {None: overall_quota(counts.total, keep)}
         sizes = {None: counts.total}
         ranges = {None: (counts.low_all or 0, counts.high_all or 0)}
     else:
@@ -330,8 +185,7 @@ def _searches(counts: Counts, keep: float, balance: str) -> dict[int | None, Sea
             raise InputError(
                 f"{counts.null_labels} scored samples without a label: use --balance none"
             )
-        quota_of = proportional_quotas if balance == "proportional" else equal_quotas
-        quotas = {c: q for c, q in quota_of(counts.n, keep).items()}
+        quotas = {c: q for c, q in class_quotas(counts.n, keep, balance).items()}
         sizes = {c: n for c, n in counts.n.items()}
         ranges = {c: (counts.low[c], counts.high[c]) for c in counts.n}
     out: dict[int | None, Search | str] = {}
@@ -423,7 +277,7 @@ def kept_part(
         raise ValueError("kept_part needs cuts or min_score")  # a bug, not bad input
     idx = np.flatnonzero(mask)
     cand = rows.table.take(idx)
-    score = -rows.values[idx] if scorer == "loss-easy" else rows.values[idx]
+    score = recorded_score(rows.values[idx], scorer)
     columns = [cand["__key__"], cand["__shard__"], cand["label"], pa.array(score, pa.float64())]
     out = pa.Table.from_arrays(
         [c.cast(f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)], schema=OUTPUT_SCHEMA
@@ -437,7 +291,7 @@ def kept_part(
 def _kept_mask(rows: Rows, cuts: Cuts) -> np.ndarray:
     """Boolean (n,): the rows ranked at or before their class's cut."""
     labels = list(cuts.by_label)
-    group = _group_of(rows, labels)
+    group = group_of(rows, labels)
     g = np.maximum(group, 0)
     kind = np.array([c if isinstance(c, str) else "cut" for c in cuts.by_label.values()])
     value = np.array([0 if isinstance(c, str) else c[0] for c in cuts.by_label.values()],
@@ -470,12 +324,11 @@ def select_parts(
     memory_rows: int = MEMORY_ROWS,
 ) -> Iterator[tuple[str, pa.Table, int]]:
     """(shard, its kept rows, its candidates) for each part, in shard-name order: the rows
-    `selection.select` keeps on all parts at once (same arguments)."""
-    _check_args(keep, balance, min_score, scorer)
+    `reference.select` keeps on all parts at once (same arguments)."""
+    rules = Rules(keep, min_score, balance, scorer, seed)
     names = sorted(names)
-    if scorer == "sage-coverage" and min_score is not None:
-        scorer = "sage"  # as selection.select: a threshold is on the agreement
-    elif scorer == "sage-coverage":  # its ranking needs two data-wide numbers: one pass first
+    scorer = rules.ranked_by  # with a threshold, sage-coverage's is on the agreement
+    if scorer == "sage-coverage":  # its ranking needs two data-wide numbers: one pass first
         map_parts = with_data_params(map_parts, names)
     cuts = None
     if keep is not None:

@@ -1,0 +1,98 @@
+"""The select step: ``OUT/scores/`` → ``OUT/selection.parquet``, in bounded memory.
+
+Where it sits: after pass 2 (score.py), before emit (emit.py). What is kept is decided by the
+`select` package (rules, quotas, orderings, the bounded path over the score parts); this step
+is its I/O: it reads the parts through the output folder, checks that they can serve the
+scorer, logs and records the selection's warnings (select/warn.py), and writes the selection,
+one shard at a time, changing OUT only once the search is over and the lease still held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import InputError
+from ..outputs.folder import OutputFolder
+from ..outputs.lease import check as check_lease
+from ..outputs.selection_file import write_selection_parts
+from ..outputs.tables import read_part
+from ..select.bounded import select_parts
+from ..select.parts import local_map
+from ..select.rules import COLUMNS, SKETCHED, Rules
+from ..select.warn import run_warnings
+
+log = logging.getLogger("sage_stream")
+
+
+@dataclass
+class SelectResult:
+    url: str
+    scored: int
+    kept: int
+    params: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # see select/warn.py
+
+
+def run_select(
+    folder: OutputFolder, rules: Rules, shards: list[str], checkpoint: str | None
+) -> SelectResult:
+    """Select over the score parts of `shards` and write OUT/selection.parquet.
+
+    `checkpoint` is the run's --checkpoint when OUT does not record one (for the warnings).
+    """
+    columns = [*COLUMNS, "coverage"] if rules.scorer == "sage-coverage" else COLUMNS
+
+    def read(name: str) -> pa.Table:
+        return read_part(folder, name, list(columns))[0]
+
+    if rules.scorer in SKETCHED:
+        _check_has_sage_scores(folder, shards, read)
+    params: dict[str, Any] = rules.params()
+    recorded = folder.recorded_config() or {}
+    warnings = run_warnings(rules.scorer, recorded.get("checkpoint", checkpoint), shards, read)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if warnings:  # recorded only when there are some: a sound run's selection is unchanged
+        params["warnings"] = warnings
+    chosen = select_parts(shards, local_map(read), keep=rules.keep, balance=rules.balance,
+                          min_score=rules.min_score, scorer=rules.scorer,
+                          seed=rules.seed)  # fmt: skip
+    scored = 0
+
+    def counted() -> Iterator[tuple[str, pa.Table]]:
+        nonlocal scored
+        first = True
+        for name, kept, candidates in chosen:
+            if first:  # the search is over; from here on OUT changes
+                check_lease(folder)  # a writer whose lease was broken stops before changing it
+                folder.clear_success()  # only now: a refused select changes nothing
+                first = False
+            scored += candidates
+            yield name, kept
+        if first:
+            check_lease(folder)
+            folder.clear_success()
+
+    written = write_selection_parts(folder, counted(), params)
+    return SelectResult(written.url, scored, written.kept, params, warnings)
+
+
+def _check_has_sage_scores(
+    folder: OutputFolder, shards: list[str], read: Callable[[str], pa.Table]
+) -> None:
+    """The first part with rows tells whether the run has SAGE scores at all."""
+    for name in shards:
+        part = read(name)
+        if part.num_rows:
+            if part["score"].null_count == part.num_rows:
+                raise InputError(
+                    f"the scores under {folder.url} have no SAGE score: run `sage-stream sketch` "
+                    "and `score`, or choose another --scorer"
+                )
+            return

@@ -1,0 +1,16 @@
+"""Selection: which scored samples to keep. Read top-down, as the step uses it:
+
+    rules       what may be asked (scorer, balance, keep or min-score), checked once: `Rules`
+    quotas      how a keep budget is shared between classes (--balance)
+    orderings   each scorer's ranking value per candidate (higher kept first)
+    coverage    sage-coverage's ranking: agreement and τ filter, a seeded weighted draw
+    parts       one scores part prepared (candidates, checked, ranked); the count pass
+    bounded     the stage's path: exact per-class cuts by passes over the parts, then the kept
+                rows part by part, in memory of one part
+    reference   the same selection on a whole table in memory (the tests' reference)
+    warn        warnings that the kept set may say little (no checkpoint, flat scores)
+
+The step that reads OUT/scores/ and writes OUT/selection.parquet is passes/select.py. The
+public function `sage_stream.select` (api.py) runs that step; this package is reached by its
+modules' names (`from sage_stream.select.reference import select`).
+"""

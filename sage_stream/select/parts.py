@@ -1,0 +1,163 @@
+"""One scores part, prepared for the bounded selection, and the count pass over the parts.
+
+Where it sits: bounded.py passes over ``scores/part-<shard>.parquet`` one part at a time; each
+pass first turns a part into its candidate `Rows` here (checked as reference.py checks the
+whole table, ranked by orderings.py), and the first pass counts them per class (`Counts`).
+`MapParts` is how a pass runs its per-part function over the parts: in this process
+(`local_map`) or shard-parallel; partials add up on the driver.
+
+Each part is one shard's rows (as pass 2 writes them), so a (shard, key) that occurs twice does
+so within one part, where it is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import InputError
+from .orderings import ranking_values
+from .rules import COLUMNS, check_columns, ok_mask
+
+ReadPart = Callable[[str], pa.Table]  # shard name -> its scores part (the COLUMNS at least)
+MapParts = Callable[[Callable[[pa.Table], object], list[str]], Iterable[object]]
+
+
+def local_map(read: ReadPart) -> MapParts:
+    """Run a per-part function over the parts in this process, one part in memory at a time."""
+
+    def run(fn: Callable[[pa.Table], object], names: list[str]) -> Iterator[object]:
+        return (fn(read(name)) for name in names)
+
+    return run
+
+
+# --- one part, prepared ------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """The candidate rows of one part: names, labels and ranking values."""
+
+    table: pa.Table  # candidates only (status ok)
+    values: np.ndarray  # (n,) float64 ranking value
+    order: np.ndarray  # (n,) uint64, same order as values (−0.0 and 0.0 equal)
+    labels: np.ndarray | None  # (n,) int64, None when a label is null (checked by the caller)
+    null_labels: int
+
+
+def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
+    """One part's candidates, checked as `reference.select` checks the whole table."""
+    check_columns(table, COLUMNS)
+    cand = table.filter(pa.array(ok_mask(table)))
+    for column in ("__key__", "__shard__"):
+        if cand[column].null_count:
+            raise InputError(
+                f"scored rows must all have a {column!r}; {cand[column].null_count} are null"
+            )
+    _check_unique(cand)
+    values = ranking_values(cand, scorer, seed)
+    labels = cand["label"]
+    nulls = labels.null_count
+    as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return Rows(cand, values, ordered_bits(values), as_int, nulls)
+
+
+def ordered_bits(values: np.ndarray) -> np.ndarray:
+    """float64 -> uint64 with the same order (``a < b`` iff ``bits(a) < bits(b)``), no NaN."""
+    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)  # + 0.0: −0.0 → 0.0
+    negative = bits >> np.uint64(63) == 1
+    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
+
+
+def _check_unique(cand: pa.Table) -> None:
+    if cand.num_rows < 2:
+        return
+    names = pc.binary_join_element_wise(cand["__shard__"], cand["__key__"], "\0")
+    if len(pc.unique(names)) == cand.num_rows:
+        return
+    order = pc.sort_indices(cand, sort_keys=[("__shard__", "ascending"), ("__key__", "ascending")])
+    ranked = names.take(order).to_pylist()
+    first = next(i for i in range(1, len(ranked)) if ranked[i] == ranked[i - 1])
+    shard, key = ranked[first].split("\0", 1)
+    raise InputError(
+        f"shard {shard!r}, key {key!r}: scored more than once; rerun score for that shard"
+    )
+
+
+# --- the count pass -------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """What the count pass adds up over parts: per label, candidates and value range."""
+
+    n: dict[int, int] = field(default_factory=dict)
+    low: dict[int, int] = field(default_factory=dict)  # smallest ordered value
+    high: dict[int, int] = field(default_factory=dict)
+    null_labels: int = 0
+    total: int = 0
+    low_all: int | None = None
+    high_all: int | None = None
+
+    def add(self, other: Counts) -> None:
+        for c, n in other.n.items():
+            self.n[c] = self.n.get(c, 0) + n
+            self.low[c] = min(self.low.get(c, other.low[c]), other.low[c])
+            self.high[c] = max(self.high.get(c, other.high[c]), other.high[c])
+        self.null_labels += other.null_labels
+        self.total += other.total
+        if other.low_all is not None and other.high_all is not None:
+            first = self.low_all is None or self.high_all is None
+            self.low_all = other.low_all if first else min(self.low_all, other.low_all)  # type: ignore[type-var]
+            self.high_all = other.high_all if first else max(self.high_all, other.high_all)  # type: ignore[type-var]
+
+
+def count_part(rows: Rows) -> Counts:
+    out = Counts(null_labels=rows.null_labels, total=len(rows.values))
+    if len(rows.values):
+        out.low_all, out.high_all = int(rows.order.min()), int(rows.order.max())
+    if rows.labels is not None and len(rows.labels):
+        by_class = np.argsort(rows.labels, kind="stable")
+        labels, order = rows.labels[by_class], rows.order[by_class]
+        classes, starts, sizes = np.unique(labels, return_index=True, return_counts=True)
+        low, high = np.minimum.reduceat(order, starts), np.maximum.reduceat(order, starts)
+        for c, n, lo, hi in zip(classes.tolist(), sizes.tolist(), low.tolist(), high.tolist(),
+                                strict=True):  # fmt: skip
+            out.n[c], out.low[c], out.high[c] = n, lo, hi
+    return out
+
+
+# --- for the passes over the parts ---------------------------------------------------------
+
+
+def group_of(rows: Rows, labels: list[int | None]) -> np.ndarray:
+    """(n,) int64: for each row, the position in `labels` of its class, or -1."""
+    n = len(rows.values)
+    if labels == [None]:
+        return np.zeros(n, dtype=np.int64)
+    if rows.labels is None:
+        raise InputError(f"{rows.null_labels} scored samples without a label: use --balance none")
+    known = np.array(labels, dtype=np.int64)
+    sorter = np.argsort(known, kind="stable")
+    pos = np.searchsorted(known, rows.labels, sorter=sorter)
+    pos = np.minimum(pos, max(len(known) - 1, 0))
+    found = sorter[pos] if len(known) else np.zeros(n, dtype=np.int64)
+    hit = known[found] == rows.labels if len(known) else np.zeros(n, dtype=bool)
+    return np.where(hit, found, -1)
+
+
+def key_bytes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of a string column: (n + 1,) int64 offsets into a uint8 buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    buffer = arr.buffers()[2]
+    data = np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.zeros(1, np.uint8)
+    return offsets, data
