@@ -12,7 +12,10 @@ Shards are untrusted: member names are only split into key and field, never used
 member larger than ``max_member_bytes``, a sample whose members add up to more than
 ``max_sample_bytes``, and a sparse member (a few bytes that expand to gigabytes) make their
 sample an error row; sizes come from the headers, so the data over a limit is skipped unread
-(streamed past, also inside a gzip stream) and the shard goes on. A sample with a member
+(streamed past, also inside a gzip stream) and the shard goes on. Headers are bounded too
+(``tar_headers``): an oversized pax header or GNU long name makes its sample an error row, and
+no claimed size is ever skipped by the claim: a member that claims more than the stream holds
+ends the shard when the stream ends. A sample with a member
 name that a consumer could not extract safely (absolute, a ``..`` component, a backslash or a
 NUL) or that is not valid UTF-8 comes out with an error, so it is recorded and never copied;
 its key is made writable (invalid bytes as ``\\xff`` escapes). A broken stream never
@@ -31,9 +34,10 @@ import tarfile
 import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
 from sage_stream.errors import InputError, ShardError
+from sage_stream.formats.tar_headers import CheckedTarInfo, skip_member_data
 from sage_stream.sample import Sample, ShardRef
 from sage_stream.storage.fs import open_shard
 
@@ -88,43 +92,6 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-class _CheckedTarInfo(tarfile.TarInfo):
-    """Records why the header stream ended.
-
-    In stream mode tarfile treats an empty, short or corrupt header after the first member as
-    a normal end of archive, so a shard cut at a member boundary would look complete. Only a
-    zero block (the end-of-archive marker) followed by nothing but zeros is a clean end;
-    anything else is truncation, and a zero block with data after it is a zeroed header.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # private, not in typeshed
-            tarfile_.sage_end = _after_end_marker(tarfile_)  # type: ignore[attr-defined]
-            raise
-        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]  # as above
-            tarfile_.sage_end = "missing end-of-archive marker"  # type: ignore[attr-defined]
-            raise
-        except tarfile.HeaderError as e:
-            tarfile_.sage_end = f"bad member header: {e}"  # type: ignore[attr-defined]
-            raise
-
-
-# What may follow the end-of-archive marker: the second zero block and the record's padding
-# (tar writers pad to 10 KiB records; more than this many zero bytes is not read).
-_TRAILER_BYTES = 20 * tarfile.RECORDSIZE
-
-
-def _after_end_marker(tf: tarfile.TarFile) -> str | None:
-    """None if only zeros follow the zero block that ended the headers, else why not."""
-    trailer = tf.fileobj.read(_TRAILER_BYTES) if tf.fileobj is not None else b""
-    if trailer.strip(b"\0"):
-        return "a zeroed member header with data after it (corrupt shard)"
-    return None
-
-
 @dataclass
 class _RawSample:
     key: str
@@ -156,7 +123,7 @@ def _raw_samples(
     index = 0
     with open_shard(ref.url, storage_options, pin=ref.pin) as raw:
         try:
-            tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CheckedTarInfo)  # noqa: SIM115
+            tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=CheckedTarInfo)  # noqa: SIM115
             for info, key, fld in _sample_members(tf):
                 if pending is not None and key != pending.key:
                     # A new key proves the previous sample complete: yield it before reading on.
@@ -169,7 +136,7 @@ def _raw_samples(
                     )
                     seen.add(key)
                     index += 1
-                problem = member_name_problem(info.name)
+                problem = getattr(info, "sage_error", None) or member_name_problem(info.name)
                 if problem is not None and pending.error is None:
                     pending.error = problem
                 data = None
@@ -200,12 +167,15 @@ def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str,
         split = split_member_name(info.name) if info.isreg() else None
         if split is not None:
             yield info, split[0], split[1]
+        skip_member_data(tf, info)  # by the bytes there, never by the size the header claims
 
 
 def _size_problem(
     info: tarfile.TarInfo, sample: _RawSample, member_limit: int, sample_limit: int
 ) -> str | None:
     """Why this member may not be read (None if it may), from its header alone."""
+    if info.size < 0:
+        return f"member {info.name!r} claims a negative size ({info.size})"
     if info.issparse():
         return f"member {info.name!r} is a sparse file ({info.size} bytes expanded): not read"
     if info.size > member_limit:

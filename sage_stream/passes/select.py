@@ -86,11 +86,17 @@ def run_select(
 def _check_has_sage_scores(
     folder: OutputFolder, shards: list[str], read: Callable[[str], pa.Table]
 ) -> None:
-    """The first part with rows tells whether the run has SAGE scores at all."""
+    """The first part with an ok row tells whether the run has SAGE scores at all.
+
+    Error rows never have a score, so a part of error rows only (a hostile shard) says nothing.
+    """
+    import pyarrow.compute as pc
+
     for name in shards:
         part = read(name)
-        if part.num_rows:
-            if part["score"].null_count == part.num_rows:
+        ok = part.filter(pc.equal(part["status"], "ok"))
+        if ok.num_rows:
+            if ok["score"].null_count == ok.num_rows:
                 raise InputError(
                     f"the scores under {folder.url} have no SAGE score: run `sage-stream sketch` "
                     "and `score`, or choose another --scorer"

@@ -1,0 +1,230 @@
+"""Bounded tar header parsing: the guard between ``tarfile`` and an untrusted shard.
+
+``formats.tar`` reads shards with ``tarfile`` in stream mode through ``CheckedTarInfo``, which
+makes sure that no header value decides how much work or memory a shard costs:
+
+- Every header that ``tarfile`` would read whole into memory (a pax extended header, a GNU
+  long name or long link) is bounded by ``MAX_HEADER_BYTES`` before it is read. An oversized
+  one is streamed past unread and the member it describes comes out with ``sage_error`` set,
+  so its sample becomes an error row; an oversized *global* pax header (which would rename
+  every member after it) or sparse map ends the shard. At most ``MAX_HEADER_CHAIN`` extended
+  headers may precede one member (a long chain would otherwise recurse until the stack ends).
+- pax records are parsed here in one linear scan, strictly (the stdlib's parser of Python
+  3.11 backtracks quadratically on some inputs and silently stops at a malformed record).
+- Sparse maps are never parsed or expanded: ``formats.tar`` never reads a sparse member, so
+  the member is only marked sparse (``sparse == []``).
+- ``skip_member_data`` moves the stream past a member that is not read by *reading* the bytes
+  that are there, never by the claimed size: a member that claims more than the stream holds
+  ends the shard at the stream's end (``tarfile``'s own stream-mode skip spins through the
+  whole claim, 30 minutes for a 10^12 byte claim).
+- Whatever else a malformed header makes ``tarfile`` raise (``ValueError`` from a number,
+  ``IndexError`` from a short block, ...) becomes a header error, so the reader reports it as
+  a corrupt shard instead of crashing.
+
+The stream-end bookkeeping (``sage_end``: why the headers stopped) is explained in
+``CheckedTarInfo.fromtarfile``.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from typing import Any, Self
+
+# One pax extended header or GNU long name/link. Real ones hold a path and a few numbers
+# (PATH_MAX is 4 KiB); 1 MiB leaves room for extended attributes and still bounds memory.
+MAX_HEADER_BYTES = 2**20
+# Extended headers in front of one member: a global, an extended, a long name and a long link
+# make four; more is a hostile chain.
+MAX_HEADER_CHAIN = 8
+_CHUNK = 2**20  # bytes per read when streaming past data
+# What may follow the end-of-archive marker: the second zero block and the record's padding
+# (tar writers pad to 10 KiB records; more than this many zero bytes is not read).
+_TRAILER_BYTES = 20 * tarfile.RECORDSIZE
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+# Errors that tarfile's own header code lets escape on malformed input.
+_PARSE_ERRORS = (ValueError, IndexError, OverflowError, LookupError, TypeError, RecursionError)
+
+
+class CheckedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` whose header processing is bounded; see the module docstring.
+
+    ``sage_error`` is why the member's sample must be an error row (None if it may be read).
+    """
+
+    sage_error: str | None = None
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        """The next member, recording in ``tarfile_.sage_end`` why the header stream ended.
+
+        In stream mode tarfile treats an empty, short or corrupt header after the first member
+        as a normal end of archive, so a shard cut at a member boundary would look complete.
+        Only a zero block (the end-of-archive marker) followed by nothing but zeros is a clean
+        end; anything else is truncation, and a zero block with data after it is a zeroed header.
+        """
+        tf: Any = tarfile_
+        depth = getattr(tf, "sage_depth", 0)
+        if depth >= MAX_HEADER_CHAIN:
+            raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]  # private
+                f"more than {MAX_HEADER_CHAIN} extended headers in front of one member"
+            )
+        tf.sage_depth = depth + 1
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # private, not in typeshed
+            if depth == 0:
+                tf.sage_end = _after_end_marker(tarfile_)
+            raise
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]  # as above
+            if depth == 0:
+                tf.sage_end = "missing end-of-archive marker"
+            raise
+        except tarfile.HeaderError as e:
+            tf.sage_end = f"bad member header: {e}"
+            raise
+        except _PARSE_ERRORS as e:
+            tf.sage_end = f"bad member header: {type(e).__name__}: {e}"
+            raise tarfile.InvalidHeaderError(tf.sage_end) from e  # type: ignore[attr-defined]
+        finally:
+            tf.sage_depth = depth
+
+    def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        what = "long name" if self.type == tarfile.GNUTYPE_LONGNAME else "long link"
+        if not 0 <= self.size <= MAX_HEADER_BYTES:
+            return self._skip_header(tarfile_, f"a GNU {what} header of {self.size} bytes")
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]  # private
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """A GNU sparse member (type S): its extension blocks are read past, never parsed."""
+        _, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]  # frombuf
+        del self._sparse_structs  # type: ignore[attr-defined]
+        fileobj: Any = tarfile_.fileobj
+        blocks = 0
+        while isextended:
+            buf = fileobj.read(tarfile.BLOCKSIZE)
+            blocks += 1
+            if len(buf) < tarfile.BLOCKSIZE or blocks * tarfile.BLOCKSIZE > MAX_HEADER_BYTES:
+                raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
+                    "a truncated or oversized GNU sparse map"
+                )
+            isextended = bool(buf[504])
+        _mark_sparse(self)
+        self.offset_data = fileobj.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """A pax extended (or global) header, parsed strictly, then the member it describes."""
+        tf: Any = tarfile_
+        is_global = self.type == tarfile.XGLTYPE
+        if not 0 <= self.size <= MAX_HEADER_BYTES:
+            if is_global:
+                raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
+                    f"a global pax header of {self.size} bytes, over the limit of "
+                    f"{MAX_HEADER_BYTES}"
+                )
+            return self._skip_header(tarfile_, f"a pax extended header of {self.size} bytes")
+        buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+        pax_headers = tf.pax_headers if is_global else tf.pax_headers.copy()
+        pax_headers.update(self._pax_fields(buf[: self.size], tarfile_))
+        nxt = self._next_header(tarfile_)
+        if any(name.startswith("GNU.sparse.") for name in pax_headers):
+            _mark_sparse(nxt)
+        if not is_global:
+            nxt._apply_pax_info(pax_headers, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+            nxt.offset = self.offset
+            if "size" in pax_headers:  # the member's data ends elsewhere than its header said
+                offset = nxt.offset_data
+                if nxt.isreg() or nxt.type not in tarfile.SUPPORTED_TYPES:
+                    offset += nxt._block(nxt.size)  # type: ignore[attr-defined]
+                tf.offset = offset
+        return nxt
+
+    def _pax_fields(self, buf: bytes, tarfile_: tarfile.TarFile) -> dict[str, str]:
+        """The records ``"<length> <keyword>=<value>\\n"`` of a pax header, decoded.
+
+        One linear pass; a record whose framing is wrong is an error (as in Python 3.12+).
+        """
+        raw: list[tuple[bytes, bytes]] = []
+        encoding = None
+        pos = 0
+        while pos < len(buf) and buf[pos] != 0:
+            match = _PAX_LENGTH.match(buf, pos)
+            length = int(match.group(1)) if match else 0
+            end = pos + length - 1  # the record's newline
+            if length < 5 or end >= len(buf) or buf[end] != 0x0A:
+                raise tarfile.InvalidHeaderError("a malformed pax record")  # type: ignore[attr-defined]
+            keyword, equals, value = buf[match.end() : end].partition(b"=")  # type: ignore[union-attr]
+            if not keyword or not equals:
+                raise tarfile.InvalidHeaderError("a malformed pax record")  # type: ignore[attr-defined]
+            if keyword == b"hdrcharset" and encoding is None:
+                encoding = tarfile_.encoding if value == b"BINARY" else "utf-8"
+            raw.append((keyword, value))
+            pos += length
+        decode: Any = self._decode_pax_field  # type: ignore[attr-defined]  # private
+        fields = {}
+        for keyword, value in raw:
+            name = decode(keyword, "utf-8", "utf-8", tarfile_.errors)
+            if name in tarfile.PAX_NAME_FIELDS:
+                fields[name] = decode(value, encoding or "utf-8", tarfile_.encoding,
+                                      tarfile_.errors)  # fmt: skip
+            else:
+                fields[name] = decode(value, "utf-8", "utf-8", tarfile_.errors)
+        return fields
+
+    def _next_header(self, tarfile_: tarfile.TarFile) -> CheckedTarInfo:
+        try:
+            return self.fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None  # type: ignore[attr-defined]
+
+    def _skip_header(self, tarfile_: tarfile.TarFile, what: str) -> tarfile.TarInfo:
+        """Stream past an oversized extended header; the member after it is an error."""
+        if self.size < 0:
+            raise tarfile.InvalidHeaderError(f"{what}: a negative size")  # type: ignore[attr-defined]
+        skip_bytes(tarfile_, self._block(self.size), what)  # type: ignore[attr-defined]
+        nxt = self._next_header(tarfile_)
+        nxt.offset = self.offset
+        nxt.sage_error = f"{what}, over the limit of {MAX_HEADER_BYTES}: not read"
+        return nxt
+
+
+def skip_bytes(tarfile_: tarfile.TarFile, count: int, what: str) -> None:
+    """Read and drop ``count`` bytes of the stream; ReadError if it ends first.
+
+    The work is bounded by the bytes the stream really holds, whatever ``count`` claims.
+    """
+    fileobj: Any = tarfile_.fileobj
+    done = 0
+    while done < count:
+        got = len(fileobj.read(min(count - done, _CHUNK)))
+        if got == 0:
+            raise tarfile.ReadError(
+                f"unexpected end of data {done} bytes into {what}, which claims {count} bytes"
+            )
+        done += got
+
+
+def skip_member_data(tarfile_: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    """Move the stream to the next header past the (unread or read) data of ``info``."""
+    tf: Any = tarfile_
+    remaining = tf.offset - tf.fileobj.tell()
+    if remaining < 0:
+        raise tarfile.ReadError(f"member {info.name!r} claims a negative size ({info.size})")
+    skip_bytes(tarfile_, remaining, f"member {info.name!r}")
+
+
+def _mark_sparse(info: tarfile.TarInfo) -> None:
+    """Make ``info.issparse()`` true without a map: sparse members are never expanded."""
+    member: Any = info  # typeshed types ``sparse`` as bytes
+    member.sparse = []
+
+
+def _after_end_marker(tf: tarfile.TarFile) -> str | None:
+    """None if only zeros follow the zero block that ended the headers, else why not."""
+    trailer = tf.fileobj.read(_TRAILER_BYTES) if tf.fileobj is not None else b""
+    if trailer.strip(b"\0"):
+        return "a zeroed member header with data after it (corrupt shard)"
+    return None

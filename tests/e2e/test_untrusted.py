@@ -1,0 +1,53 @@
+"""Untrusted shards and odd inputs in whole runs (issue 25): one bad shard never stops the set.
+
+1. and 2. Hostile tar headers (a claimed size far beyond the stream, an oversized GNU long
+   name inside gzip) end their shard or sample with a recorded reason, and the other shards
+   are scored and emitted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from hostile_tars import END, gzip_bytes, long_name, pax, pax_record, sample
+from tiny import blobs, train_checkpoint, write_tar_set
+
+import sage_stream
+
+OPTIONS = dict(model="tiny:mlp", ell=8, batch_size=32, device="cpu", keep=0.5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proxy")
+    x, _, noisy = blobs(90)
+    return train_checkpoint(root / "proxy.pt", x, noisy)
+
+
+def score_rows(out) -> dict[str, dict]:
+    rows = {}
+    for part in sorted((out / "scores").glob("part-*.parquet")):
+        rows.update({r["__key__"]: r for r in pq.read_table(part).to_pylist()})
+    return rows
+
+
+def test_hostile_headers_are_recorded_and_the_other_shards_go_on(tmp_path, ckpt):
+    x, _, noisy = blobs(90)
+    write_tar_set(tmp_path / "in", x, noisy)
+    claim = sample("c0") + pax(pax_record("size", str(10**12))) + sample("c1")[:512] + b"x" * 9000
+    (tmp_path / "in" / "claim.tar").write_bytes(claim)
+    name = sample("n0") + long_name(b"n" * (2**20 + 1)) + sample("n1") + sample("n2") + END
+    (tmp_path / "in" / "name.tar.gz").write_bytes(gzip_bytes(name))
+    out = tmp_path / "out"
+    sage_stream.run(str(tmp_path / "in"), out=str(out), checkpoint=ckpt, **OPTIONS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (error,) = manifest["shard_errors"]
+    assert error["name"] == "claim.tar" and "claims" in error["shard_error"], error
+    rows = score_rows(out)
+    assert rows["n1"]["status"] == "error" and "over the limit" in rows["n1"]["reason"]
+    assert rows["n0"]["status"] == rows["n2"]["status"] == "ok"
+    totals = manifest["totals"]
+    assert totals["seen"] == 90 + 1 + 3 == totals["scored"] + totals["errored"]
+    assert (out / "_SUCCESS").exists()

@@ -1,0 +1,123 @@
+"""Hostile tar headers (issue 25, defects 1 and 2): no header value sets the work or memory.
+
+Every case is read in a forked child under CPU-time and address-space limits
+(``helpers/bounded_read.py``), all in one subprocess per module, so a regression shows as a
+``timeout``/``signal`` status or a ``MemoryError`` crash instead of a hung test run.
+
+1. A claimed size (pax ``size=``, a base-256 size field) far beyond the stream: the stream is
+   read past by the bytes that are there; the shard ends with a reason naming the claim.
+2. A pax header or GNU long name over ``MAX_HEADER_BYTES`` (plain and inside gzip) is streamed
+   past unread: its member's sample is an error row and the shard goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hostile_tars import (
+    END,
+    gzip_bytes,
+    header,
+    long_name,
+    member,
+    pax,
+    pax_record,
+    sample,
+    write_big_header_tgz,
+)
+from paths import HELPERS, child_env
+
+from sage_stream.formats.tar_headers import MAX_HEADER_BYTES
+
+BIG = 128 * 2**20  # a header that today's tarfile would read whole: over the child's 192 MiB
+
+
+def cases(tmp) -> dict[str, bytes]:
+    claim = 10**12
+    return {
+        "pax-size-claim": sample("s0") + pax(pax_record("size", str(claim))) + header("s1.npy")
+        + b"x" * 70_000,
+        "base256-claim": sample("s0") + header("s1.npy", claim) + b"x" * 70_000,
+        "claim-unread-key": sample("s0") + header("s1.npy", 100 * 2**20) + b"x" * 5000,
+        "negative-size": sample("s0") + header("s1.npy", -(10**9)) + sample("s2") + END,
+        "pax-over-limit": sample("s0") + pax(b"", claim=MAX_HEADER_BYTES + 1)
+        + b"\0" * (MAX_HEADER_BYTES + 512) + sample("s1") + sample("s2") + END,
+        "long-name-over-limit": sample("s0") + long_name(b"n" * (MAX_HEADER_BYTES + 1))
+        + sample("s1") + sample("s2") + END,
+        "pax-chain": sample("s0") + pax(pax_record("comment", "x")) * 200 + sample("s1") + END,
+        "sparse-map-loop": sample("s0") + header("s1.npy", 0, b"S", raw={482: b"\1"})
+        + header("", 0, b"\0", raw={504: b"\1"}) * 5000,
+        "pax-claim-in-gzip": gzip_bytes(sample("s0") + pax(pax_record("size", str(claim)))
+                                        + member("s1.npy", b"x" * 70_000)),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("headers")
+    paths = []
+    for name, data in cases(root).items():
+        suffix = ".tar.gz" if "gzip" in name else ".tar"
+        path = root / f"{name}{suffix}"
+        path.write_bytes(data)
+        paths.append(str(path))
+    for kind in ("pax", "long"):
+        paths.append(str(write_big_header_tgz(root / f"big-{kind}.tar.gz", kind, BIG)))
+    done = subprocess.run([sys.executable, "-m", "bounded_read", *paths], env=child_env(),
+                          cwd=str(HELPERS), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = {}
+    for line in done.stdout.splitlines():
+        row = json.loads(line)
+        name = row.pop("shard").rsplit("/", 1)[1].split(".")[0]
+        out[name] = row
+    return out
+
+
+def clean(row: dict) -> dict:
+    assert row["status"] == "ok", row  # no hang (timeout, SIGXCPU) and no kill
+    assert row["crash"] is None, row
+    assert row["growth_kib"] < 64 * 1024, row  # bounded memory, whatever the header claims
+    return row
+
+
+@pytest.mark.parametrize("name", ["pax-size-claim", "base256-claim", "pax-claim-in-gzip"])
+def test_a_claimed_size_beyond_the_stream_ends_the_shard_at_once(results, name):
+    row = clean(results[name])
+    assert row["samples"] == 1 and row["errors"] == []  # the sample before it came out
+    assert "claims" in row["shard_error"] and "s1.npy" in row["shard_error"]
+
+
+def test_a_claim_under_the_member_cap_is_read_to_the_stream_end(results):
+    row = clean(results["claim-unread-key"])
+    assert row["samples"] == 1 and "truncated or corrupt tar" in row["shard_error"]
+
+
+def test_a_negative_size_is_recorded(results):
+    row = clean(results["negative-size"])
+    assert row["shard_error"] is not None and "negative size" in row["shard_error"]
+
+
+@pytest.mark.parametrize("name", ["pax-over-limit", "long-name-over-limit"])
+def test_an_oversized_header_makes_an_error_row_and_the_shard_goes_on(results, name):
+    row = clean(results[name])
+    assert row["shard_error"] is None and row["samples"] == 3
+    (reason,) = row["errors"]
+    assert "over the limit" in reason and ("pax" in reason or "long name" in reason)
+
+
+@pytest.mark.parametrize("kind", ["pax", "long"])
+def test_a_huge_header_inside_gzip_is_read_past_in_bounded_memory(results, kind):
+    row = clean(results[f"big-{kind}"])
+    assert row["shard_error"] is None and row["samples"] == 3
+    assert len(row["errors"]) == 1 and "over the limit" in row["errors"][0]
+
+
+@pytest.mark.parametrize(("name", "reason"), [("pax-chain", "extended headers in front"),
+                                              ("sparse-map-loop", "sparse map")])  # fmt: skip
+def test_header_chains_and_endless_sparse_maps_end_the_shard(results, name, reason):
+    row = clean(results[name])
+    assert row["samples"] == 0 and reason in row["shard_error"], row
