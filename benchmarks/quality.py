@@ -1,21 +1,22 @@
-"""Quality benchmark: on four kinds of data, does training on what a scorer kept beat a random
-subset of the same size, and training on everything?
+"""Quality benchmark: on two data sets and four kinds of pool each, does training on what a
+scorer kept beat a random subset of the same size, and training on everything?
 
-The data (`quality_data.py`, all made from scikit-learn's digits): label noise, near-duplicate
-redundancy, a long-tailed class mix, and clean data at small budgets. For each scenario and
+The data (`quality_data.py`): scikit-learn's digits with the demo's MLP, and Synthetic Control
+Chart series from the published generator with a small 1-D CNN (`quality_signals.py`); each as
+label noise, near-copies, a long-tailed class mix and clean labels. For each scenario and
 each scorer the stage runs as a user runs it: `sage_stream.run` once per scorer (a fresh OUT:
 sketch if the scorer needs one, score, select, emit), then `sage_stream.select` + `emit` on the
 same OUT for the other keep fractions and seeds (a selection is redone on the same scores, as
 `sage-stream select` and `emit` do). The emitted subset is read back through the training feed
-(`sage_stream.feed.SelectedDataset`), a fresh `digits_mlp` is trained on it (the demo's recipe:
-300 full-batch Adam steps) and judged on the 397 clean held-out digits.
+(`sage_stream.feed.SelectedDataset`), a fresh model of the data set's kind is trained on it
+(300 full-batch Adam steps) and judged on the data set's clean held-out samples.
 
 Seed s (0, 1, 2) varies the initial weights of the trained model, the seeded draws of the
 `random` and `sage-coverage` scorers (`--seed s`) and the uniform random subset; the other
 scorers' subsets do not depend on it.
 
-    python benchmarks/quality.py            # 4 scenarios x 3 seeds: a few minutes on a CPU
-    python benchmarks/quality.py --quick    # 1 seed, one keep per scenario: a smoke run
+    nice python benchmarks/quality.py      # 2 data sets x 4 scenarios x 3 keeps x 3 seeds
+    python benchmarks/quality.py --quick   # 1 seed, keep 0.1: a smoke run
 
 The full mode writes docs/quality.md (the part between its markers), docs/quality.png and
 benchmarks/results/quality.json; `--quick` writes only where `--output-dir` says.
@@ -37,16 +38,15 @@ from typing import Any
 import numpy as np
 import quality_report
 import torch
-from quality_data import BUILDERS, Scenario, prepare
+from quality_data import BUILDERS, DATASETS, KEEPS, Scenario, prepare
 
 import sage_stream
-from sage_stream.demo import accuracy, train
+from sage_stream.demo import accuracy
 from sage_stream.feed import DecodeScored, SelectedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORERS = ("sage-coverage", "sage", "loss-easy", "loss", "grad-norm", "random")
 SEEDED = ("random", "sage-coverage")  # scorers whose subset depends on --seed
-MODEL = "sage_stream.demo:digits_mlp"
 
 
 class KeyedDecode:
@@ -68,19 +68,19 @@ def emitted(sc: Scenario, out: Path, scorer: str, keep: float, seed: int) -> np.
         sage_stream.select(out=str(out), **options)
         sage_stream.emit(sc.urls, out=str(out), progress=False)
     else:
-        sage_stream.run(sc.urls, model=MODEL, checkpoint=sc.checkpoint, out=str(out),
+        sage_stream.run(sc.urls, model=sc.data.model, checkpoint=sc.checkpoint, out=str(out),
                         device="cpu", progress=False, **options)  # fmt: skip
     rows = list(SelectedDataset(str(out), decode=KeyedDecode()))
     index = np.array([i for i, _, _ in rows], dtype=np.int64)
-    x = torch.stack([x for _, x, _ in rows]).numpy() if rows else np.zeros((0, 64))
+    x = torch.stack([x for _, x, _ in rows]).numpy() if rows else sc.x[:0]
     labels = np.array([label for _, _, label in rows], dtype=np.int64)
     if not (np.array_equal(labels, sc.y[index]) and np.allclose(x, sc.x[index])):
-        raise RuntimeError(f"{sc.name} {scorer} {keep}: the feed differs from the pool")
+        raise RuntimeError(f"{sc.data.name} {sc.name} {scorer} {keep}: the feed differs")
     return index
 
 
 def fit(sc: Scenario, index: np.ndarray, seed: int) -> float:
-    return accuracy(train(sc.x[index], sc.y[index], seed=seed), sc.x_test, sc.y_test)
+    return accuracy(sc.data.train(sc.x[index], sc.y[index], seed=seed), sc.x_test, sc.y_test)
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Se
     for keep in sc.keeps:
         sizes = set()
         for scorer in scorers:
-            started, out = time.monotonic(), work / sc.name / scorer
+            started, out = time.monotonic(), work / sc.data.name / sc.name / scorer
             subsets: list[np.ndarray] = []
             for seed in seeds:
                 if not subsets or scorer in SEEDED:
@@ -115,7 +115,7 @@ def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Se
             results[scorer][str(keep)] = cell(sc, subsets, seeds)
             sizes |= set(results[scorer][str(keep)]["n"])
             acc = results[scorer][str(keep)]["accuracy"]["mean"]
-            print(f"{sc.name:>12} {scorer:>13} keep {keep}: {acc:.3f} "
+            print(f"{sc.data.name:>7} {sc.name:>11} {scorer:>13} keep {keep}: {acc:.3f} "
                   f"({time.monotonic() - started:.1f} s)", file=sys.stderr)  # fmt: skip
         if len(sizes) != 1:
             raise RuntimeError(f"{sc.name} keep {keep}: scorers kept different sizes {sizes}")
@@ -130,10 +130,11 @@ def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Se
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, the middle keep of each scenario")
+    p.add_argument("--quick", action="store_true", help="1 seed, keep 0.1")
+    p.add_argument("--data", default=",".join(DATASETS), help="comma-separated data sets")
     p.add_argument("--scenarios", default=",".join(BUILDERS), help="comma-separated scenarios")
     p.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated scorers")
-    p.add_argument("--keeps", help="comma-separated keep fractions for every scenario")
+    p.add_argument("--keeps", help="comma-separated keep fractions (default 0.05,0.1,0.3)")
     p.add_argument("--seeds", type=int, help="number of seeds (default 3, quick 1)")
     p.add_argument("--output-dir", type=Path, help="write quality.md/.png/.json here instead")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -161,21 +162,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     scenarios: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sage-quality-") as work:
-        for name in [s for s in args.scenarios.split(",") if s]:
-            keeps = BUILDERS[name][1]
-            if args.keeps:
-                keeps = tuple(float(k) for k in args.keeps.split(","))
-            elif args.quick:
-                keeps = (keeps[len(keeps) // 2],)
-            sc = prepare(name, Path(work), keeps)
-            results, full = measure_scenario(sc, Path(work), scorers, seeds)
-            scenarios[name] = {**sc.describe(), "results": results, "full": full}
+        keeps = KEEPS if not args.quick else (0.1,)
+        if args.keeps:
+            keeps = tuple(float(k) for k in args.keeps.split(","))
+        for data in [d for d in args.data.split(",") if d]:
+            for name in [s for s in args.scenarios.split(",") if s]:
+                sc = prepare(data, name, Path(work), keeps)
+                results, full = measure_scenario(sc, Path(work), scorers, seeds)
+                scenarios[f"{data}/{name}"] = {**sc.describe(), "results": results, "full": full,
+                                               "test_size": len(sc.y_test)}  # fmt: skip
     report = {
         "command": " ".join(["python benchmarks/quality.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch thread(s)",
         "seconds": time.monotonic() - started,
-        "test_size": len(sc.y_test),
         "seed_varies": "init of the trained model, the seeded scorers' draws, the random subset",
         "scorers": scorers,
         "seeds": seeds,

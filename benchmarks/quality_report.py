@@ -29,10 +29,11 @@ def scenario_table(name: str, sc: dict[str, Any], n_seeds: int) -> list[str]:
     lines = [
         f"### {name}: {sc['title']}",
         "",
-        f"Pool: {sc['pool']} samples ({sc['distinct']} distinct digits), "
+        f"Pool: {sc['pool']} samples ({sc['distinct']} distinct {sc['unit']}), "
         f"{sc['flipped_share']:.0%} flipped labels, class counts {sc['class_counts']}. "
-        f"Training on the whole pool: {_cell(sc['full']['accuracy'])}. "
-        f"Accuracy, mean ± std over {n_seeds} seed(s); the best mean of each row in bold.",
+        f"Training on the whole pool: {_cell(sc['full']['accuracy'])}. Accuracy on "
+        f"{sc['test_size']} clean held-out {sc['unit']}, mean ± std over {n_seeds} seed(s); "
+        "the best mean of each row in bold.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -46,7 +47,7 @@ def scenario_table(name: str, sc: dict[str, Any], n_seeds: int) -> list[str]:
     extra = "flipped_share" if sc["flipped_share"] > 0 else "distinct_share"
     if extra == "distinct_share" and sc["distinct"] == sc["pool"]:
         return lines
-    what = "flipped labels" if extra == "flipped_share" else "distinct digits"
+    what = "flipped labels" if extra == "flipped_share" else f"distinct {sc['unit']}"
     lines += ["", f"Share of {what} among the kept samples (mean over seeds):", "",
               "| keep | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
               "|" + "---|" * (len(names) + 1)]  # fmt: skip
@@ -57,45 +58,55 @@ def scenario_table(name: str, sc: dict[str, Any], n_seeds: int) -> list[str]:
 
 
 def difference_table(report: dict[str, Any]) -> list[str]:
-    """sage-coverage and sage minus the random scorer, with the random scorer's spread."""
+    """Every scorer minus the random scorer, with the random scorer's spread, and the default's
+    share of distinct originals (near-copies) or flipped labels (label noise) next to random's."""
+    scorers = [s for s in report["scorers"] if s != "random"]
     lines = [
-        "### Against random, every scenario",
+        "### Against random, every cell",
         "",
-        "Mean accuracy minus that of the random scorer (same size, same class mix); in brackets "
-        "the random scorer's own std over the seeds, the noise level of this comparison.",
+        "Mean accuracy minus that of the random scorer (same size, same class mix); `random std`"
+        " is the random scorer's own std over the seeds, the noise level of this comparison. "
+        f"The last column: the share of distinct originals (near-copies) or of flipped labels "
+        f"(label noise) among the kept samples, {scorers[0]} / random.",
         "",
-        "| scenario | keep | sage-coverage − random | sage − random | random std |",
-        "|---|---|---|---|---|",
+        "| data | scenario | keep | "
+        + " | ".join(f"{LABELS.get(s, s)} − random" for s in scorers)
+        + " | random std | distinct or flipped |",
+        "|" + "---|" * (len(scorers) + 5),
     ]
     for name, sc in report["scenarios"].items():
         res = sc["results"]
-        if not {"random", "sage", "sage-coverage"} <= set(res):
+        if "random" not in res:
             continue
+        data, scenario = name.split("/", 1)
         for keep in sc["keeps"]:
-            base = res["random"][str(keep)]["accuracy"]
-            diff = [
-                res[s][str(keep)]["accuracy"]["mean"] - base["mean"]
-                for s in ("sage-coverage", "sage")
-            ]
-            lines.append(
-                f"| {name} | {keep} | {diff[0]:+.3f} | {diff[1]:+.3f} | {base['std']:.3f} |"
-            )
+            base = res["random"][str(keep)]
+            diffs = [res[s][str(keep)]["accuracy"]["mean"] - base["accuracy"]["mean"]
+                     for s in scorers if s in res]  # fmt: skip
+            share = ""
+            extra = {"near-copies": "distinct_share", "label-noise": "flipped_share"}.get(scenario)
+            if extra and scorers[0] in res:
+                mine, theirs = res[scorers[0]][str(keep)][extra]["mean"], base[extra]["mean"]
+                share = f"{mine:.1%} / {theirs:.1%}"
+            cells = [data, scenario, str(keep), *[f"{d:+.3f}" for d in diffs]]
+            cells += [f"{base['accuracy']['std']:.3f}", share]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
     n_seeds = len(report["seeds"])
     lines = [
-        f"Accuracy on the {report['test_size']} clean held-out digits (std with ddof=1). For the "
-        "scorers without a seeded draw the subset is the same for every seed, so their ± is the "
-        "spread over training seeds only; for `random`, `sage-coverage` and the random subset it "
+        "Accuracy on each data set's clean held-out samples (std with ddof=1). For the scorers "
+        "without a seeded draw the subset is the same for every seed, so their ± is the spread "
+        "over training seeds only; for `random`, `sage-coverage` and the random subset it "
         "includes the draw.",
         "",
     ]
+    lines += [*difference_table(report), ""]
     for name, sc in report["scenarios"].items():
         lines += [*scenario_table(name, sc, n_seeds), ""]
-    lines += difference_table(report)
-    lines += ["", f"Measured with `{report['command']}` in {report['seconds']:.0f} s "
+    lines += [f"Measured with `{report['command']}` in {report['seconds']:.0f} s "
               f"({report['machine']})."]  # fmt: skip
     return "\n".join(lines)
 
@@ -122,8 +133,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = report["scenarios"]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 4.0), squeeze=False)
-    for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
+    datas = list(dict.fromkeys(n.split("/", 1)[0] for n in scenarios))
+    kinds = list(dict.fromkeys(n.split("/", 1)[1] for n in scenarios))
+    fig, axes = plt.subplots(len(datas), len(kinds), figsize=(4.2 * len(kinds), 3.6 * len(datas)),
+                             squeeze=False)  # fmt: skip
+    for name, sc in scenarios.items():
+        data, kind = name.split("/", 1)
+        ax = axes[datas.index(data)][kinds.index(kind)]
         keeps = sc["keeps"]
         for scorer, cells in sc["results"].items():
             if scorer in ("loss", "grad-norm"):
@@ -138,7 +154,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.minorticks_off()
         ax.set_xticks(keeps, [str(k) for k in keeps])
         ax.set(xlabel="keep fraction", title=name)
-    axes[0][0].set_ylabel("accuracy on clean held-out digits")
+    for row, data in zip(axes, datas, strict=True):
+        row[0].set_ylabel(f"{data}: held-out accuracy")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
