@@ -3,14 +3,21 @@
 Options come from three places, later ones winning: the defaults of `Config`, a TOML file
 (`--config`), and the flags given. Expected errors (bad input, bad options, a sketch from
 another model) print one line and exit 2; a traceback means a bug.
+
+Stopping: SIGINT (Ctrl-C) and SIGTERM (what `docker stop`, Kubernetes, systemd and Slurm
+send) stop a step the same way: the exception unwinds through the step, which discards its
+half-written temporaries and releases OUT/_LEASE, and the same command resumes where it
+stopped, from any host. The exit code says which: 130 for SIGINT, 143 (128 + 15) for SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import api
@@ -377,7 +384,39 @@ def _run_step(command: str, options: dict[str, Any]) -> str:
     return _summary(api.emit(config=cfg))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds exactly as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` for the block (main thread only; else a no-op).
+
+    A second SIGTERM while the first unwinds is ignored, so that it cannot cut the lease
+    release short; SIGKILL (the orchestrator's next step) still ends the process.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals to the embedding program
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with sigterm_stops_cleanly():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -403,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SageError as exc:
         print(f"sage-stream: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("sage-stream: terminated by SIGTERM; the output is left resumable: run the same "
+              "command again", file=sys.stderr)  # fmt: skip
+        return 143
     except KeyboardInterrupt:
         print("sage-stream: interrupted", file=sys.stderr)
         return 130

@@ -115,6 +115,8 @@ class Config:
             raise InputError("--workers must be a positive integer")
         if self.project_dim is not None and self.project_dim < 1:
             raise InputError("--project-dim must be a positive integer")
+        if not self.checkpoint_every >= 0:  # `not >=`: NaN too
+            raise InputError("--checkpoint-every must be 0 (after every shard) or more seconds")
         check_amount(self.keep, self.min_score)  # the selection's own rule (select/rules.py)
         check_options(self.resize, self.crop, self.normalize, self.image_mode)
         if not isinstance(self.model_args, dict):

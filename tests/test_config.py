@@ -26,6 +26,8 @@ def test_numbers_take_their_fields_type():
         ({"params": "x*"}, "--params only applies"),
         ({"batch_size": "many"}, "--batch-size expects a number"),
         ({"min_score": float("nan")}, "finite"),
+        ({"checkpoint_every": -1}, "--checkpoint-every must be 0"),
+        ({"checkpoint_every": float("nan")}, "--checkpoint-every must be 0"),
     ],
 )
 def test_bad_options_name_the_flag(options, message):

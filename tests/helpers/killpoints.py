@@ -5,21 +5,25 @@ SAGE_TEST_KILL_POINT names where the process kills itself:
   manifest  in the middle of writing manifest.json
   index     after manifest.json is in place, before shardindex.json is written
   success   after _SUCCESS, before the run's scratch and its lease are removed
-Unset, nothing is changed. `python -m killpoints ARGS...` runs `sage-stream ARGS...` armed.
+  emit      as emit starts on its second shard
+Unset, nothing is changed. SAGE_TEST_KILL_SIGNAL=TERM sends SIGTERM instead of SIGKILL (an
+orchestrator's stop); SAGE_TEST_HOSTNAME makes the run believe it is on that host (a new pod). `python -m killpoints ARGS...` runs `sage-stream ARGS...` armed.
 """
 
 import contextlib
 import os
 import signal
+import socket
 import sys
 
 from sage_stream.outputs.folder import OutputFolder
 
 POINT = os.environ.get("SAGE_TEST_KILL_POINT")
+SIGNAL = signal.Signals["SIG" + os.environ.get("SAGE_TEST_KILL_SIGNAL", "KILL")]
 
 
 def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), SIGNAL)
 
 
 class _Dying:
@@ -53,6 +57,20 @@ def arm() -> None:
         real_finish(self)
 
     OutputFolder.writer, OutputFolder.finish = writer, finish
+    if POINT == "emit":
+        from sage_stream.passes import emit
+
+        real_emit, calls = emit.emit_shard, []
+
+        def emit_shard(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                _die()
+            return real_emit(*args, **kwargs)
+
+        emit.emit_shard = emit_shard
+    if os.environ.get("SAGE_TEST_HOSTNAME"):
+        socket.gethostname = lambda: os.environ["SAGE_TEST_HOSTNAME"]
 
 
 if __name__ == "__main__":
