@@ -37,6 +37,16 @@ from .errors import InputError
 from .model import logits_of
 from .projection import Projector
 
+
+class InputShapeError(InputError):
+    """The head gets an input of a shape it cannot take (not (B, H)).
+
+    Raised per batch: the passes make it an error row for each sample of the batch, so one
+    shard of another shape does not stop the run (if every batch is so, the run's early stop
+    on a failing start names it).
+    """
+
+
 log = logging.getLogger("sage_stream")
 Inputs = torch.Tensor | dict[str, torch.Tensor]  # as batches.Inputs
 
@@ -261,8 +271,9 @@ class GradientFeaturizer:
                 "or --grad params"
             )
         if h.ndim != 2:
-            raise InputError(
-                f"{where} gets input of shape {tuple(h.shape)}, not (B, H); use --grad params"
+            raise InputShapeError(
+                f"{where} gets input of shape {tuple(h.shape)}, not (B, H) (if every input "
+                "is so, use --grad params)"
             )
         return h, cast(torch.Tensor, out)
 

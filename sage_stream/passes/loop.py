@@ -25,7 +25,7 @@ from ..checks import FailFast
 from ..config import PREDICTED, Config, shard_options
 from ..decode import make_decoder
 from ..errors import InputError, SampleError, ShardError
-from ..gradients import GradientFeaturizer
+from ..gradients import GradientFeaturizer, InputShapeError
 from ..inputs import expand_inputs
 from ..model import load_model, resolve_device
 from ..outputs.folder import OutputFolder
@@ -54,6 +54,7 @@ class StageContext:
     loader_workers: int = 0  # decode processes (0: in this process), resolved from the cfg
     warned: set[str] = field(default_factory=set)  # warnings already given in this run
     fail_fast: FailFast = field(default_factory=FailFast)  # stops a run where nearly all fail
+    fitted_shape: Any = None  # the per-sample input shape of the first batch the model took
 
     @property
     def num_classes(self) -> int:
@@ -236,15 +237,19 @@ def _featurize(
         feats = ctx.featurizer(x, y)
     except torch.cuda.OutOfMemoryError:
         raise  # the machine's limit, not the input's fault
-    except RuntimeError as exc:
+    except (RuntimeError, InputShapeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = _sample_shape(batch.x)
         reason = f"the model cannot take this input of shape {shape}: {first}"
+        if ctx.fitted_shape is not None:  # the shape this run's other inputs have
+            reason += f"; inputs of shape {ctx.fitted_shape} fit"
         if fail:
             raise SampleError(ref.name, batch.keys[0], reason, ref.url) from None
         labels = batch.y.tolist()
         return [Skipped(k, i, reason, label)
                 for k, i, label in zip(batch.keys, batch.indices, labels, strict=True)]  # fmt: skip
+    if ctx.fitted_shape is None:
+        ctx.fitted_shape = _sample_shape(batch.x)
     if ctx.featurizer.pseudo_labels:  # --label-key predicted: scores/ records the model's
         batch.y = feats.labels.to("cpu")
     item = Featured(batch, feats.grads, feats.loss, feats.labels)

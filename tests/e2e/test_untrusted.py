@@ -3,6 +3,8 @@
 1. and 2. Hostile tar headers (a claimed size far beyond the stream, an oversized GNU long
    name inside gzip) end their shard or sample with a recorded reason, and the other shards
    are scored and emitted.
+4. A Parquet shard whose feature column is nested one level deeper than the others' gives
+   error rows naming both shapes; the other shards are scored.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from hostile_tars import END, gzip_bytes, long_name, pax, pax_record, sample
-from tiny import blobs, train_checkpoint, write_tar_set
+from shardmaker import make_parquet_shard
+from tiny import blobs, key, train_checkpoint, write_parquet_set, write_tar_set
 
 import sage_stream
 
@@ -50,4 +53,22 @@ def test_hostile_headers_are_recorded_and_the_other_shards_go_on(tmp_path, ckpt)
     assert rows["n0"]["status"] == rows["n2"]["status"] == "ok"
     totals = manifest["totals"]
     assert totals["seen"] == 90 + 1 + 3 == totals["scored"] + totals["errored"]
+    assert (out / "_SUCCESS").exists()
+
+
+def test_a_parquet_shard_nested_deeper_is_error_rows_and_the_others_go_on(tmp_path, ckpt):
+    x, _, noisy = blobs(90)
+    write_parquet_set(tmp_path / "in", x, noisy)
+    odd = {"__key__": [f"z{i}" for i in range(20)], "features": [[x[i].tolist()] for i in range(20)],
+           "label": [int(noisy[i]) for i in range(20)], "note": ["odd"] * 20}  # fmt: skip
+    make_parquet_shard(tmp_path / "in" / "part-001-b.parquet", odd)
+    out = tmp_path / "out"
+    options = {**OPTIONS, "input_key": "features", "label_key": "label"}
+    sage_stream.run(str(tmp_path / "in"), out=str(out), checkpoint=ckpt, **options)
+    rows = score_rows(out)
+    odd_rows = [rows[f"z{i}"] for i in range(20)]
+    assert all(r["status"] == "error" for r in odd_rows)
+    reason = odd_rows[0]["reason"]
+    assert "(1, 8)" in reason and "inputs of shape (8,) fit" in reason, reason
+    assert all(rows[key(i)]["status"] == "ok" for i in range(90))
     assert (out / "_SUCCESS").exists()
