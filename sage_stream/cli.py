@@ -441,6 +441,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(_run_step(args.command, gather_options(args)))
     except SageError as exc:
         print(f"sage-stream: error: {exc}", file=sys.stderr)
+        # with -v, where it came from (user code's own traceback, for a failing factory)
+        logging.getLogger("sage_stream").debug("traceback of the error", exc_info=exc)
         return 2
     except Terminated:
         print("sage-stream: terminated by SIGTERM; the output is left resumable: run the same "

@@ -97,6 +97,13 @@ def _short(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def user_error(exc: BaseException) -> str:
+    """One line for an exception raised by user code, pointing at -v for its traceback."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first} (run with -v for the traceback)"
+
+
 def load_callable(spec: str) -> Callable[..., Any]:
     """Import ``module:function`` (attribute paths like ``mod:Class.method`` allowed).
 
@@ -113,6 +120,8 @@ def load_callable(spec: str) -> Callable[..., Any]:
         target: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise InputError(f"cannot import {module_name!r} for {spec!r}: {e}") from e
+    except Exception as e:  # the module's own code failed as it was imported
+        raise InputError(f"importing {module_name!r} for {spec!r} failed: {user_error(e)}") from e
     for part in attr.split("."):
         if not hasattr(target, part):
             raise InputError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}")

@@ -17,8 +17,8 @@ from typing import IO, Any, cast
 import torch
 from torch import nn
 
-from .decode import load_callable
-from .errors import InputError
+from .decode import load_callable, user_error
+from .errors import InputError, SageError
 from .storage import exists, open_input
 
 
@@ -46,12 +46,14 @@ def build_model(
     fn = load_callable(factory) if isinstance(factory, str) else factory
     try:
         model = fn(**dict(args or {}))
-    except TypeError as exc:
-        if not args:
-            raise
-        raise InputError(
-            f"model factory {factory!r} with --model-arg {dict(args)}: {exc}"
-        ) from None
+    except SageError:
+        raise
+    except Exception as exc:  # user code: one line naming it; its traceback is under -v
+        if isinstance(exc, TypeError) and args:
+            raise InputError(
+                f"model factory {factory!r} with --model-arg {dict(args)}: {exc}"
+            ) from None
+        raise InputError(f"model factory {factory!r} failed: {user_error(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise InputError(
             f"model factory {factory!r} returned {type(model).__name__}, not nn.Module"
