@@ -97,7 +97,14 @@ def _canonical(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _expand_one(item: str, storage_options: dict | None) -> list[str]:
-    """URLs of one input (no ``@``): brace expansion first, then each part as glob/folder/URL."""
+    """URLs of one input (no ``@``): brace expansion first, then each part as glob/folder/URL.
+
+    An input that exists as typed is that file or folder, even when its name holds glob or
+    brace characters (``in pút [1]/``): only an input that does not exist is a pattern.
+    """
+    literal = _existing_literal(item, storage_options)
+    if literal is not None:
+        return literal
     parts = list(braceexpand.braceexpand(normalize_url(item)))
     # One filesystem for the whole pattern: its parts differ only inside the braces.
     fs, _ = filesystem(parts[0], storage_options)
@@ -119,6 +126,22 @@ def _expand_one(item: str, storage_options: dict | None) -> list[str]:
             where = "" if part == item else f" (from {item})"
             raise InputError(f"{part}: does not exist{where}")
     return urls
+
+
+def _existing_literal(item: str, storage_options: dict | None) -> list[str] | None:
+    """The shards of ``item`` taken literally, if it has pattern characters and exists."""
+    url = normalize_url(item)
+    if not globlib.has_magic(url) and "{" not in url:
+        return None  # no pattern: the ordinary path below reports a missing input
+    fs, _ = filesystem(url, storage_options)
+    path = fs._strip_protocol(url)
+    try:
+        kind = fs.info(path).get("type")
+    except Exception:  # noqa: BLE001 - a probe: not there (or not readable) means a pattern
+        return None
+    if kind == "directory":
+        return _folder_shards(fs, path, item)
+    return [_canonical(fs, path)] if kind == "file" else None
 
 
 def _listing(fs: fsspec.AbstractFileSystem, op: str, path: str, **kw: Any) -> Any:

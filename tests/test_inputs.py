@@ -59,6 +59,20 @@ def test_large_brace_pattern_lists_the_folder_once(mem_url):
         expand_inputs([f"{mem_url}/s-{{00..20}}.tar"])
 
 
+def test_an_existing_path_with_pattern_characters_is_that_path(tmp_path, mem_url):
+    # issue 25, defect 7: `in pút [1]/` exists, so it is a folder, not a glob matching nothing
+    folder = tmp_path / "in pút [1]"
+    touch(str(folder / "b.tar"), str(folder / "a.tar"), str(tmp_path / "x{1,2}.tar"))
+    touch(str(tmp_path / "in pút 1" / "decoy.tar"))  # what `[1]` would match as a glob
+    assert names(expand_inputs([str(folder)])) == ["a.tar", "b.tar"]
+    assert names(expand_inputs([str(folder / "a.tar")])) == ["a.tar"]
+    assert names(expand_inputs([str(tmp_path / "x{1,2}.tar")])) == ["x{1,2}.tar"]
+    touch(f"{mem_url}/s [0].tar")
+    assert names(expand_inputs([f"{mem_url}/s [0].tar"])) == ["s [0].tar"]
+    # a pattern that does not exist literally is still a pattern
+    assert names(expand_inputs([str(tmp_path / "in pút [1]" / "*.tar")])) == ["decoy.tar"]
+
+
 def test_glob_is_sorted_and_files_only(tmp_path):
     touch(*(str(tmp_path / n) for n in ["c.tar", "a.tar", "b.tar"]))
     os.mkdir(tmp_path / "d.tar")

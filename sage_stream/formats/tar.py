@@ -4,9 +4,11 @@
 after a transient storage error; never a local copy, never random access) and groups consecutive
 members into samples by webdataset's rule: the key is the member name up to the first dot of
 its basename, directory kept (``a/b.seg.png`` -> key ``a/b``, field ``seg.png``); fields are
-lower-cased as webdataset does. Members that are skipped, as webdataset skips them: anything but
-a regular file; names whose basename has no dot or starts with a dot (so ``._x.png`` macOS
-resource forks); ``__*__`` metadata names (``__index__``, ``__meta__/...``).
+lower-cased as webdataset does. Members that are skipped, as webdataset skips them: names whose
+basename has no dot or starts with a dot (so ``._x.png`` macOS resource forks); ``__*__``
+metadata names (``__index__``, ``__meta__/...``). Anything but a regular file (a symlink, a
+hard link, a directory, a device) is never read or copied; a key made only of such members
+comes out as an error sample, so that every key the shard names is counted.
 
 Shards are untrusted: member names are only split into key and field, never used as paths. A
 member larger than ``max_member_bytes``, a sample whose members add up to more than
@@ -99,11 +101,24 @@ class _RawSample:
     members: list[tuple[tarfile.TarInfo, str, bytes | None]] = field(default_factory=list)
     error: str | None = None
     size: int = 0  # bytes of member data read so far
+    others: list[str] = field(default_factory=list)  # kinds of its non-file members
 
     def add(self, info: tarfile.TarInfo, fld: str, data: bytes | None) -> None:
         if self.error is None and any(f == fld for _, f, _ in self.members):
             self.error = f"repeated field {fld}"
         self.members.append((info, fld, data))
+
+    def done(self) -> _RawSample:
+        """The sample once complete: a key of links or folders only is an error, so that
+        every key the shard names is accounted for (never silently gone)."""
+        if not self.members and self.error is None:
+            self.error = f"no regular file among its members (only {', '.join(self.others)})"
+        return self
+
+
+_KINDS = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link",
+          tarfile.DIRTYPE: "a directory", tarfile.FIFOTYPE: "a FIFO",
+          tarfile.CHRTYPE: "a device", tarfile.BLKTYPE: "a device"}  # fmt: skip
 
 
 def _raw_samples(
@@ -128,7 +143,7 @@ def _raw_samples(
                 if pending is not None and key != pending.key:
                     # A new key proves the previous sample complete: yield it before reading on.
                     last_key = pending.key
-                    yield pending
+                    yield pending.done()
                     pending = None
                 if pending is None:
                     pending = _RawSample(
@@ -136,6 +151,9 @@ def _raw_samples(
                     )
                     seen.add(key)
                     index += 1
+                if not info.isreg():  # never read nor copied; only its key is counted
+                    pending.others.append(_KINDS.get(info.type, "a special file"))
+                    continue
                 problem = getattr(info, "sage_error", None) or member_name_problem(info.name)
                 if problem is not None and pending.error is None:
                     pending.error = problem
@@ -157,14 +175,14 @@ def _raw_samples(
             reason = f"truncated or corrupt tar: {' '.join(str(e).split())}"
             raise ShardError(ref.url, reason, key=last_key) from e
     if pending is not None:
-        yield pending
+        yield pending.done()
 
 
 def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
     """``(header, key, field)`` of the members that belong to samples, in stream order."""
     for info in tf:
         tf.members = []  # type: ignore[attr-defined]  # private; else stream mode keeps every header
-        split = split_member_name(info.name) if info.isreg() else None
+        split = split_member_name(info.name)  # links and folders too: their key is counted
         if split is not None:
             yield info, split[0], split[1]
         skip_member_data(tf, info)  # by the bytes there, never by the size the header claims

@@ -80,7 +80,19 @@ def run_select(
             folder.clear_success()
 
     written = write_selection_parts(folder, counted(), params)
+    if written.kept == 0 and scored > 0:
+        warnings = [*warnings, _nothing_kept(rules, scored)]
+        log.warning("%s", warnings[-1])
     return SelectResult(written.url, scored, written.kept, params, warnings)
+
+
+def _nothing_kept(rules: Rules, scored: int) -> str:
+    """The warning for a selection that keeps nothing (`--keep 1e-9`, a --min-score above all)."""
+    asked = (
+        f"--keep {rules.keep:g}" if rules.keep is not None else f"--min-score {rules.min_score:g}"
+    )
+    return (f"the selection keeps 0 of {scored} scored samples ({asked}): emit will write "
+            "empty shards; give a larger --keep or a lower --min-score")  # fmt: skip
 
 
 def _check_has_sage_scores(

@@ -5,11 +5,17 @@
    are scored and emitted.
 4. A Parquet shard whose feature column is nested one level deeper than the others' gives
    error rows naming both shapes; the other shards are scored.
+7. and 8. A folder named like a pattern (`in pút [1]`) is read as that folder; a key made
+   only of a symlink or a folder is an error row (seen = scored + errored counts every key);
+   a --keep that keeps nothing says so.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -72,3 +78,27 @@ def test_a_parquet_shard_nested_deeper_is_error_rows_and_the_others_go_on(tmp_pa
     assert "(1, 8)" in reason and "inputs of shape (8,) fit" in reason, reason
     assert all(rows[key(i)]["status"] == "ok" for i in range(90))
     assert (out / "_SUCCESS").exists()
+
+
+def test_odd_keys_are_counted_and_an_empty_selection_warns(tmp_path, ckpt, caplog):
+    x, _, noisy = blobs(90)
+    folder = tmp_path / "in pút [1]"  # exists: a folder, not a glob that matches nothing
+    write_tar_set(folder, x, noisy)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, kind in [("only-link.npy", tarfile.SYMTYPE), ("only-dir.npy", tarfile.DIRTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tf.addfile(info)
+    (folder / "links.tar").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    options = {**OPTIONS, "keep": 1e-9}
+    with caplog.at_level(logging.WARNING, logger="sage_stream"):
+        sage_stream.run(str(folder), out=str(out), checkpoint=ckpt, **options)
+    rows = score_rows(out)
+    assert rows["only-link"]["reason"] == "no regular file among its members (only a symlink)"
+    assert rows["only-dir"]["status"] == "error"
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    assert totals["seen"] == 92 == totals["scored"] + totals["errored"]
+    assert totals["kept"] == 0
+    assert "the selection keeps 0 of 90 scored samples (--keep 1e-09)" in caplog.text

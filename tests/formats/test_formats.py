@@ -110,7 +110,7 @@ def test_split_member_name(name, expected):
     assert split_member_name(name) == expected
 
 
-def test_grouping_skips_dirs_links_and_metadata(mem_url):
+def test_grouping_skips_metadata_and_counts_keys_of_links_only(mem_url):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         d = tarfile.TarInfo("dir")
@@ -123,9 +123,20 @@ def test_grouping_skips_dirs_links_and_metadata(mem_url):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+        for name, kind in [("dir/b.npy", tarfile.DIRTYPE), ("dir/b.hard", tarfile.LNKTYPE)]:
+            other = tarfile.TarInfo(name)
+            other.type, other.linkname = kind, "dir/a.cls"
+            tf.addfile(other)
     url = write_bytes(f"{mem_url}/a.tar", buf.getvalue())
-    (sample,) = read_tar(tar_ref(url))
+    link, sample, folder = read_tar(tar_ref(url))
     assert (sample.key, sample.fields) == ("dir/a", {"seg.png": b"1", "cls": b"2"})
+    # a key made only of a symlink or a folder is counted, as an error (issue 25, defect 8)
+    assert (link.key, link.fields) == ("dir/link", {})
+    assert link.error == "no regular file among its members (only a symlink)"
+    assert (folder.key, folder.error) == (
+        "dir/b",
+        "no regular file among its members (only a directory, a hard link)",
+    )
 
 
 def test_empty_tar_yields_nothing(mem_url):
