@@ -41,6 +41,7 @@ import torch
 from ..errors import InputError, MismatchError, OutputExistsError, StorageError
 from ..storage import atomic_write, exists, join, list_names, open_input, remove
 from ..storage.retry import RetryingReader
+from ..storage.uploads import abort_stale_uploads
 from .sketch_store import SketchStore
 
 log = logging.getLogger("sage_stream")
@@ -242,9 +243,15 @@ class OutputFolder:
 
     def remove_temporaries(self) -> None:
         """Delete what killed writers left behind: all of _work/tmp/, which holds nothing
-        else. No name under OUT is ever matched against a pattern (input names are the
-        user's: `night.tmp-2024.tar` is a shard like any other)."""
+        else, and (S3) the multipart uploads still open under OUT. No name under OUT is ever
+        matched against a pattern (input names are the user's: `night.tmp-2024.tar` is a
+        shard like any other)."""
         self.remove(self.work(TMP))
+        self.abort_stale_uploads()
+
+    def abort_stale_uploads(self) -> None:
+        """S3: abort the uploads open under OUT; only under OUT's lease (storage.uploads)."""
+        abort_stale_uploads(self.url, self.storage_options)
 
     def check_outputs(self, shards: list[dict[str, Any]]) -> None:
         """Before _SUCCESS: every listed output is there with its listed count of samples.

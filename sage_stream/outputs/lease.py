@@ -51,6 +51,7 @@ def hold(folder: OutputFolder, force_unlock: bool = False) -> Iterator[None]:
         return
     token = acquire(folder, force_unlock)
     try:
+        folder.abort_stale_uploads()  # no other writer now: what is open under OUT is dead
         yield
     finally:
         try:

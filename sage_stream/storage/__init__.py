@@ -2,6 +2,7 @@
 
     fs       filesystem and URL helpers, bounded resumable reads, all-or-nothing writes
     retry    what counts as transient, backoff, and a reader that resumes at the exact byte
+    uploads  S3 multipart uploads a killed writer left open under OUT, aborted under its lease
 
 Everything else in the package reads and writes through these names; nothing else calls
 fsspec to open, list or remove a file.

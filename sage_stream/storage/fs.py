@@ -314,10 +314,15 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
 
 
 def remove(url: str, storage_options: dict | None = None) -> None:
-    """Remove a file or a folder tree; nothing happens if it is not there."""
+    """Remove a file or a folder tree; nothing happens if it is not there.
+
+    StorageError (one line) if the store refuses after the retries, also when the object
+    vanishes under the call (its bucket deleted meanwhile).
+    """
     if exists(url, storage_options):
         fs, path = filesystem(normalize_url(url), storage_options)
-        call(fs.rm, path, recursive=True, what=f"remove {url}")
+        with _one_line("remove", url):
+            call(fs.rm, path, recursive=True, what=f"remove {url}")
 
 
 def list_names(url: str, storage_options: dict | None = None) -> list[str]:
@@ -325,5 +330,17 @@ def list_names(url: str, storage_options: dict | None = None) -> list[str]:
     if not exists(url, storage_options):
         return []
     fs, path = filesystem(normalize_url(url), storage_options)
-    found = call(fs.ls, path, detail=False, what=f"list {url}")
+    with _one_line("list", url):
+        found = call(fs.ls, path, detail=False, what=f"list {url}")
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+
+
+@contextlib.contextmanager
+def _one_line(what: str, url: str) -> Iterator[None]:
+    """A storage call that still fails after the retries is a StorageError, not a trace."""
+    try:
+        yield
+    except SageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - fsspec backends raise more than OSError
+        raise StorageError(f"cannot {what} {url}: {describe(exc)}") from exc
