@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import error_reasons, most_common
+from .checks import nothing_scored
 from .config import Config, make_config
 from .errors import InputError, MismatchError
 from .executors import Executor, open_executor
@@ -30,8 +30,10 @@ from .outputs.folder import OutputFolder
 from .outputs.identity import run_config, run_identity
 from .outputs.lease import hold
 from .outputs.sketch_store import StoredSketch
+from .outputs.stopped import Stage, recorded_stop
 from .outputs.tables import read_part
 from .passes.emit import EmitResult
+from .passes.finished import finished_manifest, recorded_results
 from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
 from .passes.select import SelectResult, run_select
@@ -120,35 +122,37 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 
 
 def _run(cfg: Config) -> RunResult:
-    _rules(cfg)  # a run that cannot select is refused before it starts
+    rules = _rules(cfg)  # a run that cannot select is refused before it starts
     ctx = _claim(cfg)
     with hold(cfg.output, cfg.force_unlock):
+        manifest = finished_manifest(ctx, rules)
+        if manifest is not None:  # a finished output of this very command
+            return RunResult(*recorded_results(ctx, manifest, cfg.scorer in SKETCHED))
         _take(ctx)
-        return _run_held(cfg, ctx)
+        with recorded_stop(ctx.out, "sketch") as stage:
+            return _run_held(cfg, ctx, stage)
 
 
-def _run_held(cfg: Config, ctx: StageContext) -> RunResult:
+def _run_held(cfg: Config, ctx: StageContext, stage: Stage) -> RunResult:
     with open_executor(cfg) as executor:
         sketched = executor.sketch(ctx) if cfg.scorer in SKETCHED else None
+        stage.step = "score"
         scored = executor.score(ctx, _stored_sketch(ctx))
         if scored.scored == 0:
-            folder, names = ctx.out, [r.name for r in ctx.refs]
-            parts = (read_part(folder, n, ["reason"])[0] for n in names)
-            raise InputError(
-                f"no sample could be scored ({scored.errored} errors, most often "
-                f"{most_common(error_reasons(parts))}): the reasons of all are in "
-                f"{ctx.out.scores}"
-            )
+            parts = (read_part(ctx.out, r.name, ["reason"])[0] for r in ctx.refs)
+            raise nothing_scored(scored.errored, scored.shard_errors, parts, ctx.out.scores)
+        stage.step = "select"
         chosen = _select(cfg, [r.name for r in ctx.refs])
+        stage.step = "emit"
         emitted = executor.emit(cfg, ctx.refs, _sketch_stats(cfg))
     return RunResult(sketched, scored, chosen, emitted)
 
 
-def _pass(cfg: Config, step: Callable[[Executor, StageContext], Any]) -> Any:
+def _pass(cfg: Config, name: str, step: Callable[[Executor, StageContext], Any]) -> Any:
     ctx = _claim(cfg)
     with hold(cfg.output, cfg.force_unlock):
         _take(ctx)
-        with open_executor(cfg) as executor:
+        with recorded_stop(ctx.out, name), open_executor(cfg) as executor:
             return step(executor, ctx)
 
 
@@ -225,7 +229,7 @@ def sketch(
     """
     options = dict(locals())
     del options["config"]
-    return _pass(_config(sketch, config, options), lambda ex, ctx: ex.sketch(ctx))
+    return _pass(_config(sketch, config, options), "sketch", lambda ex, ctx: ex.sketch(ctx))
 
 
 def score(
@@ -278,7 +282,7 @@ def score(
     options = dict(locals())
     del options["config"]
     cfg = _config(score, config, options)
-    return _pass(cfg, lambda ex, ctx: ex.score(ctx, _stored_sketch(ctx)))
+    return _pass(cfg, "score", lambda ex, ctx: ex.score(ctx, _stored_sketch(ctx)))
 
 
 def select(
@@ -303,7 +307,7 @@ def select(
     del options["config"]
     cfg = _config(select, config, options)
     folder = cfg.output
-    with hold(folder, cfg.force_unlock):
+    with hold(folder, cfg.force_unlock), recorded_stop(folder, "select"):
         shards = (
             [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
         )
@@ -334,7 +338,7 @@ def emit(
     del options["config"]
     cfg = _config(emit, config, options)
     folder = cfg.output
-    with hold(folder, cfg.force_unlock):
+    with hold(folder, cfg.force_unlock), recorded_stop(folder, "emit"):
         refs = _run_inputs(cfg, folder)
         folder.clear_success()
         with open_executor(cfg) as executor_:

@@ -47,6 +47,25 @@ class FailFast:
                 )
 
 
+def nothing_scored(
+    errored: int, shard_errors: list[dict[str, str]], parts: Iterable[pa.Table], where: str
+) -> InputError:
+    """The error of a pass that scored no sample, naming what went wrong: the broken shards
+    first (a shard whose stream broke leaves few or no error rows, so the row reasons alone
+    said "no reason recorded"), then the most common reason of the error rows."""
+    causes = []
+    if shard_errors:
+        first = shard_errors[0]
+        more = f" and {len(shard_errors) - 1} more" if len(shard_errors) > 1 else ""
+        causes.append(f"{len(shard_errors)} shard(s) broken: {first['shard']}: "
+                      f"{first['reason']}{more}")  # fmt: skip
+    if errored or not shard_errors:
+        causes.append(f"{errored} error rows, most often {most_common(error_reasons(parts))}")
+    return InputError(
+        f"no sample could be scored ({'; '.join(causes)}): the reasons of all are in {where}"
+    )
+
+
 def most_common(reasons: Counter[str]) -> str:
     if not reasons:
         return "no reason recorded"

@@ -4,8 +4,10 @@ The model is a user factory `module:function` returning an `nn.Module`; its weig
 `--checkpoint`, a state dict read with `torch.load(weights_only=True)` so that a checkpoint can
 never run code. Factories take arguments from `--model-arg key=value` (`num_classes=10`), and a
 model may return what the ecosystem returns: a tensor of logits, a tuple (logits first), a dict
-or a `ModelOutput` (its `logits`), or the entry named by `--output-key`. The fingerprint (a hash of the weights) goes into the sketch store, so that a
-sketch made by one model is never silently used with another.
+or a `ModelOutput` (its `logits`), or the entry named by `--output-key`. The fingerprint (a
+hash of the weights) goes into the sketch store, so that a sketch made by one model is never
+silently used with another. Without `--checkpoint`, the factory's own initialisation is drawn
+from `--seed`, so that the same command gives the same weights and resumes.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def build_model(
     return model
 
 
+def seeded_build(
+    factory: str | Callable[..., nn.Module] | nn.Module, args: Mapping[str, Any] | None, seed: int
+) -> nn.Module:
+    """`build_model` with torch's CPU and CUDA generators seeded from `seed`, restored after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return build_model(factory, args)
+
+
 def load_checkpoint(model: nn.Module, url: str, storage_options: dict | None = None) -> None:
     """Load a state dict (optionally nested under "state_dict" or "model") into `model`."""
     if not exists(url, storage_options):
@@ -101,11 +113,20 @@ def load_model(
     device: torch.device,
     storage_options: dict | None = None,
     args: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, str]:
-    """Build, load, fingerprint and move the model; returns it in eval mode."""
-    model = build_model(factory, args)
+    """Build, load, fingerprint and move the model; returns it in eval mode.
+
+    With no checkpoint the factory runs under torch's generator seeded with `seed` (--seed):
+    the same command then gets the same starting weights, hence the same fingerprint, and
+    resumes instead of being refused as another model. The caller's generator is left as
+    it was.
+    """
     if checkpoint:
+        model = build_model(factory, args)
         load_checkpoint(model, checkpoint, storage_options)
+    else:
+        model = seeded_build(factory, args, seed)
     digest = fingerprint(model)
     return model.to(device).eval(), digest
 

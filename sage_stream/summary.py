@@ -12,8 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InputError
-from .outputs.folder import SCORES, OutputFolder
+from .outputs.folder import SCORES, SKETCH, OutputFolder
+from .outputs.lease import lease_url
+from .outputs.selection_file import SelectionFile
 from .outputs.sketch_store import SketchStore
+from .outputs.stopped import read_stop
 from .outputs.tables import read_table
 from .storage import exists, join, list_names
 
@@ -60,23 +63,50 @@ def _scores_summary(url: str, storage_options: dict) -> str:
 
 
 def _output_summary(url: str, storage_options: dict) -> str:
+    """A run that reached emit. The selection and kept counts come from selection.parquet, the
+    current choice: after a `select` that emit has not yet followed, shards/ and the manifest
+    still hold the earlier one, and the summary says so."""
     folder = OutputFolder(url, storage_options)
     manifest = folder.read_json(folder.manifest)
     done = folder.is_complete()
+    chosen = SelectionFile(folder) if folder.exists(folder.selection) else None
+    selection = chosen.params if chosen is not None else manifest.get("selection")
+    stale = chosen is not None and _request(chosen.params) != _request(manifest.get("selection"))
     t = manifest["totals"]
+    kept = chosen.kept if chosen is not None else t["kept"]
+    state = "complete (_SUCCESS)" if done else "INCOMPLETE (no _SUCCESS)"
+    if stale:
+        state = ("INCOMPLETE (selection.parquet was chosen after the last emit: shards/ and "
+                 "manifest.json hold the earlier selection; run `sage-stream emit`)")  # fmt: skip
     lines = [
-        f"output {url}: {'complete (_SUCCESS)' if done else 'INCOMPLETE (no _SUCCESS)'}",
-        f"  seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  kept {t['kept']}  "
-        f"dropped {t['dropped']}",
-        f"  selection: {json.dumps(manifest.get('selection'), sort_keys=True)}",
+        f"output {url}: {state}",
+        f"  seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  kept {kept}  "
+        f"dropped {t['scored'] - kept}",
+        f"  selection: {json.dumps(_request(selection), sort_keys=True)}",
+        *(f"  warning: {w}" for w in (selection or {}).get("warnings", [])),
     ]
+    rows = chosen.rows if chosen is not None else {}
     for shard in manifest["inputs"]:
+        now = rows.get(shard["name"], 0) if chosen is not None else shard["kept"]
         lines.append(
-            f"  {shard['name']}: seen {shard['seen']} kept {shard['kept']} "
-            f"errored {shard['errored']}"
+            f"  {shard['name']}: seen {shard['seen']} kept {now} errored {shard['errored']}"
+            + (f" (shards/ holds {shard['kept']})" if now != shard["kept"] else "")
             + (f"  SHARD ERROR: {shard['shard_error']}" if shard["shard_error"] else "")
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _stop_lines(folder))
+
+
+def _request(params: dict | None) -> dict:
+    """The selection as asked for (its warnings are a finding, not part of the request)."""
+    return {k: v for k, v in (params or {}).items() if k != "warnings"}
+
+
+def _stop_lines(folder: OutputFolder) -> list[str]:
+    """Why the last step stopped, if it failed or was stopped (outputs/stopped.py)."""
+    stop = read_stop(folder)
+    if stop is None:
+        return []
+    return [f"  STOPPED in {stop.get('step')}: {stop.get('error')}: {stop.get('message')}"]
 
 
 def describe(url: str, storage_options: dict | None = None) -> str:
@@ -93,7 +123,8 @@ def describe(url: str, storage_options: dict | None = None) -> str:
         return _output_summary(url, storage_options)
     if url.rstrip("/").endswith(SCORES):
         return _scores_summary(url, storage_options)
-    if any(folder.exists(u) for u in (folder.sketch, folder.scores, folder.selection)):
+    if any(folder.exists(u) for u in (folder.sketch, folder.scores, folder.selection,
+                                       folder.work("run.json"))):  # fmt: skip
         return _partial_summary(folder)
     raise InputError(f"{url} is not a sketch.zarr, a scores table or a sage-stream output")
 
@@ -108,12 +139,30 @@ def _parquet_summary(url: str, storage_options: dict) -> str:
 
 
 def _partial_summary(folder: OutputFolder) -> str:
-    """A run that stopped before emit (failed, killed, or run step by step): what is there."""
+    """A run that stopped before emit (failed, killed, or run step by step): what is there,
+    and, when recorded, which step stopped and why."""
     lines = [f"output {folder.url}: INCOMPLETE (no manifest: the run stopped before emit)"]
+    identity = folder.stored_identity() or {}
+    config = folder.recorded_config() or {}
+    if identity:
+        lines.append(
+            f"  run: model {config.get('model')} (weights {str(identity.get('model'))[:12]}),"
+            f" {len(identity.get('inputs', []))} input shard(s), "
+            f"input_key {identity.get('input_key')}, label_key {identity.get('label_key')}"
+        )
+    finished = folder.finished_work()
     if folder.exists(folder.sketch):
-        lines.append(f"  sketch: {folder.sketch}")
+        state = "complete" if SKETCH in finished else "not complete"
+        lines.append(f"  sketch: {folder.sketch} ({state})")
     if folder.exists(folder.scores) and list_names(folder.scores, folder.storage_options):
         lines.append(_scores_summary(folder.scores, folder.storage_options))
     if folder.exists(folder.selection):
         lines.append(_parquet_summary(folder.selection, folder.storage_options))
-    return "\n".join(lines)
+    if not finished:
+        lines.append("  no pass finished: a rerun may change the configuration (no "
+                     "--overwrite needed)")  # fmt: skip
+    else:
+        lines.append(f"  finished: {', '.join(finished)}; the same command resumes from there")
+    if folder.exists(lease_url(folder)):
+        lines.append(f"  being written, or left by a killed run: {lease_url(folder)} is there")
+    return "\n".join(lines + _stop_lines(folder))

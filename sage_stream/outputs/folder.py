@@ -15,6 +15,7 @@
         run.json                    run identity (outputs.identity): a rerun with another
                                     one is refused unless --overwrite
         config.json                 the configuration the manifest records
+        stopped.json                why the last step stopped, if it failed (outputs.stopped)
         pass1-group-<i>-of-<n>.pt   pass 1 checkpoints, one per group, O(ℓ·D + C·D) each
         emitted-<selection hash>/<shard>   one marker per shard emitted for a selection
 
@@ -113,6 +114,10 @@ class OutputFolder:
     def work(self, *parts: str) -> str:
         return self.path(WORK, *parts)
 
+    @property
+    def stopped(self) -> str:
+        return self.work("stopped.json")
+
     def emitted_marker(self, selection_hash: str, shard: str) -> str:
         return self.work(f"emitted-{selection_hash}", shard)
 
@@ -175,27 +180,45 @@ class OutputFolder:
         return found
 
     def claim(self, identity: dict[str, Any], config: dict[str, Any], overwrite: bool) -> None:
-        """Refuse to mix runs in one OUT: a different identity needs `overwrite` (which wipes)."""
+        """Refuse to mix runs in one OUT: a different identity needs `overwrite` (which wipes),
+        unless no pass of the earlier run finished: then there is nothing to lose, and the run
+        starts again with the new identity (one line says so)."""
         stored = self.stored_identity()
         if stored is not None and stored != identity:
             changed = sorted(
                 k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
             )
-            if not overwrite and changed == ["pins"] and stored.get("pins") is not None:
+            if overwrite:
+                log.warning("--overwrite: removing the earlier run in %s (%s)", self.url,
+                            ", ".join(changed))  # fmt: skip
+            elif not self.finished_work():
+                log.warning("%s holds a run in which no pass finished (it differs in: %s): "
+                            "starting it again with this configuration", self.url,
+                            ", ".join(changed))  # fmt: skip
+            elif changed == ["pins"] and stored.get("pins") is not None:
                 raise MismatchError(
                     f"{self.url} was made from other contents of these inputs: "
                     f"{_changed_pins(stored, identity)}; use --overwrite to score them again"
                 )
-            if not overwrite:
+            else:
                 raise OutputExistsError(
                     f"{self.url} holds a run with another configuration (differs in: "
                     f"{', '.join(changed)}); use another --out, or --overwrite to replace it"
                 )
-            log.warning("--overwrite: removing the earlier run in %s (%s)", self.url,
-                        ", ".join(changed))  # fmt: skip
             self.wipe()
         self.write_json(self.work("run.json"), identity)
         self.write_json(self.work("config.json"), config)
+
+    def finished_work(self) -> list[str]:
+        """What of OUT a finished pass wrote: a complete sketch, scores parts, a selection,
+        emitted shards, a manifest. Empty for a run that stopped before any pass finished
+        (pass-1 checkpoints are not finished work: they belong to that run's configuration)."""
+        found = [n for n in (SELECTION, SHARDS, MANIFEST) if self.exists(self.path(n))]
+        if self.exists(self.scores) and self.names(self.scores):
+            found.insert(0, SCORES)
+        if self.exists(self.sketch) and self.sketch_store().is_complete():
+            found.insert(0, SKETCH)
+        return found
 
     def refuse_foreign(self, inputs: Sequence[str] = ()) -> None:
         """OUT must be empty, missing, or a sage-stream output: a run never writes into a

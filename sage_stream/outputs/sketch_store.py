@@ -108,6 +108,14 @@ class SketchStore:
             )
         return group
 
+    def is_complete(self) -> bool:
+        """Whether a finished sketch is there (metadata only)."""
+        try:
+            self._complete_group()
+        except InputError:
+            return False
+        return True
+
     def read(self, *, expected: dict[str, Any] | None = None) -> StoredSketch:
         """Open a complete sketch; with `expected`, refuse one whose identity differs."""
         group = self._complete_group()

@@ -99,7 +99,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
     refs = refs if refs is not None else expand_inputs(cfg.inputs, cfg.storage_options)
     device = resolve_device(cfg.device)
     model, digest = load_model(
-        cfg.model, cfg.checkpoint, device, cfg.storage_options, args=cfg.model_args
+        cfg.model, cfg.checkpoint, device, cfg.storage_options, args=cfg.model_args, seed=cfg.seed
     )
     featurizer = GradientFeaturizer(
         model,

@@ -23,6 +23,12 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Linear(16, CLASSES))
 
 
+def fresh_mlp() -> nn.Module:
+    """`mlp` as a factory with no trained weights builds it: torch's own random init, unseeded
+    (sage-stream seeds it from --seed when there is no --checkpoint)."""
+    return nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+
 def blobs(n: int, *, flip: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (n, DIM) float32, true labels, noisy labels (a share `flip` moved to another class)."""
     rng = np.random.default_rng(seed)

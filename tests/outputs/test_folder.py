@@ -39,8 +39,19 @@ def test_claim_records_identity_and_refuses_another(folder):
     assert folder.stored_identity() == IDENTITY
     assert folder.recorded_config() == {"ell": 16}
     folder.claim(IDENTITY, {"ell": 16}, overwrite=False)  # the same run again: fine
+    folder.write_bytes(folder.part("a.tar"), b"x")  # a finished scores part: work to lose
     with pytest.raises(OutputExistsError, match="differs in: ell, model"):
         folder.claim({**IDENTITY, "ell": 8, "model": "xyz"}, {}, overwrite=False)
+
+
+def test_a_run_in_which_no_pass_finished_may_start_again_changed(folder, caplog):
+    folder.claim(IDENTITY, {"ell": 16}, overwrite=False)
+    folder.write_bytes(folder.work("pass1-group-0-of-2.pt"), b"x")  # a checkpoint: unfinished
+    assert folder.finished_work() == []
+    folder.claim({**IDENTITY, "ell": 8}, {"ell": 8}, overwrite=False)
+    assert "no pass finished (it differs in: ell)" in caplog.text
+    assert folder.stored_identity()["ell"] == 8 and folder.recorded_config() == {"ell": 8}
+    assert not folder.exists(folder.work("pass1-group-0-of-2.pt"))  # the other run's, gone
 
 
 def test_overwrite_wipes_exactly_the_run_entries(folder):
