@@ -107,12 +107,13 @@ def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
     )
     g.add_argument(
         "--max-member-bytes",
-        type=int,
-        help="a tar member larger than this (default 256 MiB) makes its sample an error row",
+        metavar="SIZE",
+        help="a tar member larger than this (default 256 MiB) makes its sample an error row; "
+        "a size in bytes or with a unit: 1GiB, 512MiB, 2GB",
     )
     g.add_argument(
         "--max-sample-bytes",
-        type=int,
+        metavar="SIZE",
         help="a tar sample whose members add up to more (default 512 MiB) is an error row; "
         "sizes come from the headers, so nothing over the limit is read",
     )

@@ -18,6 +18,7 @@ from .outputs.folder import OutputFolder
 from .select.rules import BALANCES, SCORERS, check_amount
 from .storage import exists, open_input
 from .transforms import check_options
+from .units import byte_size
 
 GRAD_MODES = ("last-layer", "params")
 PREDICTED = "predicted"  # --label-key predicted: the model's own argmax is each sample's label
@@ -39,10 +40,11 @@ RECORDED_WHEN_SET = (
     "resize", "crop", "normalize", "image_mode", "model_args", "output_key", "tokenizer",
     "max_length",
 )  # fmt: skip
+BYTE_FIELDS = ("max_member_bytes", "max_sample_bytes")  # units accepted: units.byte_size
 NUMERIC_FIELDS: dict[str, type] = {
     "resize": int, "crop": int, "max_length": int,
     "project_dim": int, "ell": int, "batch_size": int, "chunk_size": int, "seed": int,
-    "max_member_bytes": int, "max_sample_bytes": int, "workers": int, "loader_workers": int, "keep": float,
+    "workers": int, "loader_workers": int, "keep": float,
     "min_score": float, "checkpoint_every": float,
 }  # fmt: skip
 CONSENSUS = ("mean-gradient", "centroid")
@@ -142,6 +144,9 @@ class Config:
             except (TypeError, ValueError):
                 flag = name.replace("_", "-")
                 raise InputError(f"--{flag} expects a number, got {value!r}") from None
+        for name in BYTE_FIELDS:
+            flag = "--" + name.replace("_", "-")
+            object.__setattr__(self, name, byte_size(getattr(self, name), flag))
 
     def _coerce_label_key(self) -> None:
         """`--label-key none` (any case; TOML `label-key = "none"`) means unlabeled: one class;
