@@ -27,10 +27,12 @@ from PIL import Image
 from sage_stream import fields
 from sage_stream.errors import InputError, SampleError
 from sage_stream.fields import IMAGE_EXTENSIONS, NPY_MAGIC
+from sage_stream.gzip_members import gunzipped
 from sage_stream.sample import Sample
 from sage_stream.transforms import ImageTransform
 
 Decoder = Callable[[Sample], tuple[Any, int]]  # input: a tensor, or a dict of tensors
+DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20  # Config.max_member_bytes's default
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -139,6 +141,7 @@ def make_decoder(
     transform: ImageTransform | None = None,
     tokenizer: str | None = None,
     max_length: int | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Decoder:
     """A function ``Sample -> (input tensor, label)`` raising SampleError on a bad sample.
 
@@ -150,7 +153,9 @@ def make_decoder(
     result is picklable when ``preprocess`` is an importable function. ``transform`` applies
     to image members (``transforms.ImageTransform``); a preprocess does its own. With
     ``tokenizer`` (a local tokenizer folder or ``.json`` file) the input is text, tokenized to
-    at most ``max_length`` ids (``sage_stream.text``).
+    at most ``max_length`` ids (``sage_stream.text``). Members named ``*.gz`` are decompressed
+    first, to at most ``max_member_bytes`` (``sage_stream.gzip_members``), for the built-in
+    decoders and the tokenizer; a preprocess gets the sample as read.
     """
     if label_key == "predicted":  # the model labels each sample (a placeholder 0 here)
         label_key = None
@@ -161,10 +166,12 @@ def make_decoder(
         from .text import TextDecoder
 
         label = functools.partial(_label, label_key=label_key)
-        return TextDecoder(tokenizer, max_length, input_key, label)
-    return functools.partial(
+        text = TextDecoder(tokenizer, max_length, input_key, label)
+        return functools.partial(gunzipped, text, max_member_bytes)
+    builtin = functools.partial(
         _decode_builtin, input_key=input_key, label_key=label_key, transform=transform
     )
+    return functools.partial(gunzipped, builtin, max_member_bytes)
 
 
 def _decode_with(fn: Callable[[Sample], tuple[Any, Any]], sample: Sample) -> tuple[Any, int]:

@@ -39,4 +39,3 @@ def byte_size(value: object, option: str = "size") -> int:
             f"1GiB, 2GB), got {value!r}"
         )
     return int(float(found.group(1)) * UNITS[unit])
-

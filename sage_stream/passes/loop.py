@@ -120,6 +120,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         transform=image_transform(cfg),
         tokenizer=cfg.tokenizer,
         max_length=cfg.max_length,
+        max_member_bytes=cfg.max_member_bytes,
     )
     workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
     return StageContext(cfg, cfg.output, refs, model, digest, device, featurizer, decoder, workers)

@@ -44,9 +44,10 @@ def test_no_checkpoint_the_same_command_twice_resumes_and_redoes_nothing(data, t
     assert _mtimes(out) == before  # not a byte rewritten
     assert json.loads((out / "manifest.json").read_text()) == first
     other = tmp_path / "seed1"
-    assert main([*argv[:-len(COMMON) - 2], "--out", str(other), "--seed", "1", *COMMON]) == 0
-    assert json.loads((other / "manifest.json").read_text())["identity"]["model"] != (
-        first["identity"]["model"]
+    assert main([*argv[: -len(COMMON) - 2], "--out", str(other), "--seed", "1", *COMMON]) == 0
+    assert (
+        json.loads((other / "manifest.json").read_text())["identity"]["model"]
+        != (first["identity"]["model"])
     )  # the seed draws the weights: another seed, another model
 
 
