@@ -53,3 +53,23 @@ def bert_classifier(num_labels: int = 2, vocab_size: int = 30522, layers: int = 
         num_labels=num_labels,
     )
     return BertForSequenceClassification(config)
+
+
+def vit_classifier(classes: int = 10, image_size: int = 32, channels: int = 3) -> nn.Module:
+    """A small transformers ViT image classifier from a config (untrained; load weights with
+    --checkpoint): the image job's model with no torchvision, which must match torch's build
+    (see the README). It takes the (B, C, H, W) batch the built-in image decoder gives (--crop
+    image_size) and returns a ModelOutput whose `logits` come from its final `classifier`."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        num_channels=channels,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=classes,
+    )
+    return ViTForImageClassification(config)
