@@ -83,7 +83,8 @@ def _emitted(folder: OutputFolder, manifest: dict | None) -> list[FeedShard]:
     if manifest is not None:
         listed = [(o["url"], o["samples"]) for o in manifest["outputs"]]
     elif (index := folder.read_json(folder.index)) is not None:
-        listed = [(s["url"], s.get("nsamples")) for s in index["shardlist"]]
+        entries = index["shardlist"] + index.get("not_listed", [])  # gzipped: not for wids
+        listed = [(s["url"], s.get("nsamples")) for s in entries]
     else:
         refs = expand_inputs([folder.path(SHARDS)], folder.storage_options)
         return [FeedShard(r, None, None) for r in refs]

@@ -12,10 +12,12 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from ..formats import is_gzip_name
 from . import lease
 from .folder import SHARDS, OutputFolder
 
 MANIFEST_VERSION = 1
+GZIP_UNLISTED = "gzip: wids reads plain tar only"
 PACKAGES = ("sage-stream", "torch", "numpy", "pyarrow", "zarr", "fsspec", "webdataset")
 
 
@@ -63,17 +65,26 @@ def outputs(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def shard_index(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """wids index of the output tar shards; URLs are relative to the index's own location."""
-    return {
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "name": "sage-stream selection",
-        "shardlist": [
-            {"url": f"{SHARDS}/{s['name']}", "nsamples": s["kept"]}
-            for s in shards
-            if s["format"] == "tar" and s["emitted"]
-        ],
-    }
+    """wids index of the output tar shards; URLs are relative to the index's own location.
+
+    Only what wids reads is listed: wids memory-maps plain tar, so a gzipped output shard
+    (the output of a .tar.gz/.tgz input keeps its input's name and compression) would fail
+    there. Those are named under `not_listed` with the reason (readers ignore extra keys);
+    webdataset, Ray Data and `sage_stream.feed` read them, and so does wids once the inputs
+    are plain tar (`gunzip -c a.tgz > a.tar`).
+    """
+    emitted = [s for s in shards if s["format"] == "tar" and s["emitted"]]
+    listed = [_entry(s) for s in emitted if not is_gzip_name(s["name"])]
+    gzipped = [{**_entry(s), "why": GZIP_UNLISTED} for s in emitted if is_gzip_name(s["name"])]
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+             "name": "sage-stream selection", "shardlist": listed}  # fmt: skip
+    if gzipped:  # only when there are some: an index of plain tar shards is unchanged
+        index["not_listed"] = gzipped
+    return index
+
+
+def _entry(shard: dict[str, Any]) -> dict[str, Any]:
+    return {"url": f"{SHARDS}/{shard['name']}", "nsamples": shard["kept"]}
 
 
 def commit(

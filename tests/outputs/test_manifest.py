@@ -32,6 +32,14 @@ def test_index_lists_emitted_tar_shards_relative_to_itself():
     index = manifest.shard_index(SHARDS)
     assert index["__kind__"] == "wids-shard-index-v1"
     assert index["shardlist"] == [{"url": "shards/a.tar", "nsamples": 4}]
+    assert "not_listed" not in index  # an index of plain tar shards is as it was
+
+
+def test_index_leaves_gzipped_shards_to_other_readers():
+    gz = [{**SHARDS[0], "name": "a.tgz"}, {**SHARDS[0], "name": "b.tar.gz"}, *SHARDS]
+    index = manifest.shard_index(gz)
+    assert index["shardlist"] == [{"url": "shards/a.tar", "nsamples": 4}]
+    assert [s["url"] for s in index["not_listed"]] == ["shards/a.tgz", "shards/b.tar.gz"]
 
 
 def rows(n: int) -> bytes:
