@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", allow_abbrev=False, help="summary of a sketch, a scores table or a run's output"
     )
     p.add_argument("url", help="OUT, OUT/sketch.zarr, OUT/scores, or a scores part")
+    p.add_argument(
+        "--key",
+        metavar="KEY",
+        help="with OUT: that sample's scores row, whether it was kept, and its class's cut",
+    )
     p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
     p = sub.add_parser(
         "report",
@@ -437,7 +442,14 @@ def _main(argv: Sequence[str] | None) -> int:
         elif args.command == "inspect":
             from .summary import describe
 
-            print(describe(args.url, storage_options(args.storage_option)))
+            options = storage_options(args.storage_option)
+            if args.key is not None:
+                from .explain import explain_key
+                from .outputs.folder import OutputFolder
+
+                print(explain_key(OutputFolder(args.url, options), args.key))
+            else:
+                print(describe(args.url, options))
         else:
             print(_run_step(args.command, gather_options(args)))
     except SageError as exc:
