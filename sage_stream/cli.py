@@ -244,6 +244,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="log lines instead of progress bars",
     )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="print the plan (inputs and their pinned sizes, what OUT holds, the steps that "
+        "would run or be skipped) and write nothing",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -367,11 +374,16 @@ def _summary(result: api.RunResult | api.EmitResult) -> str:
 
 
 def _run_step(command: str, options: dict[str, Any]) -> str:
+    dry_run = options.pop("dry_run", False)
     cfg = make_config(**options)
     if command in ("run", "sketch", "score", "emit") and not cfg.inputs:
         raise InputError(
             f"`sage-stream {command}` needs at least one INPUT (or inputs in --config)"
         )
+    if dry_run:
+        from .dry_run import describe_plan
+
+        return describe_plan(command, cfg)
     if command == "run":
         return _summary(api.run(config=cfg))
     if command == "sketch":
