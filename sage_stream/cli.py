@@ -216,7 +216,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed",
         type=int,
-        help="seed for projection and the seeded draws of random and sage-coverage (default 0)",
+        help="seed for projection, the seeded draws of random and sage-coverage, and the "
+        "model's starting weights when there is no --checkpoint (default 0)",
     )
     g.add_argument(
         "--overwrite",

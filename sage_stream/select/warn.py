@@ -56,9 +56,9 @@ def run_warnings(
     warnings = []
     if scorer != "random" and not checkpoint:
         warnings.append(
-            "no --checkpoint: the proxy has its factory's weights (random, unless the factory "
-            "loads trained ones itself), and an untrained proxy's scores say little about the "
-            "samples"
+            "no --checkpoint: the proxy has its factory's weights (random, drawn from --seed, "
+            "unless the factory loads trained ones itself), and an untrained proxy's scores say "
+            "little about the samples"
         )
     if scorer in SKETCHED:  # both rank on (or filter by) the agreement
         spread = Spread()
