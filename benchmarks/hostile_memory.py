@@ -183,7 +183,8 @@ def measure(
         p for p in (str(code), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(url), input_key, label_key],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=str(code))  # fmt: skip  # `-c` puts the cwd first on sys.path
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -216,6 +217,12 @@ def main() -> None:
         help="the checkout whose sage_stream the children import (default: this one)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    p.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        help="only this case (repeatable; the baseline always runs)",
+    )
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -240,6 +247,8 @@ def main() -> None:
              ("base256-claim", work / "base256-claim.tar", "", "cls"),
              ("pax-header", work / "pax-header.tar.gz", "", "cls"),
              ("long-name", work / "long-name.tar.gz", "", "cls")]  # fmt: skip
+    if args.case:
+        cases = [c for c in cases if c[0] == "baseline" or c[0] in args.case]
     rows = {}
     for name, url, input_key, label_key in cases:
         rows[name] = measure(url, input_key, label_key, args.code, args.timeout)
