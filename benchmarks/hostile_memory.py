@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 from sage_stream.config import Config, shard_options
-from sage_stream.decode import make_decoder
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.errors import SampleError, ShardError
 from sage_stream.formats import read_shard
 from sage_stream.inputs import expand_inputs

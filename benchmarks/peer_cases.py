@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sage_stream.config import make_config
-from sage_stream.gradients import GradientFeaturizer
+from sage_stream.gradients.featurizer import GradientFeaturizer
 from sage_stream.passes.loop import build_context, shard_batches
 from sage_stream.scores import agreement, consensus_directions, sketch_coordinates
 from sage_stream.select.reference import select

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sage_stream.decode import load_callable
+from sage_stream.decode.decoder import load_callable
 from sage_stream.feed import SelectedDataset
 
 DEMO_MODEL = "sage_stream.demo:digits_mlp"

@@ -1,11 +1,11 @@
 """sage-stream: keep the training samples whose gradients agree with their class.
 
-The flow, one module (or package) per step; README.md's "Layout" has the whole map:
+The flow, one package (or module) per step; README.md's "Layout" names every module:
 
     storage/            the edge: fsspec access with retries, resumable reads, atomic writes
     inputs, formats/    INPUT... -> shards; read shards (tar | parquet) -> Sample
-    decode, batches     Sample -> (input tensor, label) batches; bad samples -> recorded skips
-    model, gradients    the proxy model; per-sample gradient features (+ projection)
+    decode/             Sample -> (input tensor, label) batches; bad samples -> recorded skips
+    gradients/          the proxy model; per-sample gradient features (+ projection)
     fd                  Frequent Directions, the sketch of pass 1 (pure tensor code)
     scores              agreement and coverage of each gradient (pure)
     select/             which samples to keep: rules, quotas, orderings, the bounded path

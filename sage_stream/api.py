@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import nothing_scored
 from .config import Config, make_config
 from .errors import InputError, MismatchError
 from .executors import Executor, open_executor
@@ -32,6 +31,7 @@ from .outputs.lease import hold
 from .outputs.sketch_store import StoredSketch
 from .outputs.stopped import Stage, recorded_stop
 from .outputs.tables import read_part
+from .passes.checks import nothing_scored
 from .passes.emit import EmitResult
 from .passes.finished import finished_manifest, recorded_results
 from .passes.loop import StageContext, build_context

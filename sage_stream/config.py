@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decode.images import check_options
 from .errors import InputError
 from .outputs.folder import OutputFolder
 from .select.rules import BALANCES, SCORERS, check_amount
 from .storage import exists, open_input
-from .transforms import check_options
 from .units import byte_size
 
 GRAD_MODES = ("last-layer", "params")
@@ -65,11 +65,11 @@ class Config:
     label_key: str | None = "cls"  # None (`none`): unlabeled, every sample class 0
     key_column: str = "__key__"  # Parquet: the column holding the sample key, if any
     preprocess: Any = None  # "module:function" or a callable: Sample -> (tensor, label)
-    resize: int | None = None  # images: shorter side to N pixels (transforms.py)
+    resize: int | None = None  # images: shorter side to N pixels (decode/images.py)
     crop: int | None = None  # images: centre N×N
     normalize: str | None = None  # images: imagenet | none | MEAN,STD | M1,M2,M3,S1,S2,S3
     image_mode: str | None = None  # images: RGB | L (default: L stays L, else RGB)
-    tokenizer: str | None = None  # text: a local tokenizer folder or .json file (text.py)
+    tokenizer: str | None = None  # text: a local tokenizer folder or .json file (decode/text.py)
     max_length: int | None = None  # text: tokens per sample (default 512)
     grad: str = "last-layer"
     head: str | None = None

@@ -16,7 +16,7 @@ from shardmaker import make_tar_shard, npy_bytes
 from tiny import blobs, key
 
 from sage_stream.cli import main
-from sage_stream.decode import make_decoder
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.errors import SampleError
 from sage_stream.gzip_members import gunzip, gunzip_fields
 from sage_stream.sample import Sample

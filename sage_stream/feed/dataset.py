@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..decode import make_decoder
+from ..decode.decoder import make_decoder
+from ..decode.images import image_transform
 from ..errors import InputError, SageError, ShardError
 from ..sample import Sample
-from ..transforms import image_transform
 from .plan import ON_ERROR, FeedShard, plan_feed
 from .stages import ranked_score, shard_samples
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
-from ..batches import Batch, Decoder, Skipped, decoded_batches
+from ..decode.batches import Batch, Decoder, Skipped, decoded_batches
 from ..errors import InputError, LoaderError, SageError, ShardError
 from ..formats import read_shard
 from ..sample import ShardRef

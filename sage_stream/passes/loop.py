@@ -20,20 +20,20 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ..batches import Batch, Decoder, Inputs, Skipped, input_shape, to_device
-from ..checks import FailFast
 from ..config import PREDICTED, Config, shard_options
-from ..decode import make_decoder
+from ..decode.batches import Batch, Decoder, Inputs, Skipped, input_shape, to_device
+from ..decode.decoder import make_decoder
+from ..decode.images import image_transform
 from ..errors import InputError, SampleError, ShardError
-from ..gradients import GradientFeaturizer, InputShapeError
+from ..gradients.featurizer import GradientFeaturizer, InputShapeError
+from ..gradients.model import load_model, resolve_device
 from ..inputs import expand_inputs
-from ..model import load_model, resolve_device
 from ..outputs.folder import OutputFolder
 from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import GRAD_OUTLIER, MAX_GRAD_NORM, NONFINITE_GRAD, NONFINITE_LOSS, usable
-from ..transforms import image_transform
+from .checks import FailFast
 from .loader import ReadSpec, decoded_shards, resolve_workers
 
 log = logging.getLogger("sage_stream")

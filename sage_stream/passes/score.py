@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from ..batches import Batch, Skipped
+from ..decode.batches import Batch, Skipped
 from ..outputs.folder import OutputFolder
 from ..outputs.sketch_store import StoredSketch
 from ..outputs.tables import SCORE_COLUMNS, errored_count, read_part, write_part

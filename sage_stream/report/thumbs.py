@@ -22,9 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ..config import shard_options
-from ..decode import decode_image, decode_npy
-from ..errors import SageError
-from ..fields import (
+from ..decode.decoder import decode_image, decode_npy
+from ..decode.fields import (
     IMAGE_EXTENSIONS,
     INPUT_EXTENSIONS,
     image_struct_bytes,
@@ -32,6 +31,7 @@ from ..fields import (
     lookup,
     sniff,
 )
+from ..errors import SageError
 from ..formats import read_shard
 from ..outputs.folder import OutputFolder
 from ..sample import ShardRef

@@ -19,7 +19,7 @@ import torch
 from tiny import blobs, key, mlp, train_checkpoint, write_tar_set
 
 import sage_stream
-from sage_stream.gradients import GradientFeaturizer
+from sage_stream.gradients.featurizer import GradientFeaturizer
 from sage_stream.outputs.sketch_store import SketchStore
 
 N, ELL = 180, 16

@@ -12,9 +12,9 @@ import pytest
 from shardmaker import image_bytes, make_tar_shard
 
 import sage_stream
-from sage_stream.batches import Batch, decoded_batches
 from sage_stream.cli import main
-from sage_stream.decode import make_decoder
+from sage_stream.decode.batches import Batch, decoded_batches
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.formats import read_shard
 from sage_stream.inputs import expand_inputs
 
@@ -93,7 +93,7 @@ def test_mixed_sizes_batch_in_full_batches(images):
         items = decoded_batches(read_shard(ref), decoder, batch_size=6, num_classes=3)
         return [b for b in items if isinstance(b, Batch)]
 
-    from sage_stream.transforms import ImageTransform
+    from sage_stream.decode.images import ImageTransform
 
     cropped = batches(make_decoder(transform=ImageTransform(resize=24, crop=20)))
     assert [len(b.keys) for b in cropped] == [6, 6, 6, 6]

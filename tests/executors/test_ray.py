@@ -63,7 +63,7 @@ class CountingDecoder:
         self.slow_worker = slow_worker  # the first process to decode sleeps on every sample
 
     def __call__(self, sample):  # noqa: ANN001, ANN204
-        from sage_stream.decode import make_decoder
+        from sage_stream.decode.decoder import make_decoder
 
         with open(self.counter, "ab") as f:  # one byte per call: appends do not race
             f.write(b".")

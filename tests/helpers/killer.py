@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from sage_stream.decode import make_decoder
+from sage_stream.decode.decoder import make_decoder
 
 _decode = make_decoder()
 

@@ -3,7 +3,7 @@ failing on some keys, so that workers finish out of order."""
 
 import time
 
-from sage_stream.decode import make_decoder
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.errors import SampleError
 
 _decode = make_decoder()

@@ -16,7 +16,7 @@ from shardmaker import write_bytes
 from tiny import blobs, train_checkpoint, write_parquet_set, write_tar_set
 
 import sage_stream
-from sage_stream.decode import make_decoder
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.errors import InputError, LoaderError
 from sage_stream.inputs import expand_inputs
 from sage_stream.passes.loader import ReadSpec, decoded_shards, default_workers

@@ -10,8 +10,8 @@ import pytest
 from shardmaker import npy_bytes, tar_bytes, write_bytes
 from tiny import DIM, mlp
 
-from sage_stream.batches import Skipped
 from sage_stream.config import make_config
+from sage_stream.decode.batches import Skipped
 from sage_stream.errors import SampleError, ShardError
 from sage_stream.passes.loop import Broken, Featured, build_context, shard_items
 from sage_stream.progress import Progress

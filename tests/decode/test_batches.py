@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sage_stream.batches import Batch, Skipped, decoded_batches
+from sage_stream.decode.batches import Batch, Skipped, decoded_batches
 from sage_stream.errors import SampleError, ShardError
 from sage_stream.sample import Sample
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .errors import InputError
+from ..errors import InputError
 from .model import logits_of
 from .projection import Projector
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 # Entries per generated block: bounds numpy temporaries to a few × 32 MiB (uint64). At k = 1024
 # a block is 4096 rows.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sage_stream import projection
 from sage_stream.errors import InputError
-from sage_stream.projection import Projector, projection_matrix, sign_block
+from sage_stream.gradients import projection
+from sage_stream.gradients.projection import Projector, projection_matrix, sign_block
 
 M64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

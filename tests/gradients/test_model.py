@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sage_stream.errors import InputError
-from sage_stream.model import build_model, fingerprint, load_model, resolve_device
+from sage_stream.gradients.model import build_model, fingerprint, load_model, resolve_device
 
 
 def factory() -> nn.Module:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sage_stream import fields
-from sage_stream.errors import InputError, SampleError
-from sage_stream.fields import IMAGE_EXTENSIONS, NPY_MAGIC
-from sage_stream.gzip_members import gunzipped
-from sage_stream.sample import Sample
-from sage_stream.transforms import ImageTransform
+from ..errors import InputError, SampleError
+from ..gzip_members import gunzipped
+from ..sample import Sample
+from . import fields
+from .fields import IMAGE_EXTENSIONS, NPY_MAGIC
+from .images import ImageTransform
 
 Decoder = Callable[[Sample], tuple[Any, int]]  # input: a tensor, or a dict of tensors
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20  # Config.max_member_bytes's default
@@ -153,7 +153,7 @@ def make_decoder(
     result is picklable when ``preprocess`` is an importable function. ``transform`` applies
     to image members (``transforms.ImageTransform``); a preprocess does its own. With
     ``tokenizer`` (a local tokenizer folder or ``.json`` file) the input is text, tokenized to
-    at most ``max_length`` ids (``sage_stream.text``). Members named ``*.gz`` are decompressed
+    at most ``max_length`` ids (``decode/text.py``). Members named ``*.gz`` are decompressed
     first, to at most ``max_member_bytes`` (``sage_stream.gzip_members``), for the built-in
     decoders and the tokenizer; a preprocess gets the sample as read.
     """
@@ -162,7 +162,7 @@ def make_decoder(
     if preprocess is not None:
         fn = load_callable(preprocess) if isinstance(preprocess, str) else preprocess
         return functools.partial(_decode_with, fn)
-    if tokenizer is not None:  # text: the tokenizer decodes (sage_stream.text)
+    if tokenizer is not None:  # text: the tokenizer decodes (decode/text.py)
         from .text import TextDecoder
 
         label = functools.partial(_label, label_key=label_key)

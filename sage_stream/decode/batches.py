@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import SampleError, ShardError
-from .sample import Sample
+from ..errors import SampleError, ShardError
+from ..sample import Sample
 
 Inputs = Tensor | dict[str, Tensor]
 Decoder = Callable[[Sample], tuple[Any, int]]

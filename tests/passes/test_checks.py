@@ -10,9 +10,9 @@ import pytest
 from shardmaker import make_tar_shard, npy_bytes
 from tiny import blobs, train_checkpoint, write_tar_set
 
-from sage_stream.checks import FailFast, error_reasons
 from sage_stream.cli import main
 from sage_stream.errors import InputError
+from sage_stream.passes.checks import FailFast, error_reasons
 
 COMMON = ["--device", "cpu", "--no-progress", "--ell", "8", "--loader-workers", "0"]
 

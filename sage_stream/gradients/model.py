@@ -19,9 +19,9 @@ from typing import IO, Any, cast
 import torch
 from torch import nn
 
-from .decode import load_callable, user_error
-from .errors import InputError, SageError
-from .storage import exists, open_input
+from ..decode.decoder import load_callable, user_error
+from ..errors import InputError, SageError
+from ..storage import exists, open_input
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError
+from ..errors import InputError
 
 FAIL_FAST_SAMPLES = 256
 FAIL_FAST_SHARE = 0.95

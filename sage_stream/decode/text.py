@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, SampleError
+from ..sample import Sample
 from . import fields
-from .errors import InputError, SampleError
-from .sample import Sample
 
 DEFAULT_MAX_LENGTH = 512
 Encode = Callable[[str], tuple[list[int], list[int]]]  # text -> (ids, attention mask)

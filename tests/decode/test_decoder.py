@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from shardmaker import image_bytes, npy_bytes, png_bytes
 
-from sage_stream.decode import (
+from sage_stream.decode.decoder import (
     decode_image,
     decode_label,
     decode_npy,
@@ -244,7 +244,7 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(monkeypatch):
 
     from PIL import Image
 
-    from sage_stream import decode
+    from sage_stream.decode import decoder as decode
 
     buf = io.BytesIO()
     Image.new("L", (300, 200)).save(buf, format="PNG")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from shardmaker import image_bytes, make_parquet_shard, npy_bytes
 
-from sage_stream import fields
 from sage_stream.config import make_config
-from sage_stream.decode import make_decoder
+from sage_stream.decode import fields
+from sage_stream.decode.decoder import make_decoder
 from sage_stream.errors import InputError, SampleError
 from sage_stream.formats import read_shard
 from sage_stream.inputs import expand_inputs

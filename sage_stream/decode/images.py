@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 IMAGE_MODES = ("RGB", "L")
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from zoo import dict_net, tiny_bert
 
-from sage_stream.batches import as_input, collate, group_key
 from sage_stream.cli import model_args
+from sage_stream.decode.batches import as_input, collate, group_key
 from sage_stream.errors import InputError
-from sage_stream.gradients import GradientFeaturizer
-from sage_stream.model import build_model, load_checkpoint, logits_of
+from sage_stream.gradients.featurizer import GradientFeaturizer
+from sage_stream.gradients.model import build_model, load_checkpoint, logits_of
 
 
 def test_model_args_are_parsed_and_passed_to_the_factory():

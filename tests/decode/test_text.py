@@ -12,7 +12,7 @@ pytest.importorskip("tokenizers")
 sys.path.insert(0, str(Path(__file__).parent.parent))  # examples.text_job's tokenizer maker
 
 from examples.text_job import make_tokenizer  # noqa: E402
-from sage_stream.decode import make_decoder  # noqa: E402
+from sage_stream.decode.decoder import make_decoder  # noqa: E402
 from sage_stream.errors import InputError, SampleError  # noqa: E402
 from sage_stream.sample import Sample  # noqa: E402
 

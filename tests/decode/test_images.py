@@ -9,10 +9,10 @@ from PIL import Image
 from shardmaker import image_bytes
 
 from sage_stream.config import make_config
-from sage_stream.decode import decode_image, make_decoder
+from sage_stream.decode.decoder import decode_image, make_decoder
+from sage_stream.decode.images import ImageTransform, image_transform, parse_normalize
 from sage_stream.errors import InputError
 from sage_stream.sample import Sample
-from sage_stream.transforms import ImageTransform, image_transform, parse_normalize
 
 
 def gradient_image(h: int, w: int) -> np.ndarray:

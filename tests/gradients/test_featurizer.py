@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sage_stream.errors import InputError
-from sage_stream.gradients import Features, GradientFeaturizer, find_head
-from sage_stream.projection import projection_matrix
+from sage_stream.gradients.featurizer import Features, GradientFeaturizer, find_head
+from sage_stream.gradients.projection import projection_matrix
 
 
 def mlp(head_bias: bool = True) -> nn.Module:
