@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from quality_data import DATASETS, prepare
 
-from sage_stream.gradients import GradientFeaturizer
+from sage_stream.gradients.featurizer import GradientFeaturizer
 
 EPSILONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 ELL = 256
