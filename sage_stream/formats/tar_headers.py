@@ -128,7 +128,8 @@ class CheckedTarInfo(tarfile.TarInfo):
             return self._skip_header(tarfile_, f"a pax extended header of {self.size} bytes")
         buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
         pax_headers = tf.pax_headers if is_global else tf.pax_headers.copy()
-        pax_headers.update(self._pax_fields(buf[: self.size], tarfile_))
+        charset = pax_headers.get("hdrcharset")  # a global header's holds for what follows
+        pax_headers.update(self._pax_fields(buf[: self.size], tarfile_, charset))
         nxt = self._next_header(tarfile_)
         if any(name.startswith("GNU.sparse.") for name in pax_headers):
             _mark_sparse(nxt)
@@ -142,13 +143,15 @@ class CheckedTarInfo(tarfile.TarInfo):
                 tf.offset = offset
         return nxt
 
-    def _pax_fields(self, buf: bytes, tarfile_: tarfile.TarFile) -> dict[str, str]:
+    def _pax_fields(
+        self, buf: bytes, tarfile_: tarfile.TarFile, charset: str | None = None
+    ) -> dict[str, str]:
         """The records ``"<length> <keyword>=<value>\\n"`` of a pax header, decoded.
 
         One linear pass; a record whose framing is wrong is an error (as in Python 3.12+).
         """
         raw: list[tuple[bytes, bytes]] = []
-        encoding = None
+        own: bytes | None = None  # this header's hdrcharset: it wins over a global one
         pos = 0
         while pos < len(buf) and buf[pos] != 0:
             match = _PAX_LENGTH.match(buf, pos)
@@ -159,17 +162,18 @@ class CheckedTarInfo(tarfile.TarInfo):
             keyword, equals, value = buf[match.end() : end].partition(b"=")  # type: ignore[union-attr]
             if not keyword or not equals:
                 raise tarfile.InvalidHeaderError("a malformed pax record")  # type: ignore[attr-defined]
-            if keyword == b"hdrcharset" and encoding is None:
-                encoding = tarfile_.encoding if value == b"BINARY" else "utf-8"
+            if keyword == b"hdrcharset" and own is None:
+                own = value
             raw.append((keyword, value))
             pos += length
+        binary = own == b"BINARY" if own is not None else charset == "BINARY"
+        encoding = tarfile_.encoding if binary else "utf-8"
         decode: Any = self._decode_pax_field  # type: ignore[attr-defined]  # private
         fields = {}
         for keyword, value in raw:
             name = decode(keyword, "utf-8", "utf-8", tarfile_.errors)
             if name in tarfile.PAX_NAME_FIELDS:
-                fields[name] = decode(value, encoding or "utf-8", tarfile_.encoding,
-                                      tarfile_.errors)  # fmt: skip
+                fields[name] = decode(value, encoding, tarfile_.encoding, tarfile_.errors)
             else:
                 fields[name] = decode(value, "utf-8", "utf-8", tarfile_.errors)
         return fields

@@ -121,3 +121,29 @@ def test_a_huge_header_inside_gzip_is_read_past_in_bounded_memory(results, kind)
 def test_header_chains_and_endless_sparse_maps_end_the_shard(results, name, reason):
     row = clean(results[name])
     assert row["samples"] == 0 and reason in row["shard_error"], row
+
+
+def test_ordinary_pax_headers_read_as_the_stdlib_reads_them():
+    # the strict pax parser changes nothing for well-formed shards: names (non-UTF-8 ones,
+    # long ones, hdrcharset=BINARY given globally) come out as tarfile's own reader gives them
+    import io
+    import tarfile
+
+    from sage_stream.formats.tar_headers import CheckedTarInfo
+
+    def archive(**kw: object) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, **kw) as tf:
+            for name in ["ascii.txt", "caf\xe9.txt", "x" * 300 + ".npy"]:
+                info = tarfile.TarInfo(name)
+                info.size, info.pax_headers = 1, {"mtime": "1.5", "comment": "c"}
+                tf.addfile(info, io.BytesIO(b"a"))
+        return buf.getvalue()
+
+    def members(data: bytes, cls: type) -> list[tuple]:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*", tarinfo=cls) as tf:
+            return [(m.name, m.size, m.mtime, m.pax_headers) for m in tf]
+
+    for data in (archive(encoding="latin-1"),
+                 archive(pax_headers={"hdrcharset": "BINARY"}, encoding="latin-1")):  # fmt: skip
+        assert members(data, CheckedTarInfo) == members(data, tarfile.TarInfo)
