@@ -25,7 +25,7 @@ from ..decode.batches import Batch, Decoder, Inputs, Skipped, input_shape, to_de
 from ..decode.decoder import make_decoder
 from ..decode.images import image_transform
 from ..errors import InputError, SampleError, ShardError
-from ..gradients.featurizer import GradientFeaturizer, InputShapeError
+from ..gradients.featurizer import Featurizer, GradientFeaturizer, InputShapeError
 from ..gradients.model import load_model, resolve_device
 from ..inputs import expand_inputs
 from ..outputs.folder import OutputFolder
@@ -49,7 +49,7 @@ class StageContext:
     model: nn.Module
     fingerprint: str
     device: torch.device
-    featurizer: GradientFeaturizer
+    featurizer: Featurizer
     decoder: Decoder
     loader_workers: int = 0  # decode processes (0: in this process), resolved from the cfg
     warned: set[str] = field(default_factory=set)  # warnings already given in this run
