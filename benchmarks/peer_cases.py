@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from cases import Phases, blob_model, sage_options, save_selection
 from data import BlobSpec, blob_chunk
+from sage_cases import Phases, blob_model, sage_options, save_selection
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -1,4 +1,4 @@
-"""Every benchmark in one run, then the plots: the command behind docs/benchmarks.md.
+"""The four benchmarks of docs/benchmarks.md sections 1-4 in one run, then their plots.
 
 Runs memory.py, throughput.py, peers.py and gpu.py one after another with the same flags, so
 that ratios within each come from one run on one machine state; then report.py draws the plots
@@ -8,6 +8,17 @@ environment exists (see setup_peers.sh), so that CORDS and TRAK are included.
     python benchmarks/run_all.py --quick                   # CI smoke run, under a minute
     python benchmarks/run_all.py                           # the figures in docs/benchmarks.md
     python benchmarks/run_all.py --device cuda             # on a machine with a GPU
+
+It does not run the other drivers, which each answer one question with their own flags and
+run on their own: loader.py, fd_speed.py, s3_read.py (needs an S3 endpoint), hostile_memory.py,
+scale_run.py, scale_select.py, ray_workers.py (needs ray), quality.py and quality_sweep.py
+(docs/quality.md), dedup_study.py, and golden.py (before/after digests of a change).
+
+benchmarks/ is drivers (the scripts above, run as `python benchmarks/NAME.py`) over a small
+library they import: common.py (flags, the capped child runner, results), data.py (synthetic
+data and models), cases.py (the child's entry point) with sage_cases.py, gpu_cases.py and
+peer_cases.py (the cases it runs), quality_data.py, quality_signals.py, quality_report.py,
+subset_quality.py and plots.py. The library never imports a driver.
 """
 
 from __future__ import annotations
