@@ -42,8 +42,12 @@ def finished_manifest(ctx: StageContext, rules: Rules) -> dict[str, Any] | None:
 def recorded_results(
     ctx: StageContext, manifest: dict[str, Any], sketched: bool
 ) -> tuple[SketchResult | None, ScoreResult, SelectResult, EmitResult]:
-    """The results of the finished run, as the steps returned them (times 0)."""
+    """The results of the finished run, as the steps returned them (times 0). A run killed
+    after `_SUCCESS` but before its scratch went leaves `_work/`: it goes now, as the commit's
+    last step would have removed it."""
     folder, totals = ctx.out, manifest["totals"]
+    if folder.exists(folder.work()):
+        folder.finish()
     sketch = stored_result(ctx) if sketched else None
     errors = [{"shard": s["name"], "url": s["url"], "reason": s["shard_error"]}
               for s in manifest.get("shard_errors", [])]  # fmt: skip
