@@ -7,6 +7,8 @@ traceback: these are problems with the input or the configuration, not bugs.
 
 from __future__ import annotations
 
+import numbers
+
 
 class SageError(Exception):
     """Base of every expected error: printed as one line by the CLI."""
@@ -58,3 +60,11 @@ class OutputLockedError(SageError, FileExistsError):
 
 class LoaderError(SageError, RuntimeError):
     """A loader worker process died (out of memory, a crash in native code) mid-shard."""
+
+
+def positive_int(value: object, what: str) -> int:
+    """``value`` as an int if it is an integer ≥ 1 (not a bool), else an InputError naming
+    `what`: the one check of the library functions' count and size arguments."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)

@@ -1,4 +1,5 @@
-"""Frequent Directions: pass 1 of SAGE, per-sample gradient rows -> sketch B (DESIGN.md §3).
+"""Frequent Directions: pass 1 of SAGE, per-sample gradient rows -> sketch B
+(docs/algorithm.md, "Pass 1").
 
 Pass 1 streams gradient features g_i ∈ R^D (one row per sample) into this sketch. It keeps at most
 2ℓ rows in O(ℓ·D) memory and guarantees ‖AᵀA − BᵀB‖₂ ≤ Δ ≤ ‖A − A_k‖²_F / (ℓ − k) for every
@@ -11,7 +12,6 @@ on one device for the same rows in the same order, whatever the batch sizes.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
-from sage_stream.errors import InputError
+from sage_stream.errors import InputError, positive_int
 
 # Which BLAS libraries are loaded, found once: a fresh threadpool_limits() scans the process's
 # libraries every time (2 ms, as long as a small shrink's eigh).
@@ -117,12 +117,6 @@ def _host_svd(rows: Tensor) -> tuple[Tensor, Tensor]:
     return s, vh.contiguous()
 
 
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{what} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def _sq_norm(rows: Tensor) -> float:
     """‖rows‖²_F accumulated in float64 (millions of small squares), without a float64 copy."""
     return float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
@@ -137,7 +131,7 @@ class FrequentDirections:
     """
 
     def __init__(self, ell: int, dim: int, *, device: str | torch.device = "cpu"):
-        ell, dim = _positive_int(ell, "sketch size ell"), _positive_int(dim, "gradient dimension")
+        ell, dim = positive_int(ell, "sketch size ell"), positive_int(dim, "gradient dimension")
         self._ell, self._dim, self._device = ell, dim, torch.device(device)
         self._buf = torch.zeros(2 * ell, dim, dtype=torch.float32, device=self._device)  # (2ℓ, D)
         self._m = 0  # rows in use: _buf[:_m] is B, then rows not yet shrunk

@@ -1,4 +1,5 @@
-"""End to end: shards -> run -> the complete output of DESIGN.md §4, for tar and Parquet."""
+"""End to end: shards -> run -> the complete output (README, "What a run writes"), for tar
+and Parquet."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def test_flipped_labels_score_lower_and_are_dropped(tar_run, data):
 
 
 def reference_scores(data, out: Path) -> np.ndarray:
-    """DESIGN.md §3 from scratch: autograd per sample, z = B g, s = cos(z, normalize(B S_y))."""
+    """docs/algorithm.md from scratch: autograd per sample, z = B g, s = cos(z, normalize(B S_y))."""
     model = mlp()
     model.load_state_dict(torch.load(data["ckpt"], weights_only=True))
     head = model[2]

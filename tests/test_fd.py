@@ -91,7 +91,7 @@ def test_fd_bound(make, n, d, ell):
 
 
 def reference_fd(a: np.ndarray, ell: int) -> tuple[np.ndarray, float]:
-    """FD as DESIGN.md §3 states it: float64, full SVD of the buffer, one row at a time."""
+    """FD as docs/algorithm.md states it: float64, full SVD of the buffer, one row at a time."""
 
     def shrink(m: np.ndarray) -> tuple[np.ndarray, float]:
         _, s, vt = np.linalg.svd(m, full_matrices=False)

@@ -1,4 +1,6 @@
-"""`--executor ray`: the same passes, shard-parallel on a Ray cluster (DESIGN.md §6).
+"""`--executor ray`: the same passes, shard-parallel on a Ray cluster: workers
+sketch disjoint shards, sketches merge by stack-and-shrink, pass 2 and emit are shard-parallel
+(docs/ray.md).
 
 Where it sits: an `Executor` (executors/__init__.py) like the local one. The passes' bookkeeping
 (what is done already, the tallies, the manifest) is theirs, in `passes/`; this module only maps
@@ -76,7 +78,7 @@ def gpus_per_worker(cfg: Config) -> int:
     return 0
 
 
-def resolve_workers(cfg: Config, workers: int | None) -> int:
+def ray_workers(cfg: Config, workers: int | None) -> int:
     """Workers asked for, or one per GPU of the cluster (2 on CPU); refused if they cannot fit."""
     gpus = gpus_per_worker(cfg)
     total = ray.cluster_resources()
@@ -111,7 +113,7 @@ class RayWorkers:
     def __init__(self, cfg: Config, workers: int | None = None):
         connect()
         gpus = gpus_per_worker(cfg)
-        count = resolve_workers(cfg, workers)
+        count = ray_workers(cfg, workers)
         actor = ray.remote(ShardWorker).options(
             num_cpus=1,
             num_gpus=gpus,
@@ -133,14 +135,6 @@ class RayWorkers:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def _when_done(futures: list[Any]) -> Iterator[Any]:
-    """Yield futures as they complete (for progress), without fetching their values."""
-    pending = list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0, fetch_local=False)
-        yield from ready
 
 
 class RayExecutor(Executor):

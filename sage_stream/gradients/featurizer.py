@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import InputError
+from ..errors import InputError, positive_int
 from .model import logits_of
 from .projection import Projector
 
@@ -85,11 +85,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _positive_int(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-
 class Featurizer:
     """Maps a batch (x, y) to per-sample gradient features, see the module docstring; the
     modes are its subclasses (last_layer.py, params.py), made by `GradientFeaturizer`.
@@ -121,8 +116,9 @@ class Featurizer:
         output_key: str | None = None,
         pseudo_labels: bool = False,
     ):
-        _positive_int("chunk_size", chunk_size)
-        _positive_int("project_dim", project_dim)
+        for name, value in (("chunk_size", chunk_size), ("project_dim", project_dim)):
+            if value is not None:
+                positive_int(value, name)
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
         self.model, self.chunk_size = model, chunk_size

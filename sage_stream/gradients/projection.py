@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, positive_int
 
 # Entries per generated block: bounds numpy temporaries to a few × 32 MiB (uint64). At k = 1024
 # a block is 4096 rows.
@@ -55,8 +55,7 @@ def sign_block(seed: int, row_start: int, row_stop: int, k: int) -> np.ndarray:
 
 def _check(dim: int, k: int, seed: int) -> None:
     for name, value in (("dim", dim), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"projection {name} must be a positive integer, got {value!r}")
+        positive_int(value, f"projection {name}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise InputError(f"projection seed must be an integer in [0, 2**64), got {seed!r}")
 

@@ -1,5 +1,5 @@
-"""Bad input, case by case (DESIGN.md §6): every case finishes under ``--on-error skip`` with
-each skipped sample in scores/ and each shard failure in the manifest, counts adding up; and
+"""Bad input, case by case (README, "Behaviour you can rely on"): every case finishes under
+``--on-error skip`` with each skipped sample in scores/ and each shard failure in the manifest, counts adding up; and
 stops under ``--on-error fail`` with one line naming the URL or shard and the key, exit 2, no
 traceback. Shards are untrusted: no pickle, no member name used as a path, no member read
 past the size limit, checkpoints loaded with weights_only=True.
