@@ -63,6 +63,7 @@ class Features:
     loss: torch.Tensor  # (B,) float32 per-sample cross-entropy
     logits: torch.Tensor  # (B, C) float32
     labels: torch.Tensor  # (B,) int64: the labels the gradients are of (predicted ones too)
+    head_input: torch.Tensor | None = None  # (B, H) float32 h, last-layer mode only (near-copies)
 
 
 def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
@@ -129,6 +130,7 @@ class Featurizer:
         self.autocast = PRECISIONS[precision]  # None: the model's own dtype
         self.head_name: str | None = None
         self.head: nn.Linear | None = None
+        self.head_input: torch.Tensor | None = None  # (B, H) of the last batch, last-layer mode
         self.num_classes: int | None = None
 
     def _project(self) -> None:
@@ -155,10 +157,11 @@ class Featurizer:
             with torch.no_grad(), self._autocast(y):
                 self._check_width(self.forward(_rows(x, 0, 1)).float())
         y = self._check_labels(x, y)
+        self.head_input = None  # the mode sets it where it sees h (last-layer)
         grads, loss, logits, y = self._features(x, y)
         if self.projector is not None:
             grads = self.projector(grads)  # (B, k)
-        return Features(grads=grads, loss=loss, logits=logits, labels=y)
+        return Features(grads=grads, loss=loss, logits=logits, labels=y, head_input=self.head_input)
 
     def _features(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, D) float32 gradients, (B,) loss, (B, C) logits and the labels used: the mode's."""

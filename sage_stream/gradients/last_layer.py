@@ -67,6 +67,7 @@ class LastLayerFeaturizer(Featurizer):
             grads = torch.cat(parts, dim=1)  # (B, C·H [+ C])
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
         f32 = torch.float32
+        self.head_input = h.to(f32)  # (B, H): pass 2's near-copy signature (signature.py)
         return grads.to(f32), loss.to(f32), logits.to(f32), y
 
     def _head_io(self, seen: list, out: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,15 @@ SCORE_SCHEMA = pa.schema(
         ("coverage", pa.float64()),  # ridge leverage τ from the sketch (sage_stream.coverage)
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("margin", pa.float64()),  # label logit − largest other (sage_stream.signature)
+        (
+            "signature",
+            pa.list_(pa.field("element", pa.float32()), 32),
+        ),  # near-copy signature (sage_stream.signature)
     ]
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
+OPTIONAL_COLUMNS = ("margin", "signature")  # for selection; null where pass 2 has no such value
 SHARD_ERROR_KEY = b"sage_stream.shard_error"
 SELECTION_KEY = b"sage_stream.selection"
 # What an emitted sample carries about itself (`<key>.sage.json`, `sage_*` columns).
@@ -53,6 +59,10 @@ def _write_table(folder: OutputFolder, url: str, table: pa.Table) -> None:
 
 def write_part(folder: OutputFolder, shard: str, table: pa.Table, shard_error: str | None) -> None:
     metadata = {SHARD_ERROR_KEY: (shard_error or "").encode()}
+    for name in OPTIONAL_COLUMNS:  # a part made without them (a test's table): all null
+        if name not in table.column_names:
+            field = SCORE_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     table = table.cast(SCORE_SCHEMA).replace_schema_metadata(metadata)
     _write_table(folder, folder.part(shard), table)
 

@@ -33,6 +33,7 @@ from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import GRAD_OUTLIER, MAX_GRAD_NORM, NONFINITE_GRAD, NONFINITE_LOSS, usable
+from ..signature import copy_signature, label_margin
 from .checks import FailFast
 from .loader import ReadSpec, decoded_shards, resolve_workers
 
@@ -75,6 +76,8 @@ class Featured:
     grads: Tensor  # (B, D) float32
     loss: Tensor  # (B,) float32
     y: Tensor  # (B,) int64
+    margin: Tensor | None = None  # (B,) float64 label logit − largest other (signature.py)
+    signature: Tensor | None = None  # (B, 32) float32 near-copy signature, last-layer mode
 
     @property
     def usable(self) -> Tensor:
@@ -253,7 +256,9 @@ def _featurize(
         ctx.fitted_shape = _sample_shape(batch.x)
     if ctx.featurizer.pseudo_labels:  # --label-key predicted: scores/ records the model's
         batch.y = feats.labels.to("cpu")
-    item = Featured(batch, feats.grads, feats.loss, feats.labels)
+    signature = None if feats.head_input is None else copy_signature(feats.head_input)
+    margin = label_margin(feats.logits, feats.labels)
+    item = Featured(batch, feats.grads, feats.loss, feats.labels, margin, signature)
     if fail:
         _raise_first_nonfinite(ref, item)
     return item

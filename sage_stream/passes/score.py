@@ -42,7 +42,9 @@ class ShardScores:
         if ell is not None:
             self.z.append(torch.zeros(1, ell))
 
-    def add_batch(self, batch: Batch, scored: ScoredBatch) -> None:
+    def add_batch(self, batch: Batch, scored: ScoredBatch, item: Featured | None = None) -> None:
+        """The batch's rows; `item` (its features) gives the margin and signature columns."""
+        self._add_selection_columns(scored, item)
         columns = [
             [None if v != v else v for v in t.tolist()]  # NaN -> null
             for t in (scored.score, scored.loss, scored.grad_norm, scored.energy, scored.coverage)
@@ -73,6 +75,26 @@ class ShardScores:
         self.rows["status"].append("ok" if reason is None else "error")
         self.rows["reason"].append(reason)
         self.index.append(index)
+        if len(self.rows["margin"]) < len(self.index):  # a skipped sample: neither column
+            self.rows["margin"].append(None)
+            self.rows["signature"].append(None)
+
+    def _add_selection_columns(self, scored: ScoredBatch, item: Featured | None) -> None:
+        """margin and signature of a batch's scored rows (null where it has no score)."""
+        n = len(scored.reasons)
+        ok = [r is None for r in scored.reasons]
+        margins: list = [None] * n
+        signatures: list = [None] * n
+        if item is not None and item.margin is not None:
+            margins = [m if good and m == m and abs(m) != float("inf") else None
+                       for m, good in zip(item.margin.tolist(), ok, strict=True)]  # fmt: skip
+        if item is not None and item.signature is not None:
+            sig = item.signature.float().cpu()
+            finite = torch.isfinite(sig).all(dim=1).tolist()
+            signatures = [row if good and fin else None
+                          for row, good, fin in zip(sig.tolist(), ok, finite, strict=True)]  # fmt: skip
+        self.rows["margin"].extend(margins)
+        self.rows["signature"].extend(signatures)
 
     def order(self) -> list[int]:
         return sorted(range(len(self.index)), key=self.index.__getitem__)
@@ -107,7 +129,7 @@ def score_items(
     for item in items:
         if isinstance(item, Featured):
             scored = score_batch(item.grads, item.loss, item.y, tensors, keep_z=centroid)
-            rows.add_batch(item.batch, scored)
+            rows.add_batch(item.batch, scored, item)
         elif isinstance(item, Broken):
             error = item.reason
         else:
