@@ -1,4 +1,5 @@
-"""Issue 5.1, constant memory: peak RSS of pass 1 (sketch) and pass 2 (score) at N, 4N, 16N.
+"""Issue 5.1, constant memory: peak RSS of pass 1 (sketch), pass 2 (score) and of a selection
+with near-copy removal (dedup_select) at N, 4N, 16N.
 
 Each size runs in its own child process (cases.py `sage`, phases sketch then score) over tar
 shards made here. Each phase's peak is VmHWM, reset when the phase starts (so the score
@@ -20,6 +21,8 @@ from typing import Any
 from common import Caps, parser, rate, run_case, start, work_dir, write_results
 from data import BlobSpec, proxy_checkpoint, write_blob_shards
 
+PHASES = ("sketch", "score", "dedup_select")
+
 
 def sizes(quick: bool) -> tuple[list[int], int]:
     """Sample counts and samples per shard."""
@@ -40,7 +43,7 @@ def measure(args: argparse.Namespace, spec: BlobSpec, root: Path) -> list[dict[s
             "n": n,
             "per_shard": per_shard,
             "device": args.device,
-            "phases": ["sketch", "score"],
+            "phases": list(PHASES),
         }
         result = run_case("sage", params, caps, args.threads)
         rows.append(summarize(n, result))
@@ -53,7 +56,7 @@ def summarize(n: int, result: dict[str, Any]) -> dict[str, Any]:
     if result["status"] != "ok":
         return {**row, "detail": result.get("detail")}
     row["child_peak_rss_mib"] = result["peak_rss_mib"]
-    for name in ("sketch", "score"):
+    for name in PHASES:
         phase = result["phases"][name]
         row[f"{name}_peak_rss_mib"] = phase["peak_rss_mib"]
         row[f"{name}_samples_per_s"] = rate(n, phase["wall_s"])
@@ -70,7 +73,7 @@ def growth(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     first, last = ok[0], ok[-1]
     return {
         name: round(last[f"{name}_peak_rss_mib"] / first[f"{name}_peak_rss_mib"], 3)
-        for name in ("sketch", "score")
+        for name in PHASES
     }
 
 

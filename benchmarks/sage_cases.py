@@ -136,6 +136,11 @@ def case_sage(p: dict[str, Any]) -> dict[str, Any]:
         "select": lambda: {
             "kept": sage_stream.select(out=out, inputs=shards, keep=p["keep"], scorer="sage").kept
         },  # the agreement ranking, which peers.py compares with the exact SVD's
+        "dedup_select": lambda: {
+            "kept": sage_stream.select(
+                out=out, inputs=shards, keep=p.get("keep", 0.3), scorer="random", dedup="on"
+            ).kept
+        },  # near-copy removal (select/dedup.py) and the selection after it
         "emit": lambda: {"emit": sage_stream.emit(shards, out=out, progress=False).totals},
         "raw_copy": lambda: {"bytes": _raw_copy(p)},
     }

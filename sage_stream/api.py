@@ -105,7 +105,7 @@ def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
 
 def _rules(cfg: Config) -> Rules:
     """The selection asked for (checked: exactly one of keep and min-score)."""
-    return Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed)
+    return Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed, cfg.dedup)
 
 
 def _select(cfg: Config, shards: list[str]) -> SelectResult:
@@ -293,6 +293,7 @@ def select(
     min_score: float | None = None,
     balance: str = C.balance,
     scorer: str = C.scorer,
+    dedup: str = C.dedup,
     seed: int = C.seed,
     storage_options: dict[str, Any] | None = None,
     force_unlock: bool = C.force_unlock,
@@ -354,6 +355,7 @@ def run(
     min_score: float | None = None,
     balance: str = C.balance,
     scorer: str = C.scorer,
+    dedup: str = C.dedup,
     checkpoint: str | None = None,
     model_args: dict[str, Any] | None = None,
     output_key: str | None = None,
@@ -398,7 +400,9 @@ def run(
 
     `keep` (a fraction) or `min_score` (a threshold) says how much to keep; `balance` how the
     budget is shared between classes (proportional | equal | none); `scorer` sage-coverage
-    (default), sage or a baseline (loss, loss-easy, grad-norm, random). The other options are `sketch`'s.
+    (default), sage or a baseline (loss, loss-easy, grad-norm, random); `dedup` whether
+    near-copies collapse to one first (off | on). The other
+    options are `sketch`'s.
     """
     options = dict(locals())
     del options["config"]

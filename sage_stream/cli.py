@@ -24,6 +24,7 @@ from . import api
 from .config import (
     BALANCES,
     CONSENSUS,
+    DEDUP,
     EXECUTORS,
     GRAD_MODES,
     ON_ERROR,
@@ -190,6 +191,13 @@ def _add_select(p: argparse.ArgumentParser) -> None:
         choices=BALANCES,
         help="proportional (default): keep the class "
         "mix; equal: same count per class; none: global top",
+    )
+    g.add_argument(
+        "--dedup",
+        choices=DEDUP,
+        help="near-copies within a class (signatures of the head's input closer than 7%% of a "
+        "typical pair) rank after every other sample, recorded in OUT/duplicates.parquet: off "
+        "(default) or on, for any scorer",
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from .decode.images import check_options
 from .errors import InputError
 from .outputs.folder import OutputFolder
-from .select.rules import BALANCES, SCORERS, check_amount
+from .select.rules import BALANCES, DEDUP, SCORERS, check_amount
 from .storage import exists, open_input
 from .units import byte_size
 
@@ -92,6 +92,7 @@ class Config:
     consensus: str = "mean-gradient"
     keep: float | None = None
     balance: str = "proportional"
+    dedup: str = "off"  # near-copy removal (select/dedup.py): off | on, for any scorer
     min_score: float | None = None
     overwrite: bool = False
     force_unlock: bool = False  # break OUT/_LEASE left by a run that is gone (outputs.lease)
@@ -108,6 +109,7 @@ class Config:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("balance", self.balance, BALANCES)
+        _check_choice("dedup", self.dedup, DEDUP)
         for name in ("ell", "batch_size", "chunk_size", "max_member_bytes", "max_sample_bytes"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer")

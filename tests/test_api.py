@@ -305,3 +305,23 @@ def test_mixed_precision_scores_rank_like_fp32(data, tmp_path, precision):
         assert manifest["identity"]["precision"] == p  # never mixed with another precision
     assert spearman(scores["fp32"], scores[precision]) >= 0.99
     assert not np.array_equal(scores["fp32"], scores[precision])  # autocast really ran
+
+
+def test_near_copies_collapse_to_one_and_are_recorded(data, tmp_path):
+    """Samples 0..9 each copied twice (other keys, same pixels): with --dedup on every copy is
+    recorded in duplicates.parquet against an earlier key, and none is kept while its class has
+    enough distinct samples; `--dedup off` writes no such file."""
+    x, y = data["x"], data["noisy"]
+    copies = np.concatenate([x, x[:10], x[:10]]), np.concatenate([y, y[:10], y[:10]])
+    urls = write_tar_set(tmp_path / "in", *copies)
+    out = tmp_path / "out"
+    sage_stream.run(urls, out=str(out), checkpoint=data["ckpt"], dedup="on", **OPTIONS)
+    dups = pq.read_table(out / "duplicates.parquet").to_pylist()
+    pairs = {(int(d["__key__"][1:]), int(d["duplicate_of_key"][1:])) for d in dups}
+    planted = {(N + i, i) for i in range(10)} | {(N + 10 + i, i) for i in range(10)}
+    assert planted <= pairs  # every copy found, against its original (the first key)
+    assert len(pairs - planted) <= len(x) // 20  # few distinct samples called copies
+    kept = set(pq.read_table(out / "selection.parquet")["__key__"].to_pylist())
+    assert not kept & {key(i) for i, _ in planted}
+    sage_stream.select(out=str(out), keep=0.5, dedup="off")
+    assert not (out / "duplicates.parquet").exists()

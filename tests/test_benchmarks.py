@@ -44,6 +44,7 @@ def test_memory_is_flat_from_n_to_16n(tmp_path):
     assert all(row["status"] == "ok" for row in r["rows"])
     growth = r["peak_growth_largest_over_smallest"]
     assert growth["sketch"] < 1.25 and growth["score"] < 1.25  # measured: about 1.05
+    assert growth["dedup_select"] < 1.25  # near-copy removal in bounded memory too
 
 
 def test_throughput_compares_passes_emit_and_fd(tmp_path):

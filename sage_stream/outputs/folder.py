@@ -4,6 +4,8 @@
       sketch.zarr/                  pass 1 (outputs.sketch_store)
       scores/part-<shard>.parquet   pass 2 (outputs.tables), one row per input sample
       selection.parquet             select (outputs.tables)
+      duplicates.parquet            select with near-copy removal: each removed sample and
+                                    the candidate it duplicates (select/dedup.py)
       shards/<input shard name>     emit: the kept samples
       manifest.json                 emit (outputs.manifest)
       shardindex.json               emit: wids index of shards/
@@ -50,6 +52,7 @@ log = logging.getLogger("sage_stream")
 SKETCH = "sketch.zarr"
 SCORES = "scores"
 SELECTION = "selection.parquet"
+DUPLICATES = "duplicates.parquet"
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 INDEX = "shardindex.json"
@@ -58,7 +61,7 @@ REPORT = "report"
 WORK = "_work"
 TMP = "tmp"  # under _work/: temporaries only
 # Everything a run writes into OUT; --overwrite removes exactly these, nothing else.
-ENTRIES = (SKETCH, SCORES, SELECTION, SHARDS, MANIFEST, INDEX, SUCCESS, REPORT, WORK)
+ENTRIES = (SKETCH, SCORES, SELECTION, DUPLICATES, SHARDS, MANIFEST, INDEX, SUCCESS, REPORT, WORK)
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 
@@ -88,6 +91,10 @@ class OutputFolder:
     @property
     def selection(self) -> str:
         return self.path(SELECTION)
+
+    @property
+    def duplicates(self) -> str:
+        return self.path(DUPLICATES)
 
     def shard(self, name: str) -> str:
         return self.path(SHARDS, name)

@@ -9,6 +9,7 @@ one shard at a time, changing OUT only once the search is over and the lease sti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..outputs.folder import OutputFolder
@@ -23,6 +25,7 @@ from ..outputs.lease import check as check_lease
 from ..outputs.selection_file import write_selection_parts
 from ..outputs.tables import read_part
 from ..select.bounded import select_parts
+from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
 from ..select.parts import local_map
 from ..select.rules import COLUMNS, SKETCHED, Rules
 from ..select.warn import run_warnings
@@ -47,9 +50,18 @@ def run_select(
     `checkpoint` is the run's --checkpoint when OUT does not record one (for the warnings).
     """
     columns = [*COLUMNS, "coverage"] if rules.scorer == "sage-coverage" else COLUMNS
+    if rules.dedups:
+        columns = [*columns, "signature"]
 
     def read(name: str) -> pa.Table:
-        return read_part(folder, name, list(columns))[0]
+        try:
+            return read_part(folder, name, list(columns))[0]
+        except (KeyError, pa.ArrowInvalid) as exc:  # a column this version's pass 2 writes
+            raise InputError(
+                f"the scores of shard {name!r} under {folder.url} lack a column this selection "
+                f"needs ({exc}): they were made by an earlier version; rerun `sage-stream "
+                "score` (or --dedup off, for the near-copy signature)"
+            ) from None
 
     if rules.scorer in SKETCHED:
         _check_has_sage_scores(folder, shards, read)
@@ -60,9 +72,26 @@ def run_select(
         log.warning("%s", warning)
     if warnings:  # recorded only when there are some: a sound run's selection is unchanged
         params["warnings"] = warnings
+    with contextlib.ExitStack() as stack:
+        dups = None
+        if rules.dedups:  # found first: one pass for the stats, then bucket by bucket
+            dups = stack.enter_context(Duplicates(find_duplicates(shards, local_map(read))))
+        result = _select_and_write(folder, rules, shards, read, params, dups)
+    result.warnings = [*warnings, *result.warnings]
+    return result
+
+
+def _select_and_write(
+    folder: OutputFolder,
+    rules: Rules,
+    shards: list[str],
+    read: Callable[[str], pa.Table],
+    params: dict[str, Any],
+    dups: Duplicates | None,
+) -> SelectResult:
     chosen = select_parts(shards, local_map(read), keep=rules.keep, balance=rules.balance,
                           min_score=rules.min_score, scorer=rules.scorer,
-                          seed=rules.seed)  # fmt: skip
+                          seed=rules.seed, duplicates=dups)  # fmt: skip
     scored = 0
 
     def counted() -> Iterator[tuple[str, pa.Table]]:
@@ -80,10 +109,23 @@ def run_select(
             folder.clear_success()
 
     written = write_selection_parts(folder, counted(), params)
+    _write_duplicates(folder, dups)
+    nothing: list[str] = []
     if written.kept == 0 and scored > 0:
-        warnings = [*warnings, _nothing_kept(rules, scored)]
-        log.warning("%s", warnings[-1])
-    return SelectResult(written.url, scored, written.kept, params, warnings)
+        nothing = [_nothing_kept(rules, scored)]
+        log.warning("%s", nothing[-1])
+    return SelectResult(written.url, scored, written.kept, params, nothing)
+
+
+def _write_duplicates(folder: OutputFolder, dups: Duplicates | None) -> None:
+    """OUT/duplicates.parquet from this selection's near-copies; none left from an earlier one."""
+    if dups is None:
+        if folder.exists(folder.duplicates):
+            folder.remove(folder.duplicates)
+        return
+    with folder.writer(folder.duplicates) as f, pq.ParquetWriter(f, DUPLICATES_SCHEMA) as w:
+        for table in dups.tables():
+            w.write_table(table)
 
 
 def _nothing_kept(rules: Rules, scored: int) -> str:

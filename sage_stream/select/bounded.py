@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from ..errors import InputError
 from .coverage import with_data_params
+from .dedup import Duplicates, with_duplicates
 from .orderings import recorded_score
 from .parts import Counts, MapParts, Rows, count_part, group_of, key_bytes, prepare
 from .quotas import class_quotas, overall_quota
@@ -322,11 +323,15 @@ def select_parts(
     scorer: str = "sage",
     seed: int = 0,
     memory_rows: int = MEMORY_ROWS,
+    duplicates: Duplicates | None = None,
 ) -> Iterator[tuple[str, pa.Table, int]]:
     """(shard, its kept rows, its candidates) for each part, in shard-name order: the rows
-    `reference.select` keeps on all parts at once (same arguments)."""
+    `reference.select` keeps on all parts at once (same arguments). With `duplicates`
+    (dedup.py, found over the same parts) every duplicate ranks after its class's others."""
     rules = Rules(keep, min_score, balance, scorer, seed)
     names = sorted(names)
+    if duplicates is not None:
+        map_parts = with_duplicates(map_parts, duplicates)
     scorer = rules.ranked_by  # with a threshold, sage-coverage's is on the agreement
     if scorer == "sage-coverage":  # its ranking needs two data-wide numbers: one pass first
         map_parts = with_data_params(map_parts, names)

@@ -5,21 +5,24 @@ Where it sits: pass 2 records each sample's agreement (``score``) and its ridge 
 τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i (``coverage``; scores.ridge_leverage says how and why); selection
 ranks the candidates by them here, for both paths (reference.py, bounded.py).
 
-Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong,
-the direction's leverage decides among the rest. τ ranges from ≈ 0 (one of many near-copies, or
-a sample the proxy already fits) to ≈ 1 (a sample no other sample supports); a mislabelled
-sample sits near the top, its large gradient pulling towards another class. So a candidate
-*passes* when its agreement is not among the lowest `FILTER_QUANTILE` of its class's and its τ
-is at most `SUPPORT` times the mean τ of all candidates. The passing samples are drawn without
-replacement with probability proportional to w_i^(1/T), w_i = τ_i / ‖g_i‖² = ĝ_iᵀ(BᵀB + λI)⁻¹ĝ_i
-the leverage of the gradient's *direction* ĝ_i (so a rare direction weighs more whatever the
-gradient's size: τ alone mostly tracks ‖g_i‖², which the cap already judged), with
-Efraimidis–Spirakis keys in log form: log(w)/T + Gumbel noise hashed from the seed and key, so
-the draw is deterministic and independent of row order. The samples that fail come after every
-passing one, by agreement. The two data-wide parameters (the τ cap and each class's agreement
-cut) come from one pass over the score parts (`with_data_params`), in memory of one part plus a
-histogram per class, so selection stays bounded (bounded.py) and every part is ranked by a
-function of its own rows. selection.parquet's `score` is the ranking value.
+Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong, a
+seeded draw weighted by the leverage of each gradient's direction picks among the rest. τ ranges
+from ≈ 0 (one of many near-copies, or a sample the proxy already fits) to ≈ 1 (a sample no other
+sample supports); a mislabelled sample sits near the top, its large gradient pulling towards
+another class. So a candidate *passes* when its agreement is not among the lowest
+`FILTER_QUANTILE` of its class's and its τ is at most `SUPPORT` times the mean τ of all
+candidates, unless its class is exempt from the cap: a class more than `MAX_CAPPED_SHARE` of
+whose candidates are over the cap (1.0, the default: none; 0.5 would keep a rare or hard class
+from being set aside whole, but did not win on the benchmark). The passing samples are drawn
+without replacement, with probability proportional to w_i^(1/T), w_i = τ_i/‖g_i‖² the leverage
+of the gradient's direction, by Efraimidis–Spirakis keys in log form: log(w)/T + Gumbel noise
+hashed from the seed and key, so the draw is deterministic and independent of row order
+(`TEMPERATURE` = ∞: a uniform draw). The samples that fail come after every passing one, by
+agreement. With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters
+(the τ cap, each class's agreement cut, the exempt classes) come from two passes over the score
+parts (`with_data_params`), in memory of one part plus a histogram per class, so selection stays
+bounded (bounded.py) and every part is ranked by a function of its own rows. selection.parquet's
+`score` is the ranking value.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ from .rules import ok_mask
 # Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
 FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
-TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; larger is flatter
+TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; inf: uniform
+# A class with more than this share of its candidates over the τ cap is exempt from it. 1.0:
+# none is (the default: 0.5, measured together with --dedup on and a uniform draw, lost to this
+# setting on the digits; docs/quality.md).
+MAX_CAPPED_SHARE = 1.0
 
 
 def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
@@ -55,6 +62,7 @@ def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
 
 AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1, 1]
 CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
+EXEMPT_COLUMN = "_cap_exempt"
 
 
 @dataclass
@@ -120,10 +128,13 @@ def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
 
 @dataclass(frozen=True)
 class Params:
-    """The ranking's data-wide parameters: the τ cap and, per class, the lowest passing bin."""
+    """The ranking's data-wide parameters: the τ cap, per class the lowest passing bin, and the
+    classes exempt from the cap (more than MAX_CAPPED_SHARE of them over it: a rare or hard
+    class, not a mislabelled few, so it is never set aside whole)."""
 
     cap: float
     cut: dict[int, int]
+    exempt: frozenset[int] = frozenset()
 
 
 def params(
@@ -139,11 +150,29 @@ def params(
     return Params(cap, cut)
 
 
+def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]:
+    """Per class, the candidates whose τ is over the cap (the second pass's partial)."""
+    _, tau, labels = _columns(table, ok)
+    over = labels[ok & (tau > cap)]
+    return {int(c): int(n) for c, n in zip(*np.unique(over, return_counts=True), strict=True)}
+
+
+def with_exempt(
+    p: Params, got: CoverageSums, capped: dict[int, int], share: float = MAX_CAPPED_SHARE
+) -> Params:
+    """`p` with the classes more than `share` of whose candidates are over the cap."""
+    exempt = frozenset(c for c, h in got.hist.items()
+                       if capped.get(c, 0) > share * int(h.sum()))  # fmt: skip
+    return Params(p.cap, p.cut, exempt)
+
+
 def with_params(table: pa.Table, p: Params) -> pa.Table:
     """The part with the parameters as columns, so that the ranking is a function of the row."""
     labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
     cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
+    exempt = np.array([int(c) in p.exempt for c in labels], dtype=bool)
     table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
+    table = table.append_column(EXEMPT_COLUMN, pa.array(exempt))
     return table.append_column(CUT_COLUMN, pa.array(cut))
 
 
@@ -153,7 +182,12 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
     got = CoverageSums()
     for one in map_parts(lambda t: part_sums(t, ok_mask(t)), names):
         got.add(one)
-    found = params(got)
+    first = params(got)
+    capped: dict[int, int] = {}
+    for counts in map_parts(lambda t: capped_counts(t, ok_mask(t), first.cap), names):
+        for c, n in counts.items():
+            capped[c] = capped.get(c, 0) + n
+    found = with_exempt(first, got, capped)
     return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
 
 
@@ -165,6 +199,7 @@ def coverage_ranking(
     quantile: float = FILTER_QUANTILE,
     support: float = SUPPORT,
     temperature: float = TEMPERATURE,
+    capped_share: float = MAX_CAPPED_SHARE,
 ) -> np.ndarray:
     """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
 
@@ -178,11 +213,15 @@ def coverage_ranking(
     if CAP_COLUMN in table.column_names:
         cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
         cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
+        exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
     else:
-        p = params(part_sums(table, ok), quantile, support)
+        got = part_sums(table, ok)
+        p = params(got, quantile, support)
+        p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share)
         cap = np.full(len(score), p.cap)
         cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
-    passes = (_bins(score) >= cut) & (tau <= cap)
+        exempt = np.array([int(c) in p.exempt for c in labels], dtype=bool)
+    passes = (_bins(score) >= cut) & ((tau <= cap) | exempt)
     noise = gumbel_noise(table["__key__"].to_pylist(), seed)
     norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
     with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing

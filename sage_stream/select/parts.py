@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .dedup import demote
 from .orderings import ranking_values
 from .rules import COLUMNS, check_columns, ok_mask
 
@@ -60,7 +61,7 @@ def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
                 f"scored rows must all have a {column!r}; {cand[column].null_count} are null"
             )
     _check_unique(cand)
-    values = ranking_values(cand, scorer, seed)
+    values = demote(cand, ranking_values(cand, scorer, seed))  # near-copies last, if marked
     labels = cand["label"]
     nulls = labels.null_count
     as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)

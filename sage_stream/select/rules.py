@@ -24,6 +24,7 @@ from ..errors import InputError
 SCORERS = ("sage-coverage", "sage", "loss", "loss-easy", "grad-norm", "random")
 SKETCHED = ("sage-coverage", "sage")  # the scorers that need pass 1's sketch
 BALANCES = ("proportional", "equal", "none")
+DEDUP = ("off", "on")  # near-copy removal (dedup.py), for any scorer
 
 # The scores/ columns both selection paths read (sage-coverage reads `coverage` as well).
 COLUMNS = ["__key__", "__shard__", "label", "status", "score", "loss", "grad_norm"]
@@ -48,9 +49,11 @@ class Rules:
     balance: str = "proportional"
     scorer: str = "sage"
     seed: int = 0
+    dedup: str = "off"
 
     def __post_init__(self) -> None:
         check_choice("scorer", self.scorer, SCORERS)
+        check_choice("dedup", self.dedup, DEDUP)
         check_choice("balance", self.balance, BALANCES)
         if self.keep is None and self.min_score is None:
             raise InputError("say how much to keep: give exactly one of --keep F or --min-score T")
@@ -64,10 +67,19 @@ class Rules:
             return "sage"
         return self.scorer
 
+    @property
+    def dedups(self) -> bool:
+        """Whether near-copies collapse to one (dedup.py) before the ranking."""
+        return self.dedup == "on"
+
     def params(self) -> dict[str, object]:
         """The request as selection.parquet records it."""
-        return {"keep": self.keep, "balance": self.balance, "min_score": self.min_score,
-                "scorer": self.scorer, "seed": self.seed}  # fmt: skip
+        out: dict[str, object] = {"keep": self.keep, "balance": self.balance,
+                                  "min_score": self.min_score, "scorer": self.scorer,
+                                  "seed": self.seed}  # fmt: skip
+        if self.dedups:  # recorded only when on: a selection without it reads as before
+            out["dedup"] = True
+        return out
 
 
 def check_amount(keep: float | None, min_score: float | None) -> None:

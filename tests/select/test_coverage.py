@@ -107,3 +107,28 @@ def test_missing_coverage_is_a_clear_error():
     table = _table().drop_columns(["coverage"])
     with pytest.raises(InputError, match="coverage"):
         select(table, keep=0.5, scorer="sage-coverage")
+
+
+def _rare_class(over: int) -> pa.Table:
+    """40 samples of class 0 with small τ, 4 of class 1 of which `over` have a large τ."""
+    tau = [0.01] * 40 + [1.0] * over + [0.01] * (4 - over)
+    n = len(tau)
+    return pa.table({
+        "__key__": [f"k{i:03d}" for i in range(n)], "__shard__": ["a.tar"] * n,
+        "label": [0] * 40 + [1] * 4, "score": np.linspace(0.5, 0.9, n), "coverage": tau,
+        "loss": np.ones(n), "grad_norm": np.ones(n), "status": ["ok"] * n,
+    })  # fmt: skip
+
+
+def test_a_class_mostly_over_the_cap_is_exempt_with_a_capped_share():
+    ok = np.ones(44, dtype=bool)
+    cap = coverage.params(coverage.part_sums(_rare_class(4), ok), 0.0, 1.0).cap
+    assert 0.01 < cap < 1.0  # every sample of class 1 is over the global cap ...
+    values = coverage.coverage_ranking(_rare_class(4), ok, 0, quantile=0.0, support=1.0,
+                                       capped_share=0.5)  # fmt: skip
+    assert (values[40:] > 2).all()  # ... but the class is exempt: all of it passes
+    few = coverage.coverage_ranking(_rare_class(1), ok, 0, quantile=0.0, support=1.0,
+                                    capped_share=0.5)  # fmt: skip
+    assert few[40] <= 1 and (few[41:] > 2).all()  # one of four over the cap: that one goes last
+    default = coverage.coverage_ranking(_rare_class(4), ok, 0, quantile=0.0, support=1.0)
+    assert (default[40:] <= 1).all()  # the default share (1.0) exempts no class
