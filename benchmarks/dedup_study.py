@@ -11,6 +11,10 @@ greedily within each class (a sample joins the first earlier representative with
     recall      of the pairs of copies of one original, the share put in one group
     false merge on the clean pool (no copies), the share of samples set aside as a copy
 
+Then the rule the stage uses (select/dedup.py): the 32-number signature of h that pass 2
+records, squared distance within ε · (mean squared distance of a pair of the class), grouped
+by `dedup.group`, for several ε (space "sig").
+
     cd benchmarks && python dedup_study.py      # prints a table, writes results/dedup-study.json
 """
 
@@ -26,8 +30,11 @@ import torch
 from quality_data import DATASETS, prepare
 
 from sage_stream.gradients.featurizer import GradientFeaturizer
+from sage_stream.select import dedup
+from sage_stream.signature import copy_signature
 
 EPSILONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+RELATIVE = (1e-3, 3e-3, 5e-3, 1e-2, 3e-2)
 ELL = 256
 
 
@@ -43,7 +50,19 @@ def vectors(sc) -> dict[str, np.ndarray]:  # noqa: ANN001
     g = got.grads.double().numpy()
     _, s, vt = np.linalg.svd(g, full_matrices=False)
     z = (g @ vt[:ELL].T) * s[:ELL]
-    return {"h": seen[0].double().numpy(), "z": z, "g": g}
+    sig = copy_signature(seen[0]).double().numpy()
+    return {"h": seen[0].double().numpy(), "z": z, "g": g, "sig": sig}
+
+
+def relative_groups(sig: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
+    """(N,) representative of each sample under the stage's rule (dedup.py), in index order."""
+    rep = np.arange(len(sig))
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        s = sig[members]
+        stats = dedup.ClassStats({0: len(s)}, {0: s.sum(axis=0)}, {0: float((s * s).sum())})
+        rep[members] = members[dedup.group(s, stats.threshold(0, eps))]
+    return rep
 
 
 def _load(sc) -> torch.nn.Module:  # noqa: ANN001
@@ -107,6 +126,14 @@ def main(argv: list[str]) -> dict:
                                                       "false_merge": fm}  # fmt: skip
                     print(f"{data:8} {space} eps {eps:<7g} precision {p:.3f} recall {r:.3f} "
                           f"false merges {fm:.2%}", flush=True)  # fmt: skip
+            for eps in RELATIVE:
+                rep = relative_groups(copies["sig"], sc_copies.y, eps)
+                p, r = pair_scores(rep, sc_copies.group)
+                fm = float(np.mean(relative_groups(clean["sig"], sc_clean.y, eps)
+                                   != np.arange(len(sc_clean.y))))  # fmt: skip
+                found[f"{data} sig {eps}"] = {"precision": p, "recall": r, "false_merge": fm}
+                print(f"{data:8} sig relative eps {eps:<7g} precision {p:.3f} recall {r:.3f} "
+                      f"false merges {fm:.2%}", flush=True)  # fmt: skip
     out = Path(__file__).parent / "results" / "dedup-study.json"
     out.write_text(json.dumps({"command": "python dedup_study.py", "cells": found}, indent=1))
     return found

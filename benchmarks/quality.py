@@ -100,7 +100,11 @@ def cell(sc: Scenario, subsets: list[np.ndarray], seeds: Sequence[int]) -> dict[
     }
 
 
-def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Sequence[int]):
+def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Sequence[int],
+                     earlier: dict[str, Any] | None = None):  # fmt: skip
+    """Every scorer's cells; with `earlier` (the same scenario from a report of the same data
+    and seeds), the random subset and the whole pool are taken from it, not trained again;
+    with `earlier` = {} they are not measured (--no-baselines)."""
     results: dict[str, dict[str, Any]] = {s: {} for s in [*scorers, "random-subset"]}
     for keep in sc.keeps:
         sizes = set()
@@ -120,12 +124,31 @@ def measure_scenario(sc: Scenario, work: Path, scorers: Sequence[str], seeds: Se
         if len(sizes) != 1:
             raise RuntimeError(f"{sc.name} keep {keep}: scorers kept different sizes {sizes}")
         n = sizes.pop()
+        if earlier == {}:  # --no-baselines: --render --merge takes them from the other report
+            results.pop("random-subset", None)
+            continue
+        if earlier is not None:
+            results["random-subset"][str(keep)] = earlier["results"]["random-subset"][str(keep)]
+            continue
         draws = [np.sort(np.random.default_rng(1000 + s).choice(len(sc.y), n, replace=False))
                  for s in seeds]  # fmt: skip
         results["random-subset"][str(keep)] = cell(sc, draws, seeds)
+    if earlier == {}:
+        return results, None
+    if earlier is not None:
+        return results, earlier["full"]
     everything = np.arange(len(sc.y))
     full = cell(sc, [everything] * len(seeds), seeds)
     return results, full
+
+
+def merged(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """The scorers measured now, then those only `earlier` has (in its order)."""
+    if earlier is None:
+        return results
+    rest = {k: v for k, v in earlier["results"].items() if k not in results}
+    ordered = {k: results.get(k, rest.get(k)) for k in earlier["results"]}
+    return {**ordered, **{k: v for k, v in results.items() if k not in ordered}}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -138,6 +161,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="number of seeds (default 3, quick 1)")
     p.add_argument("--output-dir", type=Path, help="write quality.md/.png/.json here instead")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-baselines", action="store_true", help="measure neither the random "
+                   "subset nor the whole pool (for --render --merge with a report that has them)")  # fmt: skip
+    p.add_argument("--render", help="measure nothing: write the tables and plot of these "
+                   "quality.json (comma-separated; with --merge: and of the scorers only that "
+                   "one has)")  # fmt: skip
+    p.add_argument("--merge", type=Path, help="a quality.json of the same data and seeds: the "
+                   "scorers not run now, the random subset and the whole pool come from it")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -154,13 +184,47 @@ def outputs(args: argparse.Namespace) -> dict[str, Path] | None:
     }
 
 
+def render(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """A report measured earlier, with the scorers only --merge's report has added."""
+    parts = [json.loads(Path(p).read_text()) for p in args.render.split(",")]
+    report = parts[0]
+    for other in parts[1:]:  # runs of other data sets, scenarios or scorers: one report
+        for name, sc in other["scenarios"].items():
+            if name in report["scenarios"]:
+                report["scenarios"][name]["results"].update(sc["results"])
+            else:
+                report["scenarios"][name] = sc
+        report["scorers"] += [s for s in other["scorers"] if s not in report["scorers"]]
+        report["seconds"] += other["seconds"]
+        report["command"] += " and " + other["command"]
+    if args.merge:
+        before = json.loads(args.merge.read_text())
+        if before["seeds"] != report["seeds"]:
+            raise SystemExit(f"--merge {args.merge}: other seeds than {args.render}")
+        if set(before["scenarios"]) != set(report["scenarios"]):
+            raise SystemExit(f"--merge {args.merge}: other scenarios than {args.render}")
+        for name, sc in report["scenarios"].items():
+            sc["results"] = merged(sc["results"], before["scenarios"][name])
+            sc["full"] = sc["full"] or before["scenarios"][name]["full"]
+        report["scorers"] = before["scorers"]
+        report["merged"] = {"measured": report["command"], "others": before["command"],
+                            "others_seconds": before["seconds"]}  # fmt: skip
+        report["command"] = " ".join(["python benchmarks/quality.py", *(argv or sys.argv[1:])])
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        return write(render(args, argv), outputs(args))
     torch.set_num_threads(args.threads)  # tiny models: more threads only contend
     scorers = [s for s in args.scorers.split(",") if s]
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     started = time.monotonic()
     scenarios: dict[str, Any] = {}
+    before = json.loads(args.merge.read_text()) if args.merge else None
+    if before is not None and before["seeds"] != seeds:
+        raise SystemExit(f"--merge {args.merge}: seeds {before['seeds']}, not {seeds}")
     with tempfile.TemporaryDirectory(prefix="sage-quality-") as work:
         keeps = KEEPS if not args.quick else (0.1,)
         if args.keeps:
@@ -168,7 +232,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for data in [d for d in args.data.split(",") if d]:
             for name in [s for s in args.scenarios.split(",") if s]:
                 sc = prepare(data, name, Path(work), keeps)
-                results, full = measure_scenario(sc, Path(work), scorers, seeds)
+                earlier = (before or {}).get("scenarios", {}).get(f"{data}/{name}")
+                if args.no_baselines:
+                    earlier = {}
+                results, full = measure_scenario(sc, Path(work), scorers, seeds, earlier)
+                results = merged(results, earlier or None)
                 scenarios[f"{data}/{name}"] = {**sc.describe(), "results": results, "full": full,
                                                "test_size": len(sc.y_test)}  # fmt: skip
     report = {
@@ -177,12 +245,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{torch.get_num_threads()} torch thread(s)",
         "seconds": time.monotonic() - started,
         "seed_varies": "init of the trained model, the seeded scorers' draws, the random subset",
-        "scorers": scorers,
+        "scorers": list(before["scorers"]) if before else scorers,
+        "measured_now": scorers,
+        "merged_from": str(args.merge) if args.merge else None,
         "seeds": seeds,
         "scenarios": scenarios,
         "versions": {"sage-stream": sage_stream.__version__, "torch": torch.__version__},
     }
-    paths = outputs(args)
+    return write(report, outputs(args))
+
+
+def write(report: dict[str, Any], paths: dict[str, Path] | None) -> dict[str, Any]:
     block = quality_report.write_markdown(report, paths["md"] if paths else None)
     print(block)
     if paths is not None:

@@ -26,14 +26,16 @@ def _cell(stats: dict[str, Any], bold: bool = False) -> str:
 def scenario_table(name: str, sc: dict[str, Any], n_seeds: int) -> list[str]:
     results, names = sc["results"], list(sc["results"])
     head = ["keep", "samples", *[LABELS.get(n, n) for n in names]]
+    whole = (
+        f"Training on the whole pool: {_cell(sc['full']['accuracy'])}. " if sc.get("full") else ""
+    )
     lines = [
         f"### {name}: {sc['title']}",
         "",
         f"Pool: {sc['pool']} samples ({sc['distinct']} distinct {sc['unit']}), "
         f"{sc['flipped_share']:.0%} flipped labels, class counts {sc['class_counts']}. "
-        f"Training on the whole pool: {_cell(sc['full']['accuracy'])}. Accuracy on "
-        f"{sc['test_size']} clean held-out {sc['unit']}, mean ± std over {n_seeds} seed(s); "
-        "the best mean of each row in bold.",
+        f"{whole}Accuracy on {sc['test_size']} clean held-out {sc['unit']}, mean ± std over "
+        f"{n_seeds} seed(s); the best mean of each row in bold.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -106,8 +108,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [*difference_table(report), ""]
     for name, sc in report["scenarios"].items():
         lines += [*scenario_table(name, sc, n_seeds), ""]
-    lines += [f"Measured with `{report['command']}` in {report['seconds']:.0f} s "
-              f"({report['machine']})."]  # fmt: skip
+    if "merged" in report:  # two runs: the changed scorer now, the others before the change
+        m = report["merged"]
+        lines += [f"Measured with `{m['measured']}` in {report['seconds']:.0f} s (the scorers it "
+                  f"names) and `{m['others']}` in {m['others_seconds']:.0f} s (the others, on the "
+                  f"code before the change; their selections do not depend on it), combined by "
+                  f"`{report['command']}` ({report['machine']}, shared with other jobs)."]  # fmt: skip
+    else:
+        lines += [f"Measured with `{report['command']}` in {report['seconds']:.0f} s "
+                  f"({report['machine']})."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -149,7 +158,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             style = "--" if scorer.startswith("random") else "-"
             ax.errorbar(keeps, mean, yerr=std, fmt=style + "o", capsize=3, ms=4,
                         label=LABELS.get(scorer, scorer))  # fmt: skip
-        ax.axhline(sc["full"]["accuracy"]["mean"], color="gray", linestyle=":", label="whole pool")
+        if sc.get("full"):
+            ax.axhline(sc["full"]["accuracy"]["mean"], color="gray", linestyle=":",
+                       label="whole pool")  # fmt: skip
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(keeps, [str(k) for k in keeps])

@@ -27,7 +27,7 @@ import torch
 from quality_data import prepare
 
 import sage_stream
-from sage_stream.demo import accuracy, train
+from sage_stream.demo import accuracy
 from sage_stream.select import coverage, orderings
 from sage_stream.select.quotas import proportional_quotas
 
@@ -54,16 +54,17 @@ def kept(table: pa.Table, values: np.ndarray, keep: float) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scenarios", default="label-noise,redundancy,long-tail,small-budget")
+    p.add_argument("--data", default="digits", help="a data set of quality_data.py")
+    p.add_argument("--scenarios", default="label-noise,near-copies,long-tail,clean")
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     found: dict = {}
     with tempfile.TemporaryDirectory(prefix="sage-sweep-") as work:
         for name in args.scenarios.split(","):
-            sc = prepare(name, Path(work))
-            out = Path(work) / name / "run"
-            sage_stream.run(sc.urls, model="sage_stream.demo:digits_mlp", keep=0.1,
+            sc = prepare(args.data, name, Path(work))
+            out = Path(work) / args.data / name / "run"
+            sage_stream.run(sc.urls, model=sc.data.model, keep=0.1,
                             checkpoint=sc.checkpoint, out=str(out), device="cpu",
                             progress=False)  # fmt: skip
             table = pq.read_table(out / "scores")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                         else:
                             values = coverage.coverage_ranking(table, ok, seed, **rank)
                         idx = kept(table, values, keep)
-                        model = train(sc.x[idx], sc.y[idx], seed=seed)
+                        model = sc.data.train(sc.x[idx], sc.y[idx], seed=seed)
                         accs.append(accuracy(model, sc.x_test, sc.y_test))
                         flipped.append(float((sc.y[idx] != sc.y_clean[idx]).mean()))
                         distinct.append(len(np.unique(sc.group[idx])) / len(idx))
