@@ -15,6 +15,7 @@ steps, in one executor, so that Ray actors load the model once for both passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -156,29 +157,38 @@ def _pass(cfg: Config, name: str, step: Callable[[Executor, StageContext], Any])
             return step(executor, ctx)
 
 
-def _config(step: Callable[..., Any], config: Config | None, options: dict[str, Any]) -> Config:
-    """The step's Config: `config=` if given, with every option the caller changed on top."""
-    defaults = {n: p.default for n, p in inspect.signature(step).parameters.items()}
-    changed = {k: v for k, v in options.items() if not _same(v, defaults[k])}
-    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config else {}
-    cfg = make_config(**{**base, **changed})
-    if not cfg.out:
-        raise InputError("no output: pass --out URL")
-    return cfg
+# Options whose API default None stands for Config's empty value (an explicit None too).
+_EMPTY_WHEN_NONE = ("inputs", "out", "model_args", "storage_options")
 
 
-def _same(value: Any, default: Any) -> bool:
-    if value is default:
-        return True
-    try:
-        return type(value) is type(default) and bool(value == default)
-    except Exception:  # noqa: BLE001 - an object whose == is not a plain comparison
-        return False
+def _options(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a public step its Config: `config=` if given, then every keyword the caller passed
+    on top (an explicit keyword always wins, even one equal to the default). The step itself
+    is called with that Config only; its signature stays what help() and IDEs show."""
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def with_config(*args: Any, **kwargs: Any) -> Any:
+        given = dict(signature.bind(*args, **kwargs).arguments)
+        config = given.pop("config", None)
+        base = (
+            {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config else {}
+        )
+        for name in _EMPTY_WHEN_NONE:
+            if name in given and given[name] is None:
+                given[name] = getattr(Config(), name)  # a fresh (), "" or {}
+        cfg = make_config(**{**base, **given})
+        if not cfg.out:
+            raise InputError("no output: pass --out URL")
+        return step(config=cfg)
+
+    return with_config
 
 
 # --- the public steps ------------------------------------------------------------------------
 
 
+@_options
 def sketch(
     inputs: Inputs | None = None,
     *,
@@ -227,11 +237,11 @@ def sketch(
     `model` is a factory "module:function", a callable or an nn.Module; `checkpoint` a state
     dict URL. The options are `Config`'s (see `sage-stream sketch --help`).
     """
-    options = dict(locals())
-    del options["config"]
-    return _pass(_config(sketch, config, options), "sketch", lambda ex, ctx: ex.sketch(ctx))
+    assert config is not None  # given by @_options
+    return _pass(config, "sketch", lambda ex, ctx: ex.sketch(ctx))
 
 
+@_options
 def score(
     inputs: Inputs | None = None,
     *,
@@ -279,12 +289,12 @@ def score(
 
     The same options as `sketch`, which must match the sketch's (else MismatchError).
     """
-    options = dict(locals())
-    del options["config"]
-    cfg = _config(score, config, options)
+    assert config is not None  # given by @_options
+    cfg = config
     return _pass(cfg, "score", lambda ex, ctx: ex.score(ctx, _stored_sketch(ctx)))
 
 
+@_options
 def select(
     inputs: Inputs | None = None,
     *,
@@ -304,9 +314,8 @@ def select(
     `keep` is a fraction of the scored samples, or `min_score` a threshold; `inputs`, if
     given, must be the run's (else the shards that have scores are used).
     """
-    options = dict(locals())
-    del options["config"]
-    cfg = _config(select, config, options)
+    assert config is not None  # given by @_options
+    cfg = config
     folder = cfg.output
     with hold(folder, cfg.force_unlock), recorded_stop(folder, "select"):
         shards = (
@@ -315,6 +324,7 @@ def select(
         return _select(cfg, shards)
 
 
+@_options
 def emit(
     inputs: Inputs | None = None,
     *,
@@ -335,9 +345,8 @@ def emit(
 
     `inputs` must be the run's. With `executor="ray"` each shard is one Ray task.
     """
-    options = dict(locals())
-    del options["config"]
-    cfg = _config(emit, config, options)
+    assert config is not None  # given by @_options
+    cfg = config
     folder = cfg.output
     with hold(folder, cfg.force_unlock), recorded_stop(folder, "emit"):
         refs = _run_inputs(cfg, folder)
@@ -346,6 +355,7 @@ def emit(
             return executor_.emit(cfg, refs, _sketch_stats(cfg))
 
 
+@_options
 def run(
     inputs: Inputs | None = None,
     *,
@@ -404,6 +414,5 @@ def run(
     near-copies collapse to one first (off | on). The other
     options are `sketch`'s.
     """
-    options = dict(locals())
-    del options["config"]
-    return _run(_config(run, config, options))
+    assert config is not None  # given by @_options
+    return _run(config)
