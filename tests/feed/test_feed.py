@@ -306,9 +306,10 @@ def test_quality_benchmark_writes_its_table_plot_and_results(tmp_path, monkeypat
     bench = load_script("benchmarks/quality.py")
     begin, end = bench.quality_report.BEGIN, bench.quality_report.END
     (tmp_path / "quality.md").write_text(f"# Q\n\n{begin}\nold\n{end}\n\nguidance\n")
-    argv = ["--scenarios", "label-noise", "--scorers", "loss-easy,random", "--keeps", "0.5"]
+    argv = ["--data", "digits", "--scenarios", "label-noise", "--scorers", "loss-easy,random"]
+    argv += ["--keeps", "0.5"]
     report = bench.main([*argv, "--seeds", "2", "--output-dir", str(tmp_path)])
-    results = report["scenarios"]["label-noise"]["results"]
+    results = report["scenarios"]["digits/label-noise"]["results"]
     cells = [results[n]["0.5"] for n in ("loss-easy", "random", "random-subset")]
     assert all(c["n"] == [700] and len(c["accuracy"]["values"]) == 2 for c in cells)
     assert all(0.0 <= a <= 1.0 for c in cells for a in c["accuracy"]["values"])
@@ -317,7 +318,7 @@ def test_quality_benchmark_writes_its_table_plot_and_results(tmp_path, monkeypat
     text = (tmp_path / "quality.md").read_text()
     assert "\nold\n" not in text and text.endswith("guidance\n") and "| 0.5 | 700 |" in text
     saved = json.loads((tmp_path / "quality.json").read_text())
-    assert saved["scenarios"]["label-noise"]["keeps"] == [0.5]
+    assert saved["scenarios"]["digits/label-noise"]["keeps"] == [0.5]
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
