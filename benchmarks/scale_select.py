@@ -67,6 +67,9 @@ def write_scores(root: Path, n: int, per_part: int) -> Path:
             "status": pa.array(status),
             "reason": pa.nulls(m, pa.string()),
         })  # fmt: skip
+        for field in SCORE_SCHEMA:  # columns pass 2 leaves null where it has no value
+            if field.name not in table.column_names:
+                table = table.append_column(field, pa.nulls(m, field.type))
         table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)  # as pass 2 writes it
         pq.write_table(table, out / "scores" / f"part-{shard}.parquet")
     done.write_text("")
