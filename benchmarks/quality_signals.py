@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sage_stream.demo import fit_full_batch  # the demo's proxy training, shared
+
 LENGTH, CLASSES = 60, 6
 MEAN, SPREAD = 30.0, 5.0  # SPREAD: s, see the module docstring
 
@@ -77,7 +79,7 @@ def control_cnn() -> nn.Module:
 def train(x: np.ndarray, y: np.ndarray, *, steps: int = 300, seed: int = 0) -> nn.Module:
     """Full-batch Adam on (x, y) in float32, from torch's seeded initial weights."""
     torch.manual_seed(seed)
-    return _fit(control_cnn(), x, y, steps)
+    return fit_full_batch(control_cnn(), x, y, steps)
 
 
 def train_reproducible(
@@ -94,15 +96,4 @@ def train_reproducible(
                 bound = 1.0 / math.sqrt(fan_in)
                 for param in (layer.weight, layer.bias):
                     param.copy_(torch.from_numpy(rng.uniform(-bound, bound, param.shape)))
-    return _fit(model, x, y, steps)
-
-
-def _fit(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int) -> nn.Module:
-    dtype = next(model.parameters()).dtype
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    xt, yt = torch.from_numpy(x).to(dtype), torch.from_numpy(y)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    return model.eval()
+    return fit_full_batch(model, x, y, steps)

@@ -84,7 +84,7 @@ def write_shards(folder: Path, x: np.ndarray, y: np.ndarray) -> list[str]:
 def train(x: np.ndarray, y: np.ndarray, *, steps: int = 300, seed: int = 0) -> nn.Module:
     """Full-batch Adam on (x, y): a second or two on a CPU."""
     torch.manual_seed(seed)
-    return _fit(digits_mlp(), x, y, steps)
+    return fit_full_batch(digits_mlp(), x, y, steps)
 
 
 def train_reproducible(
@@ -100,10 +100,11 @@ def train_reproducible(
                 bound = 1.0 / math.sqrt(layer.in_features)
                 for param in (layer.weight, layer.bias):
                     param.copy_(torch.from_numpy(rng.uniform(-bound, bound, param.shape)))
-    return _fit(model, x, y, steps)
+    return fit_full_batch(model, x, y, steps)
 
 
-def _fit(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int) -> nn.Module:
+def fit_full_batch(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int) -> nn.Module:
+    """Full-batch Adam on (x, y) for `steps` steps, in the model's dtype; the model in eval mode."""
     dtype = next(model.parameters()).dtype
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x).to(dtype), torch.from_numpy(y)
