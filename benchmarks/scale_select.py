@@ -66,6 +66,7 @@ def write_scores(root: Path, n: int, per_part: int) -> Path:
             "coverage": rng.random(m),
             "status": pa.array(status),
             "reason": pa.nulls(m, pa.string()),
+            "digest": rng.integers(-(2**63), 2**63 - 1, m, dtype=np.int64),
         })  # fmt: skip
         for field in SCORE_SCHEMA:  # columns pass 2 leaves null where it has no value
             if field.name not in table.column_names:

@@ -179,14 +179,21 @@ class FrequentDirections:
     def update(self, rows: Any) -> None:
         """Append rows (n, D); shrink whenever the buffer reaches exactly 2ℓ rows."""
         rows = self._check_rows(rows)  # (n, D) float32 on device
+        self._append(rows, counted=True)
+        self._n_rows += rows.shape[0]
+
+    def _append(self, rows: Tensor, counted: bool) -> None:
+        """Stream `rows` into the buffer; `counted`: they are data (their squares go into
+        ‖A‖²_F), not the rows of another sketch (whose ‖A‖²_F the caller adds)."""
         start, cap = 0, 2 * self._ell
         while start < rows.shape[0]:
             take = min(rows.shape[0] - start, cap - self._m)
             self._buf[self._m : self._m + take] = rows[start : start + take]
             self._m, start = self._m + take, start + take
+            if not counted:
+                self._uncounted_from = self._m
             if self._m == cap:
                 self._shrink_buffer()
-        self._n_rows += rows.shape[0]
 
     def finalize(self) -> tuple[Tensor, Tensor]:
         """Reduce to ≤ ℓ rows, then return sigma (ℓ,) descending and basis V (ℓ, D), float32.
@@ -207,7 +214,10 @@ class FrequentDirections:
         return sigma32, basis32
 
     def merge(self, other: FrequentDirections) -> None:
-        """Stack other's rows onto ours and reduce to ≤ ℓ rows with the same rule; totals add."""
+        """Continue this sketch with other's rows B₂ as if they were streamed in (shrinking
+        whenever the buffer reaches 2ℓ rows); totals add. Since ‖A₂ᵀA₂ − B₂ᵀB₂‖₂ ≤ Δ₂, the
+        bound holds for the union with Δ = Δ₁ + Δ₂ + the shrinks made here, and a merge costs
+        about m₂ / ℓ shrinks (none when the rows fit), not one eigh of the whole stack."""
         if not isinstance(other, FrequentDirections):
             raise InputError(f"can only merge a FrequentDirections sketch, got {type(other)}")
         if (other.ell, other.dim) != (self._ell, self._dim):
@@ -215,15 +225,10 @@ class FrequentDirections:
                 f"cannot merge a sketch with ell={other.ell}, dim={other.dim} into one with "
                 f"ell={self._ell}, dim={self._dim}: sketch every part with the same settings"
             )
-        stacked = torch.cat([self._buf[: self._m], other._buf[: other._m].to(self._device)])
-        frob, delta = self.frobenius_sq + other.frobenius_sq, self._delta + other.delta
-        orthogonal = self._orthogonal  # the stack starts with our rows
-        if stacked.shape[0] > self._ell:  # (m1 + m2, D), up to 4ℓ rows
-            stacked, d = _shrink(stacked, self._ell, orthogonal)
-            delta += d
-            orthogonal = stacked.shape[0]
-        self._set_rows(stacked, orthogonal)
-        self._frob_counted, self._delta = frob, delta
+        frob = self.frobenius_sq + other.frobenius_sq
+        self._frob_counted, self._uncounted_from = frob, self._m  # every row so far counted
+        self._append(other._buf[: other._m].to(self._device), counted=False)
+        self._delta += other.delta
         self._n_rows += other.n_rows
 
     def state_dict(self) -> dict[str, Any]:

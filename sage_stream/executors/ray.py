@@ -10,23 +10,23 @@ and collects small results; the data never flows through it.
 
     workers  `RayWorkers`: one actor per GPU (or CPU slot), each loading the model once, shared
              by the passes of a run
-    pass 1   the fixed groups of consecutive shards of `plan_groups` (at most 1024, planned
-             from the shard list alone), each handed to the next free worker, which sketches
-             it from an empty state; worker 0 merges the partials in the fixed tree over group
-             positions (`merge_in_tree`) and writes sketch.zarr
+    pass 1   one unit of consecutive shards per worker (`plan_units`); each worker sketches
+             the groups that start in its unit (reading on to the end of the last one) and
+             stores what it cannot fold as items in OUT/_work/; worker 0 replays the items in
+             unit order and writes sketch.zarr
     pass 2   shards handed to the next idle worker; each writes scores/part-<shard>.parquet;
              centroid consensus is then scored on the driver
     emit     shards handed to the workers (or one Ray task per shard, when emit runs alone);
              then manifest, index and _SUCCESS on the driver
 
-Why fixed groups and a fixed tree: the local executor sketches the very same groups and merges
-them in the very same tree, so the sketch, the scores and every output are the same bytes on
-one machine and on any number of workers, whatever the scheduling; a slow worker holds one
-group, not a block of the pass. At most 1024 partials of O(ℓ·D + C·D) travel through the
-object store, each once, from its worker to worker 0.
+Why this gives the local bytes: pass 1's groups and merge tree are placed by the samples'
+content (passes/groups.py), not by shards or workers, so the local executor sketches the very
+same groups and merges them in the very same tree, whatever the units and the scheduling. A
+unit hands over O(log N) states of O(ℓ·D + C·D), each written once to OUT/_work/ and read once
+by worker 0.
 
 Faults: actors restart after a crash (`MAX_RESTARTS`) and the call in flight is retried
-(`MAX_TASK_RETRIES`): a retried group resumes from its last checkpoint in OUT/_work/, a retried
+(`MAX_TASK_RETRIES`): a retried unit resumes from its last checkpoint in OUT/_work/, a retried
 shard rewrites its part whole, so no sample is counted twice. A restarted driver resumes from
 the same checkpoints. Errors of the stage itself (bad input under --on-error fail, a sketch
 from another model) are not retried: they come back as the typed error the local run raises.
@@ -46,7 +46,7 @@ from ..errors import InputError, SageError
 from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
 from ..passes.loop import StageContext
-from ..passes.sketch import SketchResult, plan_groups
+from ..passes.sketch import SketchResult, plan_units
 from ..progress import Progress
 from ..sample import ShardRef
 from . import Executor
@@ -167,31 +167,31 @@ class RayExecutor(Executor):
                 )
 
     def sketch_shards(self, ctx: StageContext) -> SketchResult:
-        """The fixed groups of `plan_groups`, each handed to the next free worker; the
-        partials are merged in the fixed tree on worker 0 (they never visit the driver)."""
+        """One unit per worker (`plan_units`), each handed to the next free worker; worker 0
+        replays the units' items and writes the sketch (no state visits the driver)."""
         actors = self.pool.actors
-        groups = plan_groups(ctx.refs)
+        units = plan_units(ctx.refs, len(actors))
         progress = Progress("pass 1 (sketch)", len(ctx.refs), ctx.cfg.progress)
-        partials: list[Any] = [None] * len(groups)
-        todo = list(range(len(groups)))[::-1]  # popped from the end: group order
-        running: dict[Any, tuple[int, Any]] = {}  # count future -> (group, its actor)
+        summaries: list[Any] = [None] * len(units)
+        todo = list(range(len(units)))[::-1]  # popped from the end: unit order
+        running: dict[Any, tuple[int, Any]] = {}  # summary future -> (unit, its actor)
         free = list(actors)
+        refs = ray.put(ctx.refs)  # once in the object store, whatever the number of units
         with stage_errors():
             while todo or running:
                 while todo and free:
                     i, actor = todo.pop(), free.pop(0)
-                    call = actor.sketch_group.options(num_returns=2)
-                    count, partials[i] = call.remote(groups[i], i, len(groups))
-                    running[count] = (i, actor)
+                    running[actor.sketch_unit.remote(refs, i, len(units))] = (i, actor)
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for done in ready:
                     i, actor = running.pop(done)
-                    ray.get(done)  # a failed group raises now, not after the others finish
+                    summaries[i] = ray.get(done)  # a failed unit raises now
                     free.append(actor)
-                    for ref in groups[i]:
+                    lo, hi = units[i]
+                    for ref in ctx.refs[lo:hi]:
                         progress.shard_done(ref.name)
             seconds = progress.close()
-            return ray.get(actors[0].finish.remote(partials, seconds))
+            return ray.get(actors[0].finish.remote(summaries, seconds))
 
     def score_shards(
         self, ctx: StageContext, refs: list[ShardRef], sketch: StoredSketch | None,

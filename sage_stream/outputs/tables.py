@@ -35,6 +35,9 @@ SCORE_SCHEMA = pa.schema(
             "signature",
             pa.list_(pa.field("element", pa.float32()), 32),
         ),  # near-copy signature (sage_stream.signature)
+        # 64-bit digest of the decoded input and label (batches.content_digest): the same for
+        # the same sample in any shard, format or key; null where the sample did not decode
+        ("digest", pa.int64()),
     ]
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)

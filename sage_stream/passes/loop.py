@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -86,13 +86,22 @@ class Featured:
 
 
 @dataclass
+class Bypassed:
+    """A batch the consumer said it does not need (`shard_stream(needed=...)`): the model
+    did not run on it. Pass 1 on Ray reads the samples before its first group this way."""
+
+    batch: Batch
+
+
+@dataclass
 class Broken:
     """The shard's stream broke after the items before this one (under --on-error skip)."""
 
     reason: str
 
 
-Item = Featured | Skipped | Broken
+Item = Featured | Skipped | Broken | Bypassed
+Needed = Callable[[ShardRef, Batch], bool]  # whether a batch needs the model
 
 
 def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageContext:
@@ -130,14 +139,15 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
 
 
 def shard_stream(
-    ctx: StageContext, refs: Sequence[ShardRef], progress: Progress
+    ctx: StageContext, refs: Sequence[ShardRef], progress: Progress, needed: Needed | None = None
 ) -> Iterator[tuple[ShardRef, Iterator[Item]]]:
     """(shard, its items) for each of `refs` in order, read and decoded by the loader's
-    `--loader-workers` processes (passes/loader.py); consume each shard's items in turn."""
+    `--loader-workers` processes (passes/loader.py); consume each shard's items in turn.
+    A batch for which `needed` says False comes as `Bypassed`, without running the model."""
     batches = decoded_shards(read_spec(ctx), refs, ctx.loader_workers)
     with contextlib.closing(batches):
         for ref, shard in batches:
-            yield ref, _items(ctx, ref, shard, progress)
+            yield ref, _items(ctx, ref, shard, progress, needed)
 
 
 def shard_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
@@ -146,7 +156,11 @@ def shard_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterato
 
 
 def _items(
-    ctx: StageContext, ref: ShardRef, batches: Iterator[Batch | Skipped], progress: Progress
+    ctx: StageContext,
+    ref: ShardRef,
+    batches: Iterator[Batch | Skipped],
+    progress: Progress,
+    needed: Needed | None = None,
 ) -> Iterator[Item]:
     """Featured / Skipped items, then a Broken one if the shard's stream broke.
 
@@ -162,6 +176,10 @@ def _items(
                 ctx.fail_fast.record(0, [entry.reason])
                 yield entry
                 progress.advance(1)
+                continue
+            if needed is not None and not needed(ref, entry):
+                yield Bypassed(entry)
+                progress.advance(len(entry.keys))
                 continue
             shapes.add(_sample_shape(entry.x))
             if len(shapes) > 1:

@@ -38,7 +38,8 @@ class ShardScores:
     z: list[torch.Tensor] = field(default_factory=list)  # (n, ℓ) pieces, centroid only
 
     def add_skipped(self, item: Skipped, ell: int | None) -> None:
-        self._add(item.key, item.index, item.label, None, None, None, None, None, item.reason)
+        self._add(item.key, item.index, item.label, None, None, None, None, None, item.reason,
+                  None)  # fmt: skip
         if ell is not None:
             self.z.append(torch.zeros(1, ell))
 
@@ -53,7 +54,7 @@ class ShardScores:
         for i, key in enumerate(batch.keys):
             score, loss, gnorm, energy, cover = (c[i] for c in columns)
             self._add(key, batch.indices[i], labels[i], score, loss, gnorm, energy, cover,
-                      scored.reasons[i])  # fmt: skip
+                      scored.reasons[i], batch.digests[i])  # fmt: skip
         if scored.z is not None:
             self.z.append(scored.z)
 
@@ -68,12 +69,14 @@ class ShardScores:
         energy: float | None,
         coverage: float | None,
         reason: str | None,
+        digest: int | None,
     ) -> None:
         values = (key, self.shard, label, score, loss, gnorm, energy, coverage)
         for column, value in zip(SCORE_COLUMNS[:8], values, strict=True):
             self.rows[column].append(value)
         self.rows["status"].append("ok" if reason is None else "error")
         self.rows["reason"].append(reason)
+        self.rows["digest"].append(digest)
         self.index.append(index)
         if len(self.rows["margin"]) < len(self.index):  # a skipped sample: neither column
             self.rows["margin"].append(None)
@@ -132,7 +135,7 @@ def score_items(
             rows.add_batch(item.batch, scored, item)
         elif isinstance(item, Broken):
             error = item.reason
-        else:
+        elif isinstance(item, Skipped):  # pass 2 asks for every batch: no Bypassed here
             rows.add_skipped(item, ell)
     return rows, error
 

@@ -1,64 +1,64 @@
 """Pass 1: shards → per-sample gradients → Frequent Directions sketch + class sums → sketch.zarr.
 
-Memory is O(ℓ·D + C·D + batch): the FD buffer (2ℓ×D), the class sums (C×D, float64 so that
-millions of small gradients add up exactly enough), and one batch. Samples that pass 2 will
-record as errors (undecodable, non-finite) never enter the sketch.
+Memory is O(ℓ·D + C·D + batch) per open node of the merge tree: the FD buffer (2ℓ×D), the
+class sums (C×D, float64 so that millions of small gradients add up exactly enough), and one
+batch. Samples that pass 2 will record as errors (undecodable, non-finite) never enter the
+sketch.
 
-The pass runs over fixed *groups* of consecutive shards (`plan_groups`: at most 1024, planned
-from the shard list alone), each sketched from an empty state with its own checkpoint, and
-the groups' states are merged in a fixed binary tree over group positions (`merge_in_tree`).
-The local executor sketches the groups in order in this process; the Ray executor hands them to
-whichever worker is free. Either way the same states meet in the same merges, so the sketch,
-the scores and the kept set are the same bytes for any executor and any number of workers.
+The rows are cut into groups, each sketched from an empty state, and the groups are merged in a
+tree, both placed by the samples' content (`groups.py`): the same samples in the same order give
+the same sketch whatever the shards, and about N / (16ℓ) merges however many shards there are.
+An executor runs the pass as *units*: stretches of consecutive shards (`plan_units`). A unit
+starts at the first group that starts in its shards and reads on past its last shard to the
+end of its last group; it folds what lies inside it and stores the rest as items in OUT/_work/,
+which `finish_units` replays in unit order. The local executor runs one unit, the whole stream;
+the Ray executor one per worker, on any worker: the sketch, the scores and the kept set are the
+same bytes either way.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..batches import Batch
 from ..errors import InputError, MismatchError
 from ..fd import FrequentDirections
 from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import consensus_directions
-from .loop import Broken, Featured, Item, StageContext, shard_stream
+from .groups import TOP, Fold, Item, boundary_level, group_rows
+from .loop import Broken, Featured, StageContext, shard_stream
 
 log = logging.getLogger("sage_stream")
-Partial = dict[str, Any]  # SketchState.checkpoint() (CPU tensors, lists) + the group's identity
+Summary = dict[str, Any]  # a unit's outcome: its items (descriptors) and its shards' errors
 
 
 @dataclass
 class SketchState:
-    """Everything pass 1 accumulates; small enough to checkpoint: O(ℓ·D + C·D)."""
+    """What one node of the merge tree holds; small enough to checkpoint: O(ℓ·D + C·D)."""
 
     fd: FrequentDirections
     class_sums: Tensor  # (C, D) float64
     class_counts: Tensor  # (C,) int64
-    shard_errors: list[dict[str, str]] = field(default_factory=list)
-    shards_done: list[str] = field(default_factory=list)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
             "fd": self.fd.state_dict(),
             "class_sums": self.class_sums.cpu(),
             "class_counts": self.class_counts.cpu(),
-            "shard_errors": self.shard_errors,
-            "shards_done": self.shards_done,
         }
 
     @classmethod
     def from_checkpoint(cls, ctx: StageContext, ckpt: dict[str, Any]) -> SketchState:
         fd = FrequentDirections.from_state_dict(ckpt["fd"], device=ctx.device)
-        sums, counts = ckpt["class_sums"].to(ctx.device), ckpt["class_counts"].to(ctx.device)
-        return cls(fd, sums, counts, list(ckpt["shard_errors"]), list(ckpt["shards_done"]))
+        return cls(fd, ckpt["class_sums"].to(ctx.device), ckpt["class_counts"].to(ctx.device))
 
     @classmethod
     def empty(cls, ctx: StageContext) -> SketchState:
@@ -69,20 +69,17 @@ class SketchState:
             torch.zeros(classes, dtype=torch.int64, device=ctx.device),
         )
 
-    def add(self, item: Featured, num_classes: int) -> None:
-        usable = item.usable
-        grads, labels = item.grads[usable], item.y[usable]
+    def add(self, grads: Tensor, labels: Tensor, num_classes: int) -> None:
+        """Usable rows (n, D) and their labels (n,)."""
         self.fd.update(grads)
         self.class_sums.index_add_(0, labels, grads.to(torch.float64))
         self.class_counts += torch.bincount(labels, minlength=num_classes)
 
     def merge(self, other: SketchState) -> None:
-        """Stack-and-shrink; class sums and counts add (in the order merges are made)."""
+        """other's rows streamed in after ours (fd.merge); class sums and counts add."""
         self.fd.merge(other.fd)
         self.class_sums += other.class_sums  # (C, D) float64
         self.class_counts += other.class_counts
-        self.shard_errors.extend(other.shard_errors)
-        self.shards_done.extend(other.shards_done)
 
 
 @dataclass
@@ -97,159 +94,223 @@ class SketchResult:
     seconds: float
 
 
-def sketch_items(
-    ctx: StageContext, ref: ShardRef, items: Iterable[Item], state: SketchState
-) -> None:
-    """Add one shard's usable gradients to the sketch and the class sums."""
-    for item in items:
-        if isinstance(item, Featured):
-            state.add(item, ctx.num_classes)
-        elif isinstance(item, Broken):
-            state.shard_errors.append({"shard": ref.name, "url": ref.url, "reason": item.reason})
-        # a Skipped sample is recorded in scores/ by pass 2
-
-
-def sketch_shards(
-    ctx: StageContext,
-    state: SketchState,
-    refs: list[ShardRef],
-    checkpoint_url: str | None = None,
-    progress: Progress | None = None,
-) -> float:
-    """Run pass 1 over the `refs` not yet in `state`; returns the wall time.
-
-    With `checkpoint_url`, the state is saved after a shard once `checkpoint_every` seconds
-    have passed since the last save, so a killed run redoes at most the shards since then.
-    """
-    todo = [ref for ref in refs if ref.name not in set(state.shards_done)]
-    own = progress is None
-    if progress is None:
-        progress = Progress("pass 1 (sketch)", len(refs), ctx.cfg.progress)
-        progress.shards = len(refs) - len(todo)
-    sketch_stream(ctx, state, shard_stream(ctx, todo, progress), checkpoint_url, progress)
-    return progress.close() if own else 0.0
-
-
-def sketch_stream(
-    ctx: StageContext,
-    state: SketchState,
-    shards: Iterable[tuple[ShardRef, Iterable[Item]]],
-    checkpoint_url: str | None,
-    progress: Progress,
-) -> None:
-    """Add every (shard, items) of `shards` to `state`, saving it as `sketch_shards` says."""
-    last_save = time.monotonic()
-    for ref, items in shards:
-        sketch_items(ctx, ref, items, state)
-        state.shards_done.append(ref.name)
-        progress.shard_done(ref.name)
-        if checkpoint_url and time.monotonic() - last_save >= ctx.cfg.checkpoint_every:
-            ctx.out.save_state(checkpoint_url, state.checkpoint())
-            last_save = time.monotonic()
-
-
-# --- groups and the merge tree ------------------------------------------------------------------
-
-MAX_GROUPS = 1024  # partials of O(ℓ·D + C·D) each: their number is bounded, not N's
-
-
-def plan_groups(refs: list[ShardRef], max_groups: int = MAX_GROUPS) -> list[list[ShardRef]]:
-    """Fixed groups of consecutive shards in input order, as even as possible, none empty.
-
-    min(S, max_groups) groups; 10 shards with max_groups 4 -> sizes 3, 3, 2, 2. The plan
-    depends only on the shard list, never on the number of workers or on scheduling: each
-    group is sketched from an empty state, and the groups' partials are merged in a fixed
-    tree (`merge_in_tree`), so the sketch is the same on one machine and on many.
-    """
-    count = max(1, min(max_groups, len(refs)))
+def plan_units(refs: list[ShardRef], units: int) -> list[tuple[int, int]]:
+    """`units` stretches [lo, hi) of consecutive shards, as even as possible, none empty
+    (fewer when there are fewer shards). They decide only who reads what, never the bytes."""
+    count = max(1, min(units, len(refs)))
     size, extra = divmod(len(refs), count)
-    groups, start = [], 0
+    bounds, start = [], 0
     for i in range(count):
         stop = start + size + (1 if i < extra else 0)
-        groups.append(refs[start:stop])
+        bounds.append((start, stop))
         start = stop
-    return groups
+    return bounds
 
 
-def tree_split(lo: int, hi: int) -> int:
-    """Where the merge tree splits the group positions [lo, hi): a balanced binary tree."""
-    return (lo + hi) // 2
+def unit_checkpoint(ctx: StageContext, unit: int, units: int) -> str:
+    """Where unit `unit` of `units` keeps its pass 1 state (the same for every executor)."""
+    return ctx.out.work(f"pass1-unit-{unit:05d}-of-{units:05d}.pt")
 
 
-def merge_in_tree(lo: int, hi: int, leaf: Callable[[int], SketchState]) -> SketchState:
-    """The states of groups lo..hi-1 merged in the fixed tree: left subtree, right subtree,
-    then stack-and-shrink of the two. Leaves are asked for in order, once each; memory is one
-    state per tree level, O((ℓ·D + C·D) · log₂ G)."""
-    if hi - lo == 1:
-        return leaf(lo)
-    mid = tree_split(lo, hi)
-    left = merge_in_tree(lo, mid, leaf)
-    left.merge(merge_in_tree(mid, hi, leaf))
-    return left
+class UnitRun:
+    """Pass 1 over one unit: its own shards refs[lo:hi], from the first group that starts in
+    them (unit 0: from the first sample) to the end of the group open at hi."""
+
+    def __init__(self, ctx: StageContext, refs: list[ShardRef], unit: int, units: int,
+                 bounds: tuple[int, int], store: bool):  # fmt: skip
+        self.ctx, self.refs, self.unit, self.units = ctx, refs, unit, units
+        self.lo, self.hi = bounds
+        self.store = store  # items go to OUT/_work/ (else they stay in memory: one unit)
+        self.position = self.lo  # the next shard to read
+        self.fold: Fold[SketchState] | None = Fold(self._empty) if unit == 0 else None
+        self.items: list[dict[str, Any]] = []
+        self.shard_errors: list[dict[str, str]] = []
+        self.done = False
+        self.rows = group_rows(ctx.cfg.ell)
+        self.index = {ref.name: i for i, ref in enumerate(refs)}
+        self.url = unit_checkpoint(ctx, unit, units)
+
+    def _empty(self) -> SketchState:
+        return SketchState.empty(self.ctx)
+
+    # --- resume ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        saved = self.ctx.out.load_state(self.url)
+        if saved is None:
+            return
+        self.position, self.done = int(saved["position"]), bool(saved["done"])
+        self.items, self.shard_errors = list(saved["items"]), list(saved["shard_errors"])
+        if saved["fold"] is not None:
+            load = lambda ckpt: SketchState.from_checkpoint(self.ctx, ckpt)  # noqa: E731
+            self.fold = Fold.restore(saved["fold"], self._empty, load)
+        if not self.done and self.position > self.lo:
+            log.info("pass 1: unit %d resumes at shard %d", self.unit, self.position)
+
+    def save(self) -> None:
+        fold = None if self.fold is None else self.fold.state(SketchState.checkpoint)
+        self.ctx.out.save_state(self.url, {
+            "position": self.position, "done": self.done, "items": self.items,
+            "shard_errors": self.shard_errors, "fold": fold,
+        })  # fmt: skip
+
+    # --- the stream --------------------------------------------------------------------------
+    def needed(self, ref: ShardRef, batch: Batch) -> bool:
+        """Run the model on a batch unless every sample of it comes before the unit's start.
+        (A batch that holds the start runs whole: the model sees the batches a local run
+        gives it, so its outputs are the same bits.)"""
+        return self.fold is not None or any(self._levels(batch))
+
+    def run(self, progress: Progress) -> None:
+        """Read from `position` to the unit's end, saving a checkpoint every
+        `checkpoint_every` seconds (between shards)."""
+        if self.done:
+            return
+        last_save = time.monotonic()
+        stream = shard_stream(self.ctx, self.refs[self.position :], progress, self.needed)
+        try:
+            for ref, items in stream:
+                if self.fold is None and self.index[ref.name] >= self.hi:
+                    break  # no group starts in this unit's shards: the units before cover it
+                if self._consume(ref, items):
+                    break
+                self.position += 1
+                progress.shard_done(ref.name)
+                if time.monotonic() - last_save >= self.ctx.cfg.checkpoint_every:
+                    self.save()
+                    last_save = time.monotonic()
+            else:
+                if self.fold is not None:
+                    self._stop(TOP)  # the end of the stream
+        finally:
+            getattr(stream, "close", lambda: None)()  # the loader's processes, if any
+        self.done = True
+        if self.store:  # else the caller finishes the sketch now, from memory
+            self.save()
+
+    def summary(self) -> Summary:
+        return {"items": self.items, "shard_errors": self.shard_errors}
+
+    def _levels(self, batch: Batch) -> list[int]:
+        return [boundary_level(d, self.rows) for d in batch.digests]
+
+    def _consume(self, ref: ShardRef, items: Iterable[Any]) -> bool:
+        """One shard's items; True if the unit ended in it (at a group start past hi)."""
+        own = self.index[ref.name] < self.hi
+        for item in items:
+            if isinstance(item, Featured) and self._featured(item, own):
+                return True
+            if isinstance(item, Broken) and own:
+                error = {"shard": ref.name, "url": ref.url, "reason": item.reason}
+                self.shard_errors.append(error)
+            # a Skipped sample is recorded in scores/ by pass 2; a Bypassed batch is before
+            # the unit's first group
+        return False
+
+    def _featured(self, item: Featured, own: bool) -> bool:
+        """Add a batch's usable rows group by group; True if the unit's end is in it."""
+        usable = item.usable
+        start = 0
+        for i, level in enumerate(self._levels(item.batch)):
+            if level == 0:
+                continue
+            self._add(item, usable, start, i)
+            start = i
+            if self.fold is None:  # the unit's first group starts here
+                self.fold = Fold(self._empty, fresh=level)
+            elif not own:  # the first group start past hi: the next unit's
+                self._stop(level)
+                return True
+            else:
+                self.fold.boundary(level)
+                self._flush()
+        self._add(item, usable, start, len(item.batch.keys))
+        return False
+
+    def _add(self, item: Featured, usable: Tensor, start: int, stop: int) -> None:
+        if self.fold is None or start == stop:
+            return
+        keep = usable[start:stop]
+        grads, labels = item.grads[start:stop][keep], item.y[start:stop][keep]
+        self.fold.group().add(grads, labels, self.ctx.num_classes)
+
+    def _stop(self, level: int) -> None:
+        assert self.fold is not None
+        self.fold.handover(level)
+        self._flush()
+
+    def _flush(self) -> None:
+        """The fold's new items, stored (their states in OUT/_work/) or kept in memory."""
+        assert self.fold is not None
+        for item in self.fold.items:
+            desc: dict[str, Any] = {"kind": item.kind, "level": item.level,
+                                    "boundary": item.boundary, "url": None}  # fmt: skip
+            if item.state is not None and self.store:
+                desc["url"] = f"{self.url[:-3]}-item-{len(self.items):05d}.pt"
+                state = {**item.state.checkpoint(), "identity": self.ctx.identity()}
+                self.ctx.out.save_state(desc["url"], state)
+            elif item.state is not None:
+                desc["state"] = item.state
+            self.items.append(desc)
+        self.fold.items = []
 
 
-def group_checkpoint(ctx: StageContext, group: int, groups: int) -> str:
-    """Where group `group` of `groups` keeps its pass 1 state (the same for every executor)."""
-    return ctx.out.work(f"pass1-group-{group:05d}-of-{groups:05d}.pt")
-
-
-def resume_group(ctx: StageContext, group: int, groups: int) -> SketchState:
-    """The group's state from its checkpoint, if a killed run left one, else an empty one."""
-    saved = ctx.out.load_state(group_checkpoint(ctx, group, groups))
-    if saved is None:
-        return SketchState.empty(ctx)
-    return SketchState.from_checkpoint(ctx, saved)
-
-
-def sketch_group(
+def sketch_unit(
     ctx: StageContext,
     refs: list[ShardRef],
-    group: int,
-    groups: int,
+    unit: int,
+    units: int,
     progress: Progress | None = None,
-) -> SketchState:
-    """Pass 1 over one group from an empty state, resuming from its checkpoint; saved when
-    done, so that a rerun (on any executor, with any number of workers) skips it."""
-    url = group_checkpoint(ctx, group, groups)
-    state = resume_group(ctx, group, groups)
-    if len(state.shards_done) < len(refs):
-        if state.shards_done:
-            log.info("pass 1: group %d resumes after %d shards", group, len(state.shards_done))
-        sketch_shards(ctx, state, refs, url, progress)
-        ctx.out.save_state(url, state.checkpoint())
-    elif progress is not None:
-        for ref in refs:
-            progress.shard_done(ref.name)
-    return state
+) -> Summary:
+    """Pass 1 over one unit of `plan_units(refs, units)`, resuming from its checkpoint, its
+    items stored in OUT/_work/ (a Ray worker's job)."""
+    bounds = plan_units(refs, units)[unit]
+    run = UnitRun(ctx, refs, unit, units, bounds, store=True)
+    run.resume()
+    run.run(progress or Progress("pass 1 (sketch)", bounds[1] - bounds[0], False))
+    return run.summary()
 
 
-def partial_of(ctx: StageContext, state: SketchState) -> Partial:
-    return {**state.checkpoint(), "identity": ctx.identity()}
-
-
-def state_of(ctx: StageContext, part: Partial, group: int) -> SketchState:
-    """A group's partial as a state, refusing one made with another model or configuration."""
+def load_item(ctx: StageContext, desc: dict[str, Any], unit: int) -> SketchState | None:
+    """An item's state: in memory, or loaded from OUT/_work/ and checked to be this run's."""
+    if "state" in desc:
+        return desc["state"]
+    if desc["url"] is None:
+        return None
+    part = ctx.out.load_state(desc["url"])
+    if part is None:
+        raise InputError(f"pass 1: {desc['url']} is missing; run again with --overwrite")
     mine = ctx.identity()
     if part["identity"] != mine:  # a worker that loaded other weights would merge silently
         raise MismatchError(
-            f"the pass 1 partial of group {group} was made with another model or "
+            f"the pass 1 partial of unit {unit} was made with another model or "
             f"configuration ({part['identity']} vs {mine}): do the checkpoint or the model "
             "code differ between the Ray nodes?"
         )
     return SketchState.from_checkpoint(ctx, part)
 
 
-def finish_groups(
-    ctx: StageContext, leaf: Callable[[int], SketchState], groups: int, seconds: float
-) -> SketchResult:
-    """Merge the groups' states in the tree, store the sketch, drop the group checkpoints."""
-    result = finish_sketch(ctx, merge_in_tree(0, groups, leaf), seconds)
-    for group in range(groups):
-        ctx.out.remove(group_checkpoint(ctx, group, groups))
+def finish_units(ctx: StageContext, summaries: list[Summary], seconds: float) -> SketchResult:
+    """Replay the units' items in order (one state per tree level in memory), store the
+    sketch, drop the units' checkpoints and items."""
+    fold: Fold[SketchState] = Fold(lambda: SketchState.empty(ctx))
+    for unit, summary in enumerate(summaries):
+        for desc in summary["items"]:
+            state = load_item(ctx, desc, unit)
+            fold.replay(Item(desc["kind"], desc["level"], state, desc["boundary"]))
+    state = fold.result() or SketchState.empty(ctx)
+    errors = [e for summary in summaries for e in summary["shard_errors"]]
+    result = finish_sketch(ctx, state, errors, seconds)
+    for unit, summary in enumerate(summaries):
+        for desc in summary["items"]:
+            if desc.get("url"):
+                ctx.out.remove(desc["url"])
+        ctx.out.remove(unit_checkpoint(ctx, unit, len(summaries)))
     return result
 
 
-def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> SketchResult:
+def finish_sketch(
+    ctx: StageContext, state: SketchState, shard_errors: list[dict[str, str]], seconds: float
+) -> SketchResult:
     """Finalize the FD sketch, derive the class consensus directions and store both."""
     fd = state.fd
     sigma, basis = fd.finalize()
@@ -261,7 +322,7 @@ def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> Sket
         "delta": fd.delta,
         "relative_error_bound": fd.delta / frob if frob else 0.0,
         "captured": float((sigma.double() ** 2).sum()) / frob if frob else 0.0,
-        "shard_errors": state.shard_errors,
+        "shard_errors": shard_errors,
     }
     ctx.out.sketch_store().write(
         sigma=sigma,
@@ -272,9 +333,8 @@ def finish_sketch(ctx: StageContext, state: SketchState, seconds: float) -> Sket
         stats=stats,
     )
     return SketchResult(
-        ctx.out.sketch, fd.n_rows, ctx.num_classes, fd.dim, fd.ell, stats, state.shard_errors,
-        seconds,
-    )  # fmt: skip
+        ctx.out.sketch, fd.n_rows, ctx.num_classes, fd.dim, fd.ell, stats, shard_errors, seconds
+    )
 
 
 def stored_result(ctx: StageContext) -> SketchResult | None:
@@ -289,31 +349,11 @@ def stored_result(ctx: StageContext) -> SketchResult | None:
 
 
 def sketch_here(ctx: StageContext) -> SketchResult:
-    """Pass 1 in this process (the local executor): the groups in order, each merged into the
-    tree as soon as it is sketched, the same groups and tree as on Ray.
-
-    The groups without a checkpoint are read as one stream (one set of loader processes for
-    the pass); a group a killed run left part-done resumes from its checkpoint.
-    """
-    groups = plan_groups(ctx.refs)
-    n = len(groups)
+    """Pass 1 in this process (the local executor): one unit, the whole stream, read by the
+    loader's processes; resumed from its checkpoint if a killed run left one."""
     progress = Progress("pass 1 (sketch)", len(ctx.refs), ctx.cfg.progress)
-    fresh = {i for i in range(n) if not ctx.out.exists(group_checkpoint(ctx, i, n))}
-    stream = shard_stream(ctx, [r for i in sorted(fresh) for r in groups[i]], progress)
-
-    def leaf(i: int) -> SketchState:
-        if i not in fresh:
-            return sketch_group(ctx, groups[i], i, n, progress)
-        url, state = group_checkpoint(ctx, i, n), SketchState.empty(ctx)
-        sketch_stream(ctx, state, itertools.islice(stream, len(groups[i])), url, progress)
-        ctx.out.save_state(url, state.checkpoint())
-        return state
-
-    try:
-        merged = merge_in_tree(0, n, leaf)
-    finally:
-        getattr(stream, "close", lambda: None)()  # the loader's processes, if any
-    result = finish_sketch(ctx, merged, progress.close())
-    for group in range(n):
-        ctx.out.remove(group_checkpoint(ctx, group, n))
-    return result
+    run = UnitRun(ctx, ctx.refs, 0, 1, (0, len(ctx.refs)), store=False)
+    run.resume()
+    progress.shards = run.position
+    run.run(progress)
+    return finish_units(ctx, [run.summary()], progress.close())

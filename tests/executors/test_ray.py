@@ -34,7 +34,7 @@ from sage_stream.executors import open_executor  # noqa: E402
 from sage_stream.executors.ray_worker import ShardWorker  # noqa: E402
 from sage_stream.outputs.sketch_store import SketchStore  # noqa: E402
 from sage_stream.passes.loop import build_context  # noqa: E402
-from sage_stream.passes.sketch import plan_groups  # noqa: E402
+from sage_stream.passes import sketch as pass1  # noqa: E402
 
 pytestmark = pytest.mark.ray
 TESTS = Path(__file__).parent
@@ -158,18 +158,27 @@ def two_workers_out(cluster, data, tmp_path_factory):
     return root / "out"
 
 
-def test_groups_in_process_are_the_local_sketch(data, local_out, tmp_path):
-    """The worker's code path without Ray: each group sketched, checkpointed, then merged in
-    the tree and finished: the local run's sketch, byte for byte."""
-    cfg = make_config(inputs=data["urls"], out=str(tmp_path), checkpoint=data["ckpt"], **OPTIONS)
+@pytest.mark.parametrize("units", [1, 3])
+def test_units_in_process_are_the_local_sketch(data, tmp_path, monkeypatch, units):
+    """The worker's code path without Ray, with groups of ~8 samples (some 20 groups on two
+    levels, so units hand over items): each unit sketched and checkpointed, then the items
+    replayed: the local run's sketch, byte for byte; the checkpoints are dropped at the end."""
+    monkeypatch.setattr(pass1, "group_rows", lambda ell: 8)
+    options = dict(inputs=data["urls"], checkpoint=data["ckpt"], **OPTIONS)
+    local = tmp_path / "local"
+    sketch_options = {k: v for k, v in OPTIONS.items() if k != "keep"}
+    sage_stream.sketch(data["urls"], out=str(local), checkpoint=data["ckpt"], **sketch_options)
+    cfg = make_config(out=str(tmp_path / "units"), **options)
     worker = ShardWorker(cfg)
-    groups = plan_groups(build_context(cfg).refs)
-    partials = [worker.sketch_group(g, i, len(groups))[1] for i, g in enumerate(groups)]
-    assert list((tmp_path / "_work").glob("pass1-group-*-of-00004.pt")) != []
-    worker.finish(partials, seconds=0.0)
-    mine, local = output_files(tmp_path / "sketch.zarr"), output_files(local_out / "sketch.zarr")
-    assert mine == local
-    assert list((tmp_path / "_work").glob("pass1-group-*")) == []  # dropped at the end
+    refs = build_context(cfg).refs
+    summaries = [worker.sketch_unit(refs, i, units) for i in range(units)]
+    if units > 1:
+        assert any(s["items"] for s in summaries[1:])  # some unit handed over states
+    assert list((tmp_path / "units" / "_work").glob(f"pass1-unit-*-of-0000{units}*")) != []
+    worker.finish(summaries, seconds=0.0)
+    mine, theirs = output_files(tmp_path / "units" / "sketch.zarr"), output_files(local / "sketch.zarr")
+    assert mine == theirs
+    assert list((tmp_path / "units" / "_work").glob("pass1-unit-*")) == []
 
 
 def test_one_worker_equals_local_byte_for_byte_though_killed_twice(
@@ -317,7 +326,7 @@ def test_driver_killed_and_restarted_resumes_from_checkpoints(
         time.sleep(0.2)
     driver.kill()  # Ray stops the actors of a dead driver
     assert driver.wait() == -signal.SIGKILL
-    assert list((out / "_work").glob("pass1-group-*")) != []
+    assert list((out / "_work").glob("pass1-unit-*")) != []
     Path(counter).write_bytes(b"")
     decoder = CountingDecoder(counter)
     ray_run(data["urls"], out, 2, emit_on_tasks=True, checkpoint=data["ckpt"], preprocess=decoder)

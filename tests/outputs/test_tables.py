@@ -29,6 +29,7 @@ def part(shard: str, keys: list[str], status: list[str]) -> pa.Table:
         "score": [0.5 if s == "ok" else None for s in status], "loss": [1.0] * n,
         "grad_norm": [2.0] * n, "energy": [math.nan] * n, "coverage": [0.1] * n, "status": status,
         "reason": [None if s == "ok" else "bad" for s in status],
+        "digest": [i - 2**62 if s == "ok" else None for i, s in enumerate(status)],
     })  # fmt: skip
 
 
