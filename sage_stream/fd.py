@@ -46,21 +46,23 @@ def _fix_signs(rows: Tensor) -> Tensor:
     return rows * sign
 
 
-def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float]:
+def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float, Tensor]:
     """One FD shrink of `rows` (m, D): subtract δ = σ_ℓ² from every σ_j², clamp at 0.
 
-    Returns (B, δ) with B = diag(σ')Vᵀ, float32 (k, D), k ≤ ℓ − 1 rows with σ' > 0 (δ = 0 and
-    no row dropped when m < ℓ). We go through the Gram matrix: m ≤ 4ℓ ≪ D, so the m×m
-    eigenproblem is much cheaper than an SVD of the m×D matrix.
+    Returns (B, δ, ‖row‖² (m,) float32) with B = diag(σ')Vᵀ, float32 (k, D), k ≤ ℓ − 1 rows
+    with σ' > 0 (δ = 0 and no row dropped when m < ℓ). We go through the Gram matrix: m ≤ 2ℓ ≪
+    D, so the m×m eigenproblem is much cheaper than an SVD of the m×D matrix, and its diagonal
+    gives the rows' squared norms for ‖A‖²_F at no cost.
 
     The products are float32 on the rows' device; only the m×m eigenproblem is float64. The
     first `orthogonal` rows are the B of the previous shrink, whose rows are orthogonal, so
     their block of the Gram matrix is diag(‖b_j‖²) and only the new rows' blocks need
     products: (k + n)·n·D multiply-adds instead of m²·D. Float32 rounding makes the
-    eigenvalues known to about √D·ε₃₂·λ_max (the tests' tolerances say so).
+    eigenvalues known to about √D·ε₃₂·λ_max (the tests' tolerances say so). B's rows keep
+    the signs eigh gives (BᵀB does not depend on them); `finalize` fixes the basis's signs.
     """
-    gram = _gram(rows, orthogonal).double()  # (m, m)
-    lam, u = _host_eigh(gram)  # (m,), (m, m), ascending
+    gram = _gram(rows, orthogonal)  # (m, m) float32
+    lam, u = _host_eigh(gram.double())  # (m,), (m, m), ascending
     lam, u = lam.flip(0), u.flip(1)  # descending: λ_j = σ_j²
     delta = max(float(lam[ell - 1]), 0.0) if lam.numel() >= ell else 0.0  # λ < 0 is rounding
     keep = lam > delta  # hence λ > 0 below: no 0/0, all-zero rows give k = 0
@@ -68,7 +70,7 @@ def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float]
     # uᵀM = σ vᵀ, so scaling row j by σ'_j / σ_j = sqrt((λ − δ) / λ) gives σ'_j vᵀ_j.
     scale = torch.sqrt((lam - delta) / lam)[:, None] * u.T  # (k, m) float64
     b = scale.to(rows.dtype) @ rows  # (k, D) float32
-    return _fix_signs(b), delta
+    return b, delta, gram.diagonal()
 
 
 def _gram(rows: Tensor, orthogonal: int) -> Tensor:
@@ -79,9 +81,9 @@ def _gram(rows: Tensor, orthogonal: int) -> Tensor:
     old, new = rows[:o], rows[o:]  # (o, D), (n, D)
     gram = torch.empty(m, m, dtype=rows.dtype, device=rows.device)
     gram[:o, :o] = torch.diag(torch.linalg.vector_norm(old, dim=1).square())
-    cross = old @ new.T  # (o, n)
-    gram[:o, o:], gram[o:, :o] = cross, cross.T
-    gram[o:, o:] = new @ new.T
+    # one product for both blocks that need one: rows newᵀ = [old newᵀ; new newᵀ], (m, n)
+    gram[:, o:] = rows @ new.T
+    gram[o:, :o] = gram[:o, o:].T  # an (n, o) copy of a small matrix
     return gram
 
 
@@ -176,9 +178,13 @@ class FrequentDirections:
         """The current B, float32 (m, D), m < 2ℓ; a copy, without finalizing."""
         return self._buf[: self._m].clone()
 
-    def update(self, rows: Any) -> None:
-        """Append rows (n, D); shrink whenever the buffer reaches exactly 2ℓ rows."""
-        rows = self._check_rows(rows)  # (n, D) float32 on device
+    def update(self, rows: Any, *, checked: bool = False) -> None:
+        """Append rows (n, D); shrink whenever the buffer reaches exactly 2ℓ rows.
+
+        `checked`: the caller has made sure every row is finite (pass 1's `usable` mask), so
+        the rows are not read once more for that (a D-wide pass, and on CUDA a host sync).
+        """
+        rows = self._check_rows(rows, finite=not checked)  # (n, D) float32 on device
         self._append(rows, counted=True)
         self._n_rows += rows.shape[0]
 
@@ -276,7 +282,7 @@ class FrequentDirections:
         )
         return sketch
 
-    def _check_rows(self, rows: Any) -> Tensor:
+    def _check_rows(self, rows: Any, finite: bool = True) -> Tensor:
         rows = torch.as_tensor(rows)
         if rows.ndim != 2 or rows.shape[1] != self._dim:
             raise InputError(
@@ -285,6 +291,8 @@ class FrequentDirections:
         if rows.is_complex():
             raise InputError("sketch rows must be real, got a complex tensor")
         rows = rows.to(device=self._device, dtype=torch.float32)  # out of float32 range -> inf
+        if not finite:
+            return rows
         bad = ~torch.isfinite(rows).all(dim=1)  # (n,)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -295,8 +303,10 @@ class FrequentDirections:
         return rows
 
     def _shrink_buffer(self) -> None:
-        self._frob_counted += _sq_norm(self._buf[self._uncounted_from : self._m])
-        b, delta = _shrink(self._buf[: self._m], self._ell, self._orthogonal)
+        b, delta, sq = _shrink(self._buf[: self._m], self._ell, self._orthogonal)
+        # ‖A‖²_F from the Gram diagonal (float32 squares, summed in float64), never counting
+        # rows before _uncounted_from (the B of the last shrink, or another sketch's rows)
+        self._frob_counted += float(sq[self._uncounted_from : self._m].double().sum())
         self._set_rows(b, b.shape[0])
         self._delta += delta
 

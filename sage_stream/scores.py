@@ -63,11 +63,21 @@ def ridge_leverage(grads: Tensor, sigma: Tensor, basis: Tensor, lam: float) -> T
     return in_span + rest / lam
 
 
-def usable(loss: Tensor, grads: Tensor) -> Tensor:
+def grad_norms(grads: Tensor) -> Tensor:
+    """‖g_i‖ (B,) float64, from one float32 pass over the rows (no D-wide float64 copy).
+
+    NaN or inf where a row holds NaN or inf, and inf where ‖g‖ overflows float32 (~1.8e19,
+    far above MAX_GRAD_NORM): so `norm <= MAX_GRAD_NORM` is the whole check of a row.
+    """
+    return torch.linalg.vector_norm(grads, dim=1).to(torch.float64)
+
+
+def usable(loss: Tensor, grads: Tensor, norms: Tensor | None = None) -> Tensor:
     """(B,) bool: finite loss, finite gradient of norm at most MAX_GRAD_NORM. Only these
-    samples enter the sketch in pass 1 and get a score in pass 2."""
-    norm = grads.to(torch.float64).norm(dim=1)
-    return torch.isfinite(loss) & torch.isfinite(grads).all(dim=1) & (norm <= MAX_GRAD_NORM)
+    samples enter the sketch in pass 1 and get a score in pass 2. On the rows' device, with
+    no host synchronisation."""
+    norms = grad_norms(grads) if norms is None else norms
+    return torch.isfinite(loss) & (norms <= MAX_GRAD_NORM)  # NaN <= x is False
 
 
 def consensus_directions(sigma: Tensor, basis: Tensor, class_sums: Tensor) -> Tensor:
@@ -88,10 +98,12 @@ def sketch_coordinates(grads: Tensor, sigma: Tensor, basis: Tensor) -> tuple[Ten
     grads (B, D), sigma (ℓ,), basis (ℓ, D) -> z (B, ℓ), energy (B,); energy is NaN where g = 0.
     """
     vg = grads @ basis.T  # (B, ℓ)
-    z = vg * sigma  # (B, ℓ)
-    gsq = (grads.to(torch.float64) ** 2).sum(dim=1)  # (B,)
-    energy = (vg.to(torch.float64) ** 2).sum(dim=1) / gsq
-    return z, energy
+    return vg * sigma, energy_of(vg, grad_norms(grads))
+
+
+def energy_of(vg: Tensor, norms: Tensor) -> Tensor:
+    """ρ = ‖V g‖² / ‖g‖² from V g (B, ℓ) and ‖g‖ (B,): (B,) float64, NaN where g = 0."""
+    return (vg.to(torch.float64) ** 2).sum(dim=1) / norms**2
 
 
 def agreement(z: Tensor, labels: Tensor, consensus: Tensor) -> Tensor:
@@ -102,6 +114,19 @@ def agreement(z: Tensor, labels: Tensor, consensus: Tensor) -> Tensor:
     z64 = z.to(torch.float64)
     unit = z64 / z64.norm(dim=1, keepdim=True)
     return (unit * consensus.to(torch.float64)[labels]).sum(dim=1)
+
+
+def ridge_from_projection(vg: Tensor, norms: Tensor, sigma: Tensor, lam: float) -> Tensor:
+    """The ridge leverage τ_i = g_iᵀ(BᵀB + λI)⁻¹g_i of `ridge_leverage`, from V g_i
+    (B, ℓ) and ‖g_i‖ (B,), which pass 2 has anyway: O(B·ℓ) work instead of a float64 copy of
+    g and a float64 product. (B,) float64."""
+    if not lam > 0:
+        return torch.full((vg.shape[0],), float("nan"), dtype=torch.float64, device=vg.device)
+    vg64 = vg.to(torch.float64)
+    captured = (vg64**2).sum(dim=1)  # ‖V g‖², (B,)
+    in_span = (vg64**2 / (sigma.to(torch.float64) ** 2 + lam)).sum(dim=1)
+    rest = (norms.to(torch.float64) ** 2 - captured).clamp_min(0.0)  # ‖(I − VᵀV) g‖²
+    return in_span + rest / lam
 
 
 class SketchTensors(NamedTuple):
@@ -129,7 +154,8 @@ class ScoredBatch:
 def failure_reasons(
     loss: Tensor, grad_norm: Tensor, z_norm: Tensor | None, has_consensus: Tensor | None
 ) -> list[str | None]:
-    """Why each sample gets no score, first failing check wins; None where it is fine."""
+    """Why each sample gets no score, first failing check wins; None where it is fine.
+    Host tensors (B,): the caller moves them over once per batch."""
     checks = [(~torch.isfinite(loss), NONFINITE_LOSS), (~torch.isfinite(grad_norm), NONFINITE_GRAD)]
     checks.append((grad_norm > MAX_GRAD_NORM, GRAD_OUTLIER))
     checks.append((grad_norm == 0, ZERO_GRAD))
@@ -144,6 +170,17 @@ def failure_reasons(
     return reasons
 
 
+def _outlier_or_nonfinite(grads: Tensor, norms: Tensor) -> Tensor:
+    """‖g‖ (B,) float64 on the host, exact for the rare rows whose float32 norm is not finite:
+    a finite row of norm over ~1.8e19 is an outlier, not a non-finite gradient."""
+    norms = norms.cpu()
+    bad = (~torch.isfinite(norms)).nonzero().flatten()
+    if bad.numel():  # only on bad input: one more small copy
+        exact = grads[bad.to(grads.device)].to(torch.float64).norm(dim=1).cpu()
+        norms[bad] = exact
+    return norms
+
+
 def score_batch(
     grads: Tensor,
     loss: Tensor,
@@ -156,35 +193,39 @@ def score_batch(
 
     grads (B, D) and labels (B,) on the sketch's device. With `keep_z` the sketch coordinates
     are returned for centroid consensus, and the score is left NaN (it needs every z first).
+
+    One float32 pass over the rows for ‖g‖ and one product V g (B, ℓ) make everything else:
+    z, the energy, the agreement and the leverage are (B, ℓ) work. The results come to the
+    host in one transfer, where the reasons are decided.
     """
-    grad_norm = grads.to(torch.float64).norm(dim=1)
+    norms = grad_norms(grads)  # (B,) float64, on the device
     if sketch is None:
+        grad_norm = _outlier_or_nonfinite(grads, norms)
         nan = torch.full_like(grad_norm, float("nan"))
-        reasons = failure_reasons(loss, grad_norm, None, None)
-        return ScoredBatch(
-            nan.cpu(), loss.double().cpu(), grad_norm.cpu(), nan.cpu(), nan.cpu(), None, reasons
-        )
+        reasons = failure_reasons(loss.cpu(), grad_norm, None, None)
+        return ScoredBatch(nan, loss.double().cpu(), grad_norm, nan, nan.clone(), None, reasons)
     sigma, basis, consensus, ridge = sketch
-    finite = (torch.isfinite(grads).all(dim=1) & (grad_norm <= MAX_GRAD_NORM)).unsqueeze(1)
-    safe_grads = torch.where(finite, grads, torch.zeros_like(grads))  # NaN must not leak into z
-    z, energy = sketch_coordinates(safe_grads, sigma, basis)
+    finite = norms <= MAX_GRAD_NORM  # (B,): a NaN row must not leak into z
+    vg = torch.where(finite[:, None], grads @ basis.T, 0.0)  # (B, ℓ); a GEMM row is its own
+    z = vg * sigma  # (B, ℓ)
+    energy = torch.where(finite & (norms > 0), energy_of(vg, norms), torch.nan)
+    score = torch.full_like(norms, float("nan")) if keep_z else agreement(z, labels, consensus)
+    coverage = ridge_from_projection(vg, torch.where(finite, norms, 0.0), sigma, ridge)
     has_consensus = (consensus.norm(dim=1) > 0)[labels]
-    reasons = failure_reasons(loss, grad_norm, z.norm(dim=1), None if keep_z else has_consensus)
-    score = torch.full_like(grad_norm, float("nan")) if keep_z else agreement(z, labels, consensus)
+    host = torch.stack([
+        loss.double(), score, energy, coverage.to(norms.device), z.norm(dim=1).double(),
+        has_consensus.double(),
+    ]).cpu()  # (6, B): one transfer  # fmt: skip
+    loss_h, score_h, energy_h, coverage_h, z_norm, has_h = host
+    grad_norm = _outlier_or_nonfinite(grads, norms)
+    reasons = failure_reasons(loss_h, grad_norm, z_norm, None if keep_z else has_h > 0)
     if not keep_z:  # a finite gradient can still make a NaN or inf score (z overflowing)
-        for i in (~torch.isfinite(score)).nonzero().flatten().tolist():
+        for i in (~torch.isfinite(score_h)).nonzero().flatten().tolist():
             reasons[i] = reasons[i] or NONFINITE_SCORE
-    ok = torch.tensor([r is None for r in reasons], device=grads.device)
-    score = torch.where(ok, score, torch.full_like(score, float("nan")))
-    energy = torch.where(finite.squeeze(1) & (grad_norm > 0), energy, torch.nan)
-    coverage = ridge_leverage(safe_grads, sigma, basis, ridge).to(ok.device)
-    coverage = torch.where(ok, coverage, torch.full_like(coverage, float("nan")))
+    bad = torch.tensor([r is not None for r in reasons], dtype=torch.bool)
+    score_h = torch.where(bad, torch.nan, score_h)
+    coverage_h = torch.where(bad, torch.nan, coverage_h)
     return ScoredBatch(
-        score.cpu(),
-        loss.double().cpu(),
-        grad_norm.cpu(),
-        energy.cpu(),
-        coverage.cpu(),
-        z.float().cpu() if keep_z else None,
-        reasons,
-    )
+        score_h, loss_h, grad_norm, energy_h, coverage_h,
+        z.float().cpu() if keep_z else None, reasons,
+    )  # fmt: skip

@@ -151,12 +151,16 @@ class Featurizer:
             out = functional_call(self.model, params, args, kwargs)
         return cast(torch.Tensor, logits_of(out, self.output_key))
 
-    def __call__(self, x: Inputs, y: torch.Tensor) -> Features:
-        """Features of a batch: x on the model's device, y (B,) int64 labels in [0, C)."""
+    def __call__(self, x: Inputs, y: torch.Tensor, *, labels_checked: bool = False) -> Features:
+        """Features of a batch: x on the model's device, y (B,) int64 labels in [0, C).
+
+        `labels_checked`: the caller has checked the labels' range on the host (the shard
+        loop's decode step does), so it is not checked again on the device, which would
+        wait for the device (a host sync per batch on CUDA)."""
         if self.num_classes is None:  # params mode, no Linear: learn C from one sample
             with torch.no_grad(), self._autocast(y):
                 self._check_width(self.forward(_rows(x, 0, 1)).float())
-        y = self._check_labels(x, y)
+        y = self._check_labels(x, y, labels_checked)
         self.head_input = None  # the mode sets it where it sees h (last-layer)
         grads, loss, logits, y = self._features(x, y)
         if self.projector is not None:
@@ -167,14 +171,14 @@ class Featurizer:
         """(B, D) float32 gradients, (B,) loss, (B, C) logits and the labels used: the mode's."""
         raise NotImplementedError
 
-    def _check_labels(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+    def _check_labels(self, x: Inputs, y: torch.Tensor, in_range: bool) -> torch.Tensor:
         if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise InputError(
                 f"labels must be a (B,) integer tensor, got {y.dtype} {tuple(y.shape)}"
             )
         if isinstance(x, torch.Tensor) and x.shape[:1] != y.shape:
             raise InputError(f"batch of {x.shape[0]} inputs but {y.shape[0]} labels")
-        if y.numel() and self.num_classes is not None:
+        if y.numel() and self.num_classes is not None and not in_range:
             low, high = int(y.min()), int(y.max())
             if low < 0 or high >= self.num_classes:
                 raise InputError(

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, cast
 
 import torch
@@ -32,7 +33,14 @@ from ..outputs.folder import OutputFolder
 from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
-from ..scores import GRAD_OUTLIER, MAX_GRAD_NORM, NONFINITE_GRAD, NONFINITE_LOSS, usable
+from ..scores import (
+    GRAD_OUTLIER,
+    MAX_GRAD_NORM,
+    NONFINITE_GRAD,
+    NONFINITE_LOSS,
+    grad_norms,
+    usable,
+)
 from ..signature import copy_signature, label_margin
 from .checks import FailFast
 from .loader import ReadSpec, decoded_shards, resolve_workers
@@ -79,9 +87,10 @@ class Featured:
     margin: Tensor | None = None  # (B,) float64 label logit − largest other (signature.py)
     signature: Tensor | None = None  # (B, 32) float32 near-copy signature, last-layer mode
 
-    @property
+    @cached_property
     def usable(self) -> Tensor:
-        """(B,) bool: finite loss and gradient, not an outlier; only these enter the sketch."""
+        """(B,) bool: finite loss and gradient, not an outlier; only these enter the sketch.
+        Computed once per batch, on the device, from one float32 pass over the rows."""
         return usable(self.loss, self.grads)
 
 
@@ -201,6 +210,8 @@ def _items(
 
 
 def _record(check: FailFast, item: Featured) -> None:
+    if check.checked:  # past its one check point: no host sync per batch for it
+        return
     usable = item.usable
     ok = int(usable.sum())
     bad_loss = ~torch.isfinite(item.loss[~usable])
@@ -256,7 +267,8 @@ def _featurize(
     samples (naming the first key under fail), and under fail a non-finite sample raises."""
     x, y = to_device(batch.x, ctx.device), cast(Tensor, to_device(batch.y, ctx.device))
     try:
-        feats = ctx.featurizer(x, y)
+        # labels were checked against C when the batch was decoded (batches._decode)
+        feats = ctx.featurizer(x, y, labels_checked=ctx.featurizer.num_classes is not None)
     except torch.cuda.OutOfMemoryError:
         raise  # the machine's limit, not the input's fault
     except (RuntimeError, InputShapeError) as exc:
@@ -283,12 +295,17 @@ def _featurize(
 
 
 def _raise_first_nonfinite(ref: ShardRef, item: Featured) -> None:
-    for values, reason in ((item.loss, NONFINITE_LOSS), (item.grads.flatten(1), NONFINITE_GRAD)):
-        bad = (~torch.isfinite(values.reshape(len(item.batch.keys), -1))).any(dim=1)
+    """Under --on-error fail: the first non-finite loss, else gradient, else outlier, raises.
+    One host sync per batch when all is well; the rows are read again only when it is not."""
+    if bool(item.usable.all()):
+        return
+    grads = item.grads
+    checks = (
+        (~torch.isfinite(item.loss), NONFINITE_LOSS),
+        (~torch.isfinite(grads).all(dim=1), NONFINITE_GRAD),
+        (grad_norms(grads) > MAX_GRAD_NORM, GRAD_OUTLIER),
+    )
+    for bad, reason in checks:
         if bool(bad.any()):
             key = item.batch.keys[int(bad.nonzero()[0, 0])]
             raise SampleError(ref.name, key, reason, ref.url)
-    norms = item.grads.to(torch.float64).norm(dim=1)
-    if bool((norms > MAX_GRAD_NORM).any()):
-        key = item.batch.keys[int((norms > MAX_GRAD_NORM).nonzero()[0, 0])]
-        raise SampleError(ref.name, key, GRAD_OUTLIER, ref.url)

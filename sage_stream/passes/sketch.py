@@ -70,10 +70,14 @@ class SketchState:
         )
 
     def add(self, grads: Tensor, labels: Tensor, num_classes: int) -> None:
-        """Usable rows (n, D) and their labels (n,)."""
-        self.fd.update(grads)
-        self.class_sums.index_add_(0, labels, grads.to(torch.float64))
-        self.class_counts += torch.bincount(labels, minlength=num_classes)
+        """Usable rows (n, D), already checked finite, and their labels (n,).
+
+        The class sums take one float32 product onehotᵀ·G (C, D) per call, added to the
+        float64 sums: no D-wide float64 copy of the rows, no scatter."""
+        self.fd.update(grads, checked=True)
+        onehot = torch.nn.functional.one_hot(labels, num_classes).to(grads.dtype)  # (n, C)
+        self.class_sums += (onehot.T @ grads).to(torch.float64)  # (C, D)
+        self.class_counts += onehot.sum(dim=0).to(torch.int64)
 
     def merge(self, other: SketchState) -> None:
         """other's rows streamed in after ours (fd.merge); class sums and counts add."""
@@ -208,7 +212,7 @@ class UnitRun:
 
     def _featured(self, item: Featured, own: bool) -> bool:
         """Add a batch's usable rows group by group; True if the unit's end is in it."""
-        usable = item.usable
+        usable = item.usable  # (B,) bool on the device
         start = 0
         for i, level in enumerate(self._levels(item.batch)):
             if level == 0:
@@ -230,6 +234,8 @@ class UnitRun:
         if self.fold is None or start == stop:
             return
         keep = usable[start:stop]
+        # boolean indexing: the one host sync of a batch in pass 1 (the row count decides
+        # when FD shrinks, and a shrink's eigh runs on the host anyway)
         grads, labels = item.grads[start:stop][keep], item.y[start:stop][keep]
         self.fold.group().add(grads, labels, self.ctx.num_classes)
 
