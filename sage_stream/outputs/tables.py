@@ -70,20 +70,27 @@ def write_part(folder: OutputFolder, shard: str, table: pa.Table, shard_error: s
     _write_table(folder, folder.part(shard), table)
 
 
-def read_table(url: str, columns: list[str] | None = None, storage_options=None) -> pa.Table:
-    """A Parquet file at any URL, read through the retried storage helpers."""
+def read_table(
+    url: str, columns: list[str] | None = None, storage_options=None, optional: tuple = ()
+) -> pa.Table:
+    """A Parquet file at any URL, read through the retried storage helpers; the `optional`
+    columns too where the file has them (scores parts written before a column existed)."""
     with open_input(url, storage_options) as f:
-        return pq.read_table(f, columns=columns)
+        if not optional:
+            return pq.read_table(f, columns=columns)
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        return pf.read(columns=[*(columns or names), *(c for c in optional if c in names)])
 
 
 def read_part(
-    folder: OutputFolder, shard: str, columns: list[str] | None = None
+    folder: OutputFolder, shard: str, columns: list[str] | None = None, optional: tuple = ()
 ) -> tuple[pa.Table, str | None]:
     """One shard's scores and its shard-level error (None if its stream was whole)."""
     url = folder.part(shard)
     if not folder.exists(url):
         raise InputError(f"no scores for shard {shard!r} at {url}: run `sage-stream score` first")
-    table = read_table(url, columns, folder.storage_options)
+    table = read_table(url, columns, folder.storage_options, optional)
     error = (table.schema.metadata or {}).get(SHARD_ERROR_KEY, b"").decode() or None
     return table.replace_schema_metadata(None), error
 

@@ -25,6 +25,7 @@ from ..outputs.lease import check as check_lease
 from ..outputs.selection_file import write_selection_parts
 from ..outputs.tables import read_part
 from ..select.bounded import select_parts
+from ..select.content import DIGEST
 from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
 from ..select.parts import local_map
 from ..select.rules import COLUMNS, SKETCHED, Rules
@@ -53,9 +54,12 @@ def run_select(
     if rules.dedups:
         columns = [*columns, "signature"]
 
+    # the seeded draws are keyed by content where pass 2 recorded it (select/content.py)
+    drawn = (DIGEST,) if rules.scorer in ("random", "sage-coverage") else ()
+
     def read(name: str) -> pa.Table:
         try:
-            return read_part(folder, name, list(columns))[0]
+            return read_part(folder, name, list(columns), drawn)[0]
         except (KeyError, pa.ArrowInvalid) as exc:  # a column this version's pass 2 writes
             raise InputError(
                 f"the scores of shard {name!r} under {folder.url} lack a column this selection "

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .content import draw_ids
 from .rules import ok_mask
 
 # Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
@@ -50,8 +51,9 @@ MAX_CAPPED_SHARE = 1.0
 
 
 def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
-    """Standard Gumbel noise per key, from blake2b of seed and key: (N,). Not of the shard, so
-    that the same samples stored as tar or as Parquet shards get the same draw."""
+    """Standard Gumbel noise per sample id (`content.draw_ids`: the content digest, else the
+    key), from blake2b of seed and id: (N,). Never of the shard or the key when the digest is
+    there, so the same samples stored as tar or Parquet, keyed or not, get the same draw."""
     digests = b"".join(
         hashlib.blake2b(f"coverage\0{seed}\0{k}".encode(), digest_size=8).digest() for k in keys
     )
@@ -222,7 +224,7 @@ def coverage_ranking(
         cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
         exempt = np.array([int(c) in p.exempt for c in labels], dtype=bool)
     passes = (_bins(score) >= cut) & ((tau <= cap) | exempt)
-    noise = gumbel_noise(table["__key__"].to_pylist(), seed)
+    noise = gumbel_noise(draw_ids(table, with_shard=False), seed)  # by content (content.py)
     norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
     with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing
         weight = np.log(np.clip(tau, 0.0, None)) - 2.0 * np.log(norm)  # log(τ/‖g‖²)

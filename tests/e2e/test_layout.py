@@ -105,3 +105,28 @@ def test_the_groups_were_many(layouts):
 
     levels = [boundary_level(int(d), group_rows(4)) for d in digests]
     assert sum(lv > 0 for lv in levels) >= 8
+
+
+def kept_digests(out: Path) -> set[int]:
+    scores = pq.read_table(out / "scores", columns=["__shard__", "__key__", "digest"]).to_pylist()
+    digest = {(r["__shard__"], r["__key__"]): r["digest"] for r in scores}
+    kept = pq.read_table(out / "selection.parquet", columns=["__shard__", "__key__"]).to_pylist()
+    return {digest[(r["__shard__"], r["__key__"])] for r in kept}
+
+
+def test_every_layout_keeps_the_same_samples(layouts):
+    """The default scorer's seeded draw is keyed by the samples' content, not their keys: Parquet
+    without a key column (keys are row numbers per file) keeps what tar keeps."""
+    expected = kept_digests(layouts["tar-3"])
+    assert len(expected) == round(0.3 * N)
+    for name, out in layouts.items():
+        assert kept_digests(out) == expected, name
+
+
+def test_the_random_draw_is_the_same_for_every_layout(layouts):
+    kept = {}
+    for name, out in layouts.items():
+        sage_stream.select(out=str(out), keep=0.25, scorer="random")
+        kept[name] = kept_digests(out)
+    for name, digests in kept.items():
+        assert digests == kept["tar-3"], name
