@@ -111,6 +111,12 @@ def main() -> None:
     else:
         body["detail"] = result.get("detail")
         print(result["status"], body["detail"])
+    # issue 24's table (speed.py), in this process, so one call on a lent GPU records it all
+    from speed import ROWS
+    from speed import measure as speed_rows
+    from speed import settings as speed_settings
+
+    body["speed"] = speed_rows(speed_settings(args.quick), ROWS, root, args.device, args.threads)
     write_results(args, "gpu", body)
 
 

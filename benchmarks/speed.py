@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from cases import decaying_rows
 from common import parser, start, work_dir, write_results
 from data import BlobSpec, blob_mlp, proxy_checkpoint, write_blob_shards
+from sage_cases import decaying_rows
 
 ROWS = ("passes", "fd", "shards", "run")
 
@@ -100,7 +100,8 @@ def passes_case(clock: Clock, shards: list[str], opts: dict[str, Any], out: Path
 
 
 def passes_rows(s: dict, clock: Clock, root: Path, device: str, threads: int) -> dict:
-    from gpu import resnet, write_image_shards
+    from gpu import write_image_shards
+    from gpu_cases import resnet
 
     spec = BlobSpec()
     shards = write_blob_shards(root / "blobs", spec, s["mlp_n"], s["mlp_per_shard"])
@@ -197,7 +198,9 @@ def shards_rows(s: dict, clock: Clock, root: Path, device: str, model: torch.nn.
         shards = resharded(root, spec, s["sweep_n"], count)
         dest = root / f"out-sweep-{count}"
         shutil.rmtree(dest, ignore_errors=True)
-        out[str(count)] = round(clock(lambda sh=shards, d=dest: sage_stream.sketch(sh, out=str(d), **opts)), 3)
+        out[str(count)] = round(
+            clock(lambda sh=shards, d=dest: sage_stream.sketch(sh, out=str(d), **opts)), 3
+        )
     one = out[str(s["sweep_shards"][0])]
     return {"samples": s["sweep_n"], "cpu_s": out,
             "over_one_shard": {k: round(v / one, 4) for k, v in out.items()}}  # fmt: skip
@@ -206,6 +209,7 @@ def shards_rows(s: dict, clock: Clock, root: Path, device: str, model: torch.nn.
 def plain_forward(shards: list[str], model: torch.nn.Module, batch: int) -> int:
     """tarfile + np.load + the model, nothing else: the floor a whole run is compared with."""
     seen, xs = 0, []
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for shard in shards:
             with tarfile.open(shard, "r|") as tar:
@@ -213,10 +217,10 @@ def plain_forward(shards: list[str], model: torch.nn.Module, batch: int) -> int:
                     if member.name.endswith(".npy"):
                         xs.append(np.load(io.BytesIO(tar.extractfile(member).read())))
                     if len(xs) == batch:
-                        model(torch.from_numpy(np.stack(xs)))
+                        model(torch.from_numpy(np.stack(xs)).to(dev))
                         seen, xs = seen + len(xs), []
         if xs:
-            model(torch.from_numpy(np.stack(xs)))
+            model(torch.from_numpy(np.stack(xs)).to(dev))
             seen += len(xs)
     return seen
 
@@ -249,7 +253,7 @@ def measure(s: dict, rows: tuple[str, ...], root: Path, device: str, threads: in
     if "shards" in rows:
         result["shards"] = shards_rows(s, clock, root, device, model)
     if "run" in rows:
-        result["run"] = run_rows(s, clock, root, device, model.cpu() if device == "cpu" else model)
+        result["run"] = run_rows(s, clock, root, device, model)
     return result
 
 
