@@ -171,13 +171,13 @@ def failure_reasons(
 
 
 def _outlier_or_nonfinite(grads: Tensor, norms: Tensor) -> Tensor:
-    """‖g‖ (B,) float64 on the host, exact for the rare rows whose float32 norm is not finite:
-    a finite row of norm over ~1.8e19 is an outlier, not a non-finite gradient."""
-    norms = norms.cpu()
+    """‖g‖ (B,) float64 on the host (`norms` moved over already), exact for the rare rows whose
+    float32 norm is not finite: a finite row of norm over ~1.8e19 is an outlier, not a
+    non-finite gradient."""
     bad = (~torch.isfinite(norms)).nonzero().flatten()
     if bad.numel():  # only on bad input: one more small copy
-        exact = grads[bad.to(grads.device)].to(torch.float64).norm(dim=1).cpu()
-        norms[bad] = exact
+        norms = norms.clone()
+        norms[bad] = grads[bad.to(grads.device)].to(torch.float64).norm(dim=1).cpu()
     return norms
 
 
@@ -200,10 +200,11 @@ def score_batch(
     """
     norms = grad_norms(grads)  # (B,) float64, on the device
     if sketch is None:
-        grad_norm = _outlier_or_nonfinite(grads, norms)
+        loss_h, norms_h = torch.stack([loss.double(), norms]).cpu()  # one transfer
+        grad_norm = _outlier_or_nonfinite(grads, norms_h)
         nan = torch.full_like(grad_norm, float("nan"))
-        reasons = failure_reasons(loss.cpu(), grad_norm, None, None)
-        return ScoredBatch(nan, loss.double().cpu(), grad_norm, nan, nan.clone(), None, reasons)
+        reasons = failure_reasons(loss_h, grad_norm, None, None)
+        return ScoredBatch(nan, loss_h, grad_norm, nan, nan.clone(), None, reasons)
     sigma, basis, consensus, ridge = sketch
     finite = norms <= MAX_GRAD_NORM  # (B,): a NaN row must not leak into z
     vg = torch.where(finite[:, None], grads @ basis.T, 0.0)  # (B, ℓ); a GEMM row is its own
@@ -214,10 +215,10 @@ def score_batch(
     has_consensus = (consensus.norm(dim=1) > 0)[labels]
     host = torch.stack([
         loss.double(), score, energy, coverage.to(norms.device), z.norm(dim=1).double(),
-        has_consensus.double(),
-    ]).cpu()  # (6, B): one transfer  # fmt: skip
-    loss_h, score_h, energy_h, coverage_h, z_norm, has_h = host
-    grad_norm = _outlier_or_nonfinite(grads, norms)
+        has_consensus.double(), norms,
+    ]).cpu()  # (7, B): one transfer  # fmt: skip
+    loss_h, score_h, energy_h, coverage_h, z_norm, has_h, norms_h = host
+    grad_norm = _outlier_or_nonfinite(grads, norms_h)
     reasons = failure_reasons(loss_h, grad_norm, z_norm, None if keep_z else has_h > 0)
     if not keep_z:  # a finite gradient can still make a NaN or inf score (z overflowing)
         for i in (~torch.isfinite(score_h)).nonzero().flatten().tolist():
