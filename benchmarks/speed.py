@@ -37,6 +37,7 @@ import torch
 from common import parser, start, work_dir, write_results
 from data import BlobSpec, blob_mlp, proxy_checkpoint, write_blob_shards
 from sage_cases import decaying_rows
+from threadpoolctl import threadpool_limits
 
 ROWS = ("passes", "fd", "shards", "run")
 
@@ -130,7 +131,8 @@ def plain_fd(batches: list[torch.Tensor], ell: int) -> float:
             m, start = m + take, start + take
             if m == 2 * ell:
                 gram = (buf @ buf.T).double().cpu().numpy()
-                lam, u = np.linalg.eigh(gram)
+                with threadpool_limits(1):  # as the package's eigh: CPU s, not idle threads
+                    lam, u = np.linalg.eigh(gram)
                 lam, u = lam[::-1], u[:, ::-1]
                 d = max(lam[ell - 1], 0.0)
                 keep = lam > d
@@ -159,7 +161,8 @@ def blas_limit(clock: Clock, ell: int, dim: int, device: str) -> float:
     gemm = clock(lambda: [(a @ b.T, c @ a) for _ in range(reps)]) / reps
     gram = np.random.default_rng(0).random((2 * ell, 2 * ell))
     gram = gram @ gram.T
-    eig = Clock("cpu")(lambda: [np.linalg.eigh(gram) for _ in range(reps)]) / reps
+    with threadpool_limits(1):  # one thread, as the package runs it (CPU s count every thread)
+        eig = Clock("cpu")(lambda: [np.linalg.eigh(gram) for _ in range(reps)]) / reps
     return gemm + eig
 
 
