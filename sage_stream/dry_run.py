@@ -98,8 +98,8 @@ def _sketch_state(folder: OutputFolder, sketched: bool, fresh: bool) -> str:
     if not fresh and folder.exists(folder.sketch) and folder.sketch_store().is_complete():
         return "done (sketch.zarr complete): skipped"
     names = folder.names(folder.work()) if folder.exists(folder.work()) and not fresh else []
-    saved = sum(n.startswith("pass1-group-") for n in names)
-    return f"would run (resuming from {saved} group checkpoint(s))" if saved else "would run"
+    saved = sum(n.startswith("pass1-unit-") for n in names)
+    return f"would run (resuming from {saved} unit checkpoint(s))" if saved else "would run"
 
 
 def _finishing_steps(command: str, cfg: Config, folder: OutputFolder, refs: list) -> list[str]:

@@ -18,7 +18,8 @@
                                     one is refused unless --overwrite
         config.json                 the configuration the manifest records
         stopped.json                why the last step stopped, if it failed (outputs.stopped)
-        pass1-group-<i>-of-<n>.pt   pass 1 checkpoints, one per group, O(ℓ·D + C·D) each
+        pass1-unit-<i>-of-<n>.pt    pass 1 checkpoints, one per unit (passes/sketch.py), and
+        pass1-unit-<i>-of-<n>-item-<j>.pt   the states a unit hands over, O(ℓ·D + C·D) each
         emitted-<selection hash>/<shard>   one marker per shard emitted for a selection
 
 Pass 2 needs no checkpoint of its own: a scores part is written atomically, so a part that

@@ -46,12 +46,12 @@ def test_claim_records_identity_and_refuses_another(folder):
 
 def test_a_run_in_which_no_pass_finished_may_start_again_changed(folder, caplog):
     folder.claim(IDENTITY, {"ell": 16}, overwrite=False)
-    folder.write_bytes(folder.work("pass1-group-0-of-2.pt"), b"x")  # a checkpoint: unfinished
+    folder.write_bytes(folder.work("pass1-unit-00000-of-00002.pt"), b"x")  # a checkpoint: unfinished
     assert folder.finished_work() == []
     folder.claim({**IDENTITY, "ell": 8}, {"ell": 8}, overwrite=False)
     assert "no pass finished (it differs in: ell)" in caplog.text
     assert folder.stored_identity()["ell"] == 8 and folder.recorded_config() == {"ell": 8}
-    assert not folder.exists(folder.work("pass1-group-0-of-2.pt"))  # the other run's, gone
+    assert not folder.exists(folder.work("pass1-unit-00000-of-00002.pt"))  # the other run's, gone
 
 
 def test_overwrite_wipes_exactly_the_run_entries(folder):
