@@ -43,10 +43,10 @@ ROWS = ("passes", "fd", "shards", "run")
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    if quick:
-        return {"mlp_n": 2000, "mlp_per_shard": 500, "cnn_width": 8, "cnn_n": 64, "cnn_batch": 32,
-                "ell": 32, "fd_dims": [2570], "fd_limit_dim": 2570, "shrinks": 3,
-                "sweep_n": 4000, "sweep_shards": [1, 20, 200], "run_n": 4000, "run_shards": 4}  # fmt: skip
+    if quick:  # gpu.py's smoke test runs these too: seconds, not minutes
+        return {"mlp_n": 600, "mlp_per_shard": 300, "cnn_width": 8, "cnn_n": 64, "cnn_batch": 32,
+                "ell": 16, "fd_dims": [520], "fd_limit_dim": 520, "shrinks": 3,
+                "sweep_n": 1200, "sweep_shards": [1, 20, 200], "run_n": 1200, "run_shards": 4}  # fmt: skip
     return {"mlp_n": 16000, "mlp_per_shard": 1000, "cnn_width": 64, "cnn_n": 512,
             "cnn_batch": 64, "ell": 256, "fd_dims": [2570, 51300, 205000],
             "fd_limit_dim": 51300, "shrinks": 3, "sweep_n": 40000,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..batches import Batch
+from ..decode.batches import Batch
 from ..errors import InputError, MismatchError
 from ..fd import FrequentDirections
 from ..progress import Progress
