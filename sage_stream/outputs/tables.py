@@ -66,8 +66,8 @@ def write_part(folder: OutputFolder, shard: str, table: pa.Table, shard_error: s
         if name not in table.column_names:
             field = SCORE_SCHEMA.field(name)
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    table = table.cast(SCORE_SCHEMA).replace_schema_metadata(metadata)
-    _write_table(folder, folder.part(shard), table)
+    table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+    _write_table(folder, folder.part(shard), table.replace_schema_metadata(metadata))
 
 
 def read_table(
