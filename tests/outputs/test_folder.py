@@ -46,7 +46,9 @@ def test_claim_records_identity_and_refuses_another(folder):
 
 def test_a_run_in_which_no_pass_finished_may_start_again_changed(folder, caplog):
     folder.claim(IDENTITY, {"ell": 16}, overwrite=False)
-    folder.write_bytes(folder.work("pass1-unit-00000-of-00002.pt"), b"x")  # a checkpoint: unfinished
+    folder.write_bytes(
+        folder.work("pass1-unit-00000-of-00002.pt"), b"x"
+    )  # a checkpoint: unfinished
     assert folder.finished_work() == []
     folder.claim({**IDENTITY, "ell": 8}, {"ell": 8}, overwrite=False)
     assert "no pass finished (it differs in: ell)" in caplog.text
