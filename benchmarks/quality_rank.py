@@ -247,6 +247,19 @@ def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int =
                 if keep <= small
                 else strata_values(pool, np.where(aside, loss.min(), loss), seed, strata)
             )
+        elif order == "ccs-log":
+            v = strata_values(pool, np.log(np.maximum(pool.col["loss"], 0) + 1e-4), seed, strata)
+        elif order == "rb-hard":
+            v = pool.uniform(seed) * 2 - 1 if keep <= small else loss
+        elif order == "rb-ccs":
+            v = (pool.uniform(seed) * 2 - 1 if keep <= small
+                 else strata_values(pool, np.where(aside, loss.min(), loss), seed, strata))
+        elif order == "rb-ccslin":
+            lin = np.where(aside, 0.0, np.maximum(pool.col["loss"], 0))
+            v = pool.uniform(seed) * 2 - 1 if keep <= small else strata_values(pool, lin, seed, strata)
+        elif order == "ccs-lin":
+            lin = np.where(aside, 0.0, np.maximum(pool.col["loss"], 0))
+            v = strata_values(pool, lin, seed, strata)
         elif order == "budget-hard":
             v = -loss if keep <= small else loss
         elif order == "draw-hard":
@@ -260,6 +273,38 @@ def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int =
     return rule
 
 
+def auto(clean_order: str, threshold: float = 0.05, noisy_share: float = 0.25,
+         strata: int = 10, small: float = 0.1) -> Rule:  # fmt: skip
+    """Set aside the rows the proxy does not fit (loss > `threshold`; a class more than half of
+    which is over is exempt). A pool with more than `noisy_share` of its rows set aside is
+    noisy: easy first (−loss). Else `clean_order` among the passing: ccs-log (strata of
+    log(loss + 1e-4) per class), draw (the default's), random, draw-ccs (draw at keep ≤
+    `small`, ccs-log above)."""
+
+    def rule(pool: Pool, keep: float, seed: int) -> np.ndarray:
+        loss = np.maximum(pool.col["loss"], 0.0)
+        over = loss > threshold
+        if over.mean() > noisy_share:
+            return rank_of(pool, -loss, np.zeros(len(loss), bool), True)
+        aside = over.copy()
+        for c in np.unique(pool.label):
+            m = pool.label == c
+            if over[m].sum() > 0.5 * m.sum():
+                aside[m] = False
+        logl = np.log(loss + 1e-4)
+        if clean_order == "ccs-log" or (clean_order == "draw-ccs" and keep > small):
+            v = strata_values(pool, np.where(aside, logl.min(), logl), seed, strata)
+        elif clean_order in ("draw", "draw-ccs"):
+            v = _default(pool, keep, seed)
+        elif clean_order == "random":
+            v = pool.uniform(seed) * 2 - 1
+        else:
+            raise ValueError(clean_order)
+        return rank_of(pool, v, aside, True)
+
+    return rule
+
+
 RULES: dict[str, Rule] = {"default": _default, "random": _random, "loss-easy": _loss_easy}
 
 
@@ -268,6 +313,12 @@ def rule_named(name: str) -> Rule:
     otsu-data/budget/dedup/0.75/10."""
     if name in RULES:
         return RULES[name]
+    if name.startswith("auto/"):
+        _, order, *rest = name.split("/")
+        kw = dict(zip(("threshold", "noisy_share", "strata"), map(float, rest), strict=False))
+        if "strata" in kw:
+            kw["strata"] = int(kw["strata"])
+        return auto(order, **kw)
     f, o, d, *rest = name.split("/")
     kw: dict = {}
     if rest:
