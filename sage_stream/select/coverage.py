@@ -27,7 +27,6 @@ bounded (bounded.py) and every part is ranked by a function of its own rows. sel
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
-from .content import draw_ids
+from .content import draw_bits
 from .rules import ok_mask
 
 # Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
@@ -50,14 +49,11 @@ TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w;
 MAX_CAPPED_SHARE = 1.0
 
 
-def gumbel_noise(keys: list[str], seed: int) -> np.ndarray:
-    """Standard Gumbel noise per sample id (`content.draw_ids`: the content digest, else the
-    key), from blake2b of seed and id: (N,). Never of the shard or the key when the digest is
-    there, so the same samples stored as tar or Parquet, keyed or not, get the same draw."""
-    digests = b"".join(
-        hashlib.blake2b(f"coverage\0{seed}\0{k}".encode(), digest_size=8).digest() for k in keys
-    )
-    bits = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
+    """Standard Gumbel noise per row, (N,), from the row's 64 draw bits (`content.draw_bits`: its
+    content digest, else its key). Never of the shard or the key when the digest is there, so
+    the same samples stored as tar or Parquet, keyed or not, get the same draw."""
+    bits = draw_bits(table, seed, "coverage", with_shard=False)
     u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1), never 0 or 1
     return -np.log(-np.log(u))
 
@@ -168,11 +164,18 @@ def with_exempt(
     return Params(p.cap, p.cut, exempt)
 
 
+def _per_label(labels: np.ndarray, values: dict[int, int], default: int) -> np.ndarray:
+    """values[label] per row (default where absent), by one lookup over the distinct labels."""
+    distinct, inverse = np.unique(labels, return_inverse=True)
+    lookup = np.array([values.get(int(c), default) for c in distinct.tolist()], dtype=np.int64)
+    return lookup[inverse.reshape(-1)] if len(labels) else np.zeros(0, dtype=np.int64)
+
+
 def with_params(table: pa.Table, p: Params) -> pa.Table:
     """The part with the parameters as columns, so that the ranking is a function of the row."""
     labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
-    cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
-    exempt = np.array([int(c) in p.exempt for c in labels], dtype=bool)
+    cut, exempt = _per_label(labels, p.cut, 0), _per_label(labels, dict.fromkeys(p.exempt, 1), 0)
+    exempt = exempt.astype(bool)
     table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
     table = table.append_column(EXEMPT_COLUMN, pa.array(exempt))
     return table.append_column(CUT_COLUMN, pa.array(cut))
@@ -221,10 +224,10 @@ def coverage_ranking(
         p = params(got, quantile, support)
         p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share)
         cap = np.full(len(score), p.cap)
-        cut = np.array([p.cut.get(int(c), 0) for c in labels], dtype=np.int64)
-        exempt = np.array([int(c) in p.exempt for c in labels], dtype=bool)
+        cut = _per_label(labels, p.cut, 0)
+        exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
     passes = (_bins(score) >= cut) & ((tau <= cap) | exempt)
-    noise = gumbel_noise(draw_ids(table, with_shard=False), seed)  # by content (content.py)
+    noise = gumbel_noise(table, seed)  # by content (content.py)
     norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
     with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing
         weight = np.log(np.clip(tau, 0.0, None)) - 2.0 * np.log(norm)  # log(τ/‖g‖²)

@@ -8,13 +8,11 @@ part can be ranked alone and the result does not depend on row order.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .content import draw_ids
+from .content import draw_bits, unit_floats
 from .coverage import coverage_ranking
 from .rules import SCORERS, check_choice, check_columns, ok_mask
 
@@ -27,8 +25,8 @@ def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
 
     ``sage-coverage`` → agreement filters, ridge leverage draws (``coverage.coverage_ranking``);
     ``sage`` → score; ``loss`` → loss (hardest first); ``loss-easy`` → −loss; ``grad-norm`` →
-    grad_norm; ``random`` → a value in [0, 1) from blake2b of the seed and the sample's content
-    digest (``content.draw_ids``; shard and key for rows without one), so
+    grad_norm; ``random`` → a value in [0, 1) from the seed and the sample's content digest
+    (``content.draw_bits``; shard and key for rows without one), so
     it depends neither on row order nor on which other rows exist. Rows that are not candidates
     may come back NaN; a candidate without the needed value is an InputError.
     """
@@ -55,10 +53,5 @@ def recorded_score(values: np.ndarray, scorer: str) -> np.ndarray:
 
 
 def random_values(table: pa.Table, seed: int) -> np.ndarray:
-    # One hash per row is the price of order independence; 53 bits give exact floats in [0, 1).
-    digests = b"".join(
-        hashlib.blake2b(f"{seed}\0{sample}".encode(), digest_size=8).digest()
-        for sample in draw_ids(table, with_shard=True)  # its content digest (select/content.py)
-    )
-    bits = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    """[0, 1) per row from its draw bits (content.py): order-independent, exact float64s."""
+    return unit_floats(draw_bits(table, seed, "random", with_shard=True))

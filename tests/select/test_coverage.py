@@ -99,7 +99,7 @@ def test_unsupported_samples_go_last_and_infinite_temperature_is_uniform():
     assert set(np.argsort(values)[:5]) == set(range(5))
     flat = coverage.coverage_ranking(table, ok, 0, quantile=0.0, support=0.5,
                                      temperature=np.inf)  # fmt: skip
-    noise = coverage.gumbel_noise(table["__key__"].to_pylist(), 0)
+    noise = coverage.gumbel_noise(table, 0)
     np.testing.assert_array_equal(np.argsort(flat[5:]), np.argsort(noise[5:]))  # only the noise
 
 
