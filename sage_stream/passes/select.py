@@ -25,6 +25,7 @@ from ..outputs.lease import check as check_lease
 from ..outputs.selection_file import write_selection_parts
 from ..outputs.tables import read_part
 from ..select.bounded import select_parts
+from ..select.cache import PartCache
 from ..select.content import DIGEST
 from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
 from ..select.parts import local_map
@@ -67,6 +68,7 @@ def run_select(
                 "score` (or --dedup off, for the near-copy signature)"
             ) from None
 
+    read = PartCache(read)  # one read per part while they fit (select/cache.py)
     if rules.scorer in SKETCHED:
         _check_has_sage_scores(folder, shards, read)
     params: dict[str, Any] = rules.params()
