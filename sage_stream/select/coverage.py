@@ -80,9 +80,8 @@ class CoverageSums:
 
 
 def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    missing = [
-        c for c in ("score", "coverage", "label", "grad_norm") if c not in table.column_names
-    ]
+    names = set(table.column_names)
+    missing = [c for c in ("score", "coverage", "label", "grad_norm") if c not in names]
     if missing:
         raise InputError(
             f"scores table lacks column(s) {', '.join(missing)}: --scorer sage-coverage needs "

@@ -113,7 +113,8 @@ def round_half_up(x: Fraction) -> int:
 
 
 def check_columns(table: pa.Table, columns: tuple[str, ...] | list[str]) -> None:
-    missing = [c for c in columns if c not in table.column_names]
+    names = set(table.column_names)  # a new list per access: once, not once per column
+    missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(f"scores table lacks column(s) {', '.join(missing)}")
 
