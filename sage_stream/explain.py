@@ -1,31 +1,32 @@
-"""`sage-stream inspect OUT --key KEY`: one sample's record, whether it was kept, and its class's
-cut, read from what the run wrote.
+"""`sage-stream inspect OUT --key KEY`: one sample's record, whether it was kept and why not,
+and its class's cut, read from what the run wrote.
 
-Where it sits: after select (or emit), beside summary.py. It reads the scores parts one at a
-time (only the rows of KEY are kept) and selection.parquet one shard's row group at a time, so
-memory is that of one part, whatever the size of the run. A key may name samples in several
-shards (keys are unique within a shard): each is shown.
+Where it sits: after select (or emit), beside summary.py. It reads the scores parts and the
+decisions parts (outputs/decisions_file.py) one at a time, keeping only the rows of KEY, and
+decisions.json for its class, so memory is that of one part, whatever the size of the run. A
+key may name samples in several shards (keys are unique within a shard): each is shown.
 
-The class's cut is the lowest ranking value (selection.parquet's `score`) among the kept
-samples of the class: for `sage` the agreement itself, for the baselines the loss or gradient
-norm as ranked, for `sage-coverage` the draw's key among the candidates that passed its filter.
+A selection made before decisions were recorded (or a select that stopped part-way) has no
+decisions.json: then only kept or not is shown, from selection.parquet.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pyarrow.compute as pc
 
 from .errors import InputError
+from .outputs import decisions_file
 from .outputs.folder import OutputFolder
 from .outputs.selection_file import SelectionFile
 from .outputs.tables import read_part
 
 ROW_ORDER = ("__shard__", "label", "status", "reason", "score", "coverage", "loss", "grad_norm",
              "energy")  # fmt: skip
+NO_DECISIONS = ("this selection recorded no decisions (made by an earlier version, or select "
+                "stopped): rerun `sage-stream select` to see why")  # fmt: skip
 
 
 def explain_key(folder: OutputFolder, key: str) -> str:
@@ -38,9 +39,20 @@ def explain_key(folder: OutputFolder, key: str) -> str:
     if chosen is not None:
         request = {k: v for k, v in chosen.params.items() if k != "warnings"}
         lines.append(f"  selection: {json.dumps(request, sort_keys=True)}")
-    cuts = _class_cuts(chosen) if chosen is not None else {}
+    summary = decisions_file.read_summary(folder) if chosen is not None else None
+    classes = {c["label"]: c for c in (summary or {}).get("classes", [])}
     for row in rows:
-        lines += _describe(row, chosen, cuts)
+        shown = {k: row[k] for k in ROW_ORDER if k in row and row[k] is not None}
+        lines.append(f"  shard {row['__shard__']}: " + "  ".join(
+            f"{k} {_fmt(v)}" for k, v in shown.items() if k != "__shard__"))  # fmt: skip
+        if chosen is None:
+            lines.append("  not selected yet: run `sage-stream select`")
+        elif summary is None:
+            kept = key in chosen.keys(row["__shard__"])
+            lines += [f"  {'KEPT' if kept else 'dropped'}", f"  {NO_DECISIONS}"]
+        else:
+            for decided in decisions_file.rows_of(folder, row["__shard__"], key):
+                lines += [f"  {_why(decided, row)}", *_class_line(classes.get(decided["label"]))]
     return "\n".join(lines)
 
 
@@ -51,36 +63,34 @@ def _rows_of(folder: OutputFolder, key: str):  # noqa: ANN202 - a generator of d
         yield from found.to_pylist()
 
 
-def _describe(row: dict[str, Any], chosen: SelectionFile | None, cuts: dict) -> list[str]:
-    shown = {k: row[k] for k in ROW_ORDER if k in row and row[k] is not None}
-    lines = [f"  shard {row['__shard__']}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in
-                                                      shown.items() if k != "__shard__")]  # fmt: skip
-    if chosen is None:
-        return [*lines, "  not selected yet: run `sage-stream select`"]
-    if row.get("status") != "ok":
-        return [*lines, "  dropped: an error row is never kept"]
-    kept = chosen.read(row["__shard__"], ["__key__", "score"])
-    mine = kept.filter(pc.equal(kept["__key__"], row["__key__"]))
-    label = row.get("label")
-    count, low = cuts.get(label, (0, math.nan))
-    cut = f"class {label}: {count} kept, lowest kept ranking value {_fmt(low)}"
-    if mine.num_rows:
-        return [*lines, f"  KEPT, ranking value {_fmt(mine['score'][0].as_py())}; {cut}"]
-    return [*lines, f"  dropped; {cut}"]
+def _why(d: dict[str, Any], row: dict[str, Any]) -> str:
+    """The decision in words, with the numbers that made it (select/decisions.py)."""
+    value, cut, what = _fmt(d["value"]), _fmt(d["cut"]), d["decision"]
+    if what == "kept":
+        copy = f" (a near-copy of {d['duplicate_of_key']!r} kept too)" if d["duplicate_of_key"] else ""
+        return f"KEPT: ranking value {value}, its class's cut {cut}{copy}"
+    if what == "error":
+        return f"dropped (error): never a candidate ({row.get('reason') or 'no reason recorded'})"
+    if what == "duplicate":
+        return (f"dropped (duplicate): a near-copy of {d['duplicate_of_key']!r} in shard "
+                f"{d['duplicate_of_shard']}, ranked after its class's other samples (--dedup on)")  # fmt: skip
+    if what == "agreement":
+        return (f"dropped (agreement): set aside by sage-coverage's filter: agreement "
+                f"{_fmt(row.get('score'))} below its class's agreement cut "
+                f"{_fmt(d['agreement_cut'])}")  # fmt: skip
+    if what == "coverage":
+        return (f"dropped (coverage): set aside by sage-coverage's filter: coverage τ "
+                f"{_fmt(row.get('coverage'))} over the cap {_fmt(d['coverage_cap'])}")  # fmt: skip
+    if what == "min_score":
+        return f"dropped (min_score): ranking value {value} below --min-score {cut}"
+    if d["cut"] is None:
+        return f"dropped (below_cut): ranking value {value}; its class keeps none"
+    return (f"dropped (below_cut): ranking value {value} ranks after its class's cut {cut} "
+            "(ties go by key, then shard)")  # fmt: skip
 
 
-def _class_cuts(chosen: SelectionFile) -> dict[Any, tuple[int, float]]:
-    """label -> (kept samples, lowest kept ranking value), one shard's rows at a time."""
-    cuts: dict[Any, tuple[int, float]] = {}
-    for shard in chosen.rows:
-        table = chosen.read(shard, ["label", "score"])
-        grouped = table.group_by("label").aggregate([("score", "min"), ("label", "count")])
-        for item in grouped.to_pylist():
-            count, low = cuts.get(item["label"], (0, math.inf))
-            score = item["score_min"]
-            cuts[item["label"]] = (count + item["label_count"],
-                                   low if score is None else min(low, score))  # fmt: skip
-    return cuts
+def _class_line(c: dict[str, Any] | None) -> list[str]:
+    return [] if c is None else [f"  {decisions_file.class_line(c)}"]
 
 
 def _fmt(value: Any) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InputError
+from .outputs import decisions_file
 from .outputs.folder import SCORES, SKETCH, OutputFolder
 from .outputs.lease import lease_url
 from .outputs.selection_file import SelectionFile
@@ -93,7 +94,27 @@ def _output_summary(url: str, storage_options: dict) -> str:
             + (f" (shards/ holds {shard['kept']})" if now != shard["kept"] else "")
             + (f"  SHARD ERROR: {shard['shard_error']}" if shard["shard_error"] else "")
         )
-    return "\n".join(lines + _stop_lines(folder))
+    return "\n".join(lines + _decision_lines(folder) + _stop_lines(folder))
+
+
+MAX_CLASS_LINES = 20
+
+
+def _decision_lines(folder: OutputFolder) -> list[str]:
+    """The mix of decisions per class (decisions.json), for a folder with a selection."""
+    if not folder.exists(folder.selection):
+        return []
+    summary = decisions_file.read_summary(folder)
+    if summary is None:
+        return ["  decisions: none recorded for this selection (made by an earlier version, or "
+                "select stopped): rerun `sage-stream select`"]  # fmt: skip
+    classes = summary["classes"]
+    mix = decisions_file.mix(summary["totals"])
+    lines = [f"  decisions (decisions/, `inspect OUT --key KEY` for one): {mix}"]
+    lines += [f"    {decisions_file.class_line(c)}" for c in classes[:MAX_CLASS_LINES]]
+    if len(classes) > MAX_CLASS_LINES:
+        lines.append(f"    ... and {len(classes) - MAX_CLASS_LINES} more classes in decisions.json")
+    return lines
 
 
 def _request(params: dict | None) -> dict:
@@ -158,6 +179,7 @@ def _partial_summary(folder: OutputFolder) -> str:
         lines.append(_scores_summary(folder.scores, folder.storage_options))
     if folder.exists(folder.selection):
         lines.append(_parquet_summary(folder.selection, folder.storage_options))
+        lines += _decision_lines(folder)
     if not finished:
         lines.append("  no pass finished: a rerun may change the configuration (no "
                      "--overwrite needed)")  # fmt: skip

@@ -6,6 +6,9 @@
       selection.parquet             select (outputs.tables)
       duplicates.parquet            select with near-copy removal: each removed sample and
                                     the candidate it duplicates (select/dedup.py)
+      decisions/part-<shard>.parquet   select: per scores row, kept or why not (select/decisions.py)
+      decisions.json                select, written last: per class its decisions and cut; a
+                                    selection without it has no (complete) decisions
       shards/<input shard name>     emit: the kept samples
       manifest.json                 emit (outputs.manifest)
       shardindex.json               emit: wids index of shards/
@@ -54,6 +57,8 @@ SKETCH = "sketch.zarr"
 SCORES = "scores"
 SELECTION = "selection.parquet"
 DUPLICATES = "duplicates.parquet"
+DECISIONS = "decisions"
+DECISIONS_SUMMARY = "decisions.json"
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 INDEX = "shardindex.json"
@@ -62,7 +67,8 @@ REPORT = "report"
 WORK = "_work"
 TMP = "tmp"  # under _work/: temporaries only
 # Everything a run writes into OUT; --overwrite removes exactly these, nothing else.
-ENTRIES = (SKETCH, SCORES, SELECTION, DUPLICATES, SHARDS, MANIFEST, INDEX, SUCCESS, REPORT, WORK)
+ENTRIES = (SKETCH, SCORES, SELECTION, DUPLICATES, DECISIONS, DECISIONS_SUMMARY, SHARDS, MANIFEST,
+           INDEX, SUCCESS, REPORT, WORK)  # fmt: skip
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 
@@ -96,6 +102,18 @@ class OutputFolder:
     @property
     def duplicates(self) -> str:
         return self.path(DUPLICATES)
+
+    @property
+    def decisions(self) -> str:
+        return self.path(DECISIONS)
+
+    def decision_part(self, shard: str) -> str:
+        """decisions/part-<shard>.parquet: select's decision for each row of the scores part."""
+        return self.path(DECISIONS, f"{PART_PREFIX}{shard}{PART_SUFFIX}")
+
+    @property
+    def decisions_summary(self) -> str:
+        return self.path(DECISIONS_SUMMARY)
 
     def shard(self, name: str) -> str:
         return self.path(SHARDS, name)
@@ -288,13 +306,16 @@ class OutputFolder:
         """Before _SUCCESS: every listed output is there with its listed count of samples.
 
         ``shards`` are the manifest's shard entries (``name``, ``format``, ``emitted``,
-        ``seen``, ``kept``): the scores part has ``seen`` rows and the emitted shard ``kept``
-        samples. Raises a StorageError naming each file that is missing or differs, so a run
+        ``seen``, ``kept``): the scores part has ``seen`` rows, so has the decisions part where
+        the selection recorded its decisions, and the emitted shard ``kept`` samples. Raises a StorageError naming each file that is missing or differs, so a run
         never commits with a hole in it, or over what another writer left.
         """
         wrong: list[str] = []
+        decided = self.exists(self.decisions_summary)
         for s in shards:
             wrong += self._check(self.part(s["name"]), "parquet", s.get("seen"))
+            if decided:
+                wrong += self._check(self.decision_part(s["name"]), "parquet", s.get("seen"))
             if s.get("emitted"):
                 wrong += self._check(self.shard(s["name"]), s.get("format", "tar"), s.get("kept"))
         if wrong:

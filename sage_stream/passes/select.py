@@ -3,8 +3,9 @@
 Where it sits: after pass 2 (score.py), before emit (emit.py). What is kept is decided by the
 `select` package (rules, quotas, orderings, the bounded path over the score parts); this step
 is its I/O: it reads the parts through the output folder, checks that they can serve the
-scorer, logs and records the selection's warnings (select/warn.py), and writes the selection,
-one shard at a time, changing OUT only once the search is over and the lease still held.
+scorer, logs and records the selection's warnings (select/warn.py), and writes the selection
+and every row's decision (outputs/decisions_file.py), one shard at a time, changing OUT only
+once the search is over and the lease still held.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from ..outputs import decisions_file
 from ..outputs.folder import OutputFolder
 from ..outputs.lease import check as check_lease
 from ..outputs.selection_file import write_selection_parts
@@ -27,6 +29,7 @@ from ..outputs.tables import read_part
 from ..select.bounded import select_parts
 from ..select.cache import PartCache
 from ..select.content import DIGEST
+from ..select.decisions import Tally
 from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
 from ..select.parts import local_map
 from ..select.rules import COLUMNS, SKETCHED, Rules
@@ -99,23 +102,30 @@ def _select_and_write(
                           min_score=rules.min_score, scorer=rules.scorer,
                           seed=rules.seed, duplicates=dups)  # fmt: skip
     scored = 0
+    tally = Tally()
+
+    def start() -> None:  # the search is over; from here on OUT changes
+        check_lease(folder)  # a writer whose lease was broken stops before changing it
+        folder.clear_success()  # only now: a refused select changes nothing
+        decisions_file.start(folder, shards)
 
     def counted() -> Iterator[tuple[str, pa.Table]]:
         nonlocal scored
         first = True
-        for name, kept, candidates in chosen:
-            if first:  # the search is over; from here on OUT changes
-                check_lease(folder)  # a writer whose lease was broken stops before changing it
-                folder.clear_success()  # only now: a refused select changes nothing
+        for part in chosen:
+            if first:
+                start()
                 first = False
-            scored += candidates
-            yield name, kept
+            scored += part.candidates
+            decisions_file.write_part(folder, part.shard, part.decisions)  # same pass, no rows held
+            tally.add(part.decisions)
+            yield part.shard, part.kept
         if first:
-            check_lease(folder)
-            folder.clear_success()
+            start()
 
     written = write_selection_parts(folder, counted(), params)
     _write_duplicates(folder, dups)
+    decisions_file.finish(folder, tally.summary(rules.params(), rules.ranked_by))
     nothing: list[str] = []
     if written.kept == 0 and scored > 0:
         nothing = [_nothing_kept(rules, scored)]

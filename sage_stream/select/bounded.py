@@ -11,7 +11,8 @@ whatever N is:
             range that holds the class's quota-th best row; once the rows in play fit in
             ``memory_rows``, one pass collects them and sorts them in memory. Rows tied on
             the exact value are narrowed the same way by the bytes of their key
-    write   one pass: per part, the rows ranked at or before their class's cut
+    write   one pass: per part, the rows ranked at or before their class's cut, and every
+            row's decision (kept, or why not: decisions.py)
 
 A *cut* is a row position in the ranking (value descending, then key, then shard): a row is
 kept iff it ranks at or before its class's cut. Every pass works on one part at a time and
@@ -22,9 +23,11 @@ run shard-parallel (`map_parts`) and merge on the driver. A part is prepared for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +35,11 @@ import pyarrow.compute as pc
 
 from ..errors import InputError
 from .coverage import with_data_params
+from .decisions import decide_part
 from .dedup import Duplicates, with_duplicates
 from .orderings import recorded_score
-from .parts import Counts, MapParts, Rows, count_part, group_of, key_bytes, prepare
+from .parts import (Counts, MapParts, Rows, count_part, from_ordered_bits, group_of, key_bytes,
+                    prepare)  # fmt: skip
 from .quotas import class_quotas, overall_quota
 from .rules import OUTPUT_SCHEMA, Rules
 
@@ -70,6 +75,20 @@ class Cuts:
 
     by_label: dict[int | None, tuple[int, str, str] | str]
     scored: int
+    lowest: dict[int | None, int] = dataclasses.field(default_factory=dict)  # ordered values
+
+    def values(self, scorer: str) -> dict[int | None, float | None]:
+        """Per class the ranking value of its last kept row, as selection.parquet records it
+        (its lowest for "all", None for "none")."""
+        out: dict[int | None, float | None] = {}
+        for label, c in self.by_label.items():
+            order = self.lowest.get(label) if c == "all" else None if c == "none" else c[0]
+            if order is None:
+                out[label] = None
+                continue
+            value = np.array([from_ordered_bits(order)])  # type: ignore[arg-type]
+            out[label] = float(recorded_score(value, scorer)[0])
+        return out
 
 
 def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +243,8 @@ def find_cuts(
     cuts: dict[int | None, tuple[int, str, str] | str] = {}
     for label, s in plan.items():
         cuts[label] = s if isinstance(s, str) else s.cut  # type: ignore[assignment]
-    return Cuts(cuts, counts.total)
+    lowest = {None: counts.low_all} if balance == "none" else dict(counts.low)
+    return Cuts(cuts, counts.total, {k: v for k, v in lowest.items() if v is not None})
 
 
 def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: str, seed: int,
@@ -259,6 +279,15 @@ def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: st
 # --- the write pass ---------------------------------------------------------------------------
 
 
+class Part(NamedTuple):
+    """What the write pass returns for one part."""
+
+    shard: str
+    kept: pa.Table  # OUTPUT_SCHEMA rows, sorted by shard then key
+    candidates: int
+    decisions: pa.Table  # decisions.DECISION_SCHEMA, one row per scores row, in its order
+
+
 def kept_part(
     table: pa.Table,
     *,
@@ -266,9 +295,10 @@ def kept_part(
     min_score: float | None,
     scorer: str,
     seed: int,
-) -> tuple[pa.Table, int]:
+    duplicates: Duplicates | None = None,
+) -> Part:
     """One part's kept rows as ``__key__, __shard__, label, score``, sorted by shard then key,
-    and its number of candidates."""
+    its number of candidates and every row's decision (decisions.py); shard left blank."""
     rows = prepare(table, scorer, seed)
     if min_score is not None:
         mask = rows.values >= min_score
@@ -286,7 +316,10 @@ def kept_part(
     if out.num_rows > 1:
         out = out.take(pc.sort_indices(out, sort_keys=[("__shard__", "ascending"),
                                                        ("__key__", "ascending")]))  # fmt: skip
-    return out, len(rows.values)
+    decided = decide_part(table, rows, mask, scorer=scorer, min_score=min_score,
+                          cuts=None if cuts is None else cuts.values(scorer),
+                          duplicates=duplicates)  # fmt: skip
+    return Part("", out, len(rows.values), decided)
 
 
 def _kept_mask(rows: Rows, cuts: Cuts) -> np.ndarray:
@@ -324,9 +357,9 @@ def select_parts(
     seed: int = 0,
     memory_rows: int = MEMORY_ROWS,
     duplicates: Duplicates | None = None,
-) -> Iterator[tuple[str, pa.Table, int]]:
-    """(shard, its kept rows, its candidates) for each part, in shard-name order: the rows
-    `reference.select` keeps on all parts at once (same arguments). With `duplicates`
+) -> Iterator[Part]:
+    """For each part, in shard-name order: its kept rows, the rows `reference.select` keeps on
+    all parts at once (same arguments), its candidates and its decisions. With `duplicates`
     (dedup.py, found over the same parts) every duplicate ranks after its class's others."""
     rules = Rules(keep, min_score, balance, scorer, seed)
     names = sorted(names)
@@ -339,8 +372,7 @@ def select_parts(
     if keep is not None:
         cuts = find_cuts(names, map_parts, keep=keep, balance=balance, scorer=scorer, seed=seed,
                          memory_rows=memory_rows)  # fmt: skip
-    write = lambda t: kept_part(t, cuts=cuts, min_score=min_score, scorer=scorer, seed=seed)  # noqa: E731
+    write = lambda t: kept_part(t, cuts=cuts, min_score=min_score, scorer=scorer, seed=seed,  # noqa: E731
+                                duplicates=duplicates)  # fmt: skip
     for name, got in zip(names, map_parts(write, names), strict=True):
-        kept: pa.Table = got[0]  # type: ignore[index]
-        scored: int = got[1]  # type: ignore[index]
-        yield name, kept, scored
+        yield got._replace(shard=name)  # type: ignore[attr-defined]

@@ -195,6 +195,48 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
     return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
 
 
+@dataclass(frozen=True)
+class Filter:
+    """The filter, row by row: the numbers that decide it and why a row fails, if it does
+    (select/decisions.py records them)."""
+
+    agreement_cut: np.ndarray  # (n,) its class's lowest passing agreement (its cut bin's edge)
+    cap: np.ndarray  # (n,) the τ cap; NaN where the row's class is exempt from it
+    low_agreement: np.ndarray  # (n,) bool: agreement below its class's cut
+    over_cap: np.ndarray  # (n,) bool: τ over the cap, class not exempt
+
+    @property
+    def passes(self) -> np.ndarray:
+        return ~(self.low_agreement | self.over_cap)
+
+
+def row_filter(
+    table: pa.Table,
+    ok: np.ndarray,
+    quantile: float = FILTER_QUANTILE,
+    support: float = SUPPORT,
+    capped_share: float = MAX_CAPPED_SHARE,
+) -> Filter:
+    """Each row's filter: parameters from the columns `with_params` adds (a part of a bigger
+    table), else from this table itself (quantile, support and capped_share are used only then)."""
+    score, tau, labels = _columns(table, ok)
+    if CAP_COLUMN in table.column_names:
+        cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
+        cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
+        exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+    else:
+        got = part_sums(table, ok)
+        p = params(got, quantile, support)
+        p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share)
+        cap = np.full(len(score), p.cap)
+        cut = _per_label(labels, p.cut, 0)
+        exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
+    low = ~(_bins(score) >= cut)
+    over = ~(tau <= cap) & ~exempt
+    edge = cut.astype(np.float64) / (AGREEMENT_BINS / 2) - 1.0  # bin b starts at b/2048 − 1
+    return Filter(edge, np.where(exempt, np.nan, cap), low, over)
+
+
 def coverage_ranking(
     table: pa.Table,
     ok: np.ndarray,
@@ -209,23 +251,11 @@ def coverage_ranking(
 
     Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(τ/‖g‖²)/T + Gumbel (their class's
     weighted draw; the map keeps the order and bounds the range); rows that fail get their
-    agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The
-    parameters come from the columns `with_params` adds (a part of a bigger table), else from
-    this table itself (quantile and support are used only then).
+    agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The filter
+    is `row_filter`'s.
     """
-    score, tau, labels = _columns(table, ok)
-    if CAP_COLUMN in table.column_names:
-        cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
-        cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
-        exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
-    else:
-        got = part_sums(table, ok)
-        p = params(got, quantile, support)
-        p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share)
-        cap = np.full(len(score), p.cap)
-        cut = _per_label(labels, p.cut, 0)
-        exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
-    passes = (_bins(score) >= cut) & ((tau <= cap) | exempt)
+    score, tau, _ = _columns(table, ok)
+    passes = row_filter(table, ok, quantile, support, capped_share).passes
     noise = gumbel_noise(table, seed)  # by content (content.py)
     norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
     with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing

@@ -75,6 +75,13 @@ def ordered_bits(values: np.ndarray) -> np.ndarray:
     return np.where(negative, ~bits, bits | np.uint64(1 << 63))
 
 
+def from_ordered_bits(order: int) -> float:
+    """The float64 whose `ordered_bits` is `order` (a cut's value, back from the search)."""
+    bits = np.uint64(order)
+    raw = bits & ~np.uint64(1 << 63) if bits >> np.uint64(63) == 1 else ~bits
+    return float(np.array([raw], dtype=np.uint64).view(np.float64)[0])
+
+
 def _check_unique(cand: pa.Table) -> None:
     if cand.num_rows < 2:
         return

@@ -44,8 +44,8 @@ def by_shard(table: pa.Table) -> dict[str, pa.Table]:
 
 def streamed(table: pa.Table, memory_rows: int, **kwargs) -> pa.Table:
     parts = by_shard(table)
-    kept = [t for _, t, _ in select_parts(list(parts), local_map(parts.__getitem__),
-                                       memory_rows=memory_rows, **kwargs)]  # fmt: skip
+    kept = [p.kept for p in select_parts(list(parts), local_map(parts.__getitem__),
+                                         memory_rows=memory_rows, **kwargs)]  # fmt: skip
     return pa.concat_tables(kept)
 
 

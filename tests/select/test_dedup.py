@@ -112,8 +112,8 @@ def test_duplicates_rank_after_every_other_candidate_of_their_class():
     with dedup.Duplicates(dedup.find_duplicates(list(parts), local_map(parts.__getitem__))) as d:
         assert d.count > 0
         kept = pa.concat_tables(
-            t
-            for _, t, _ in select_parts(
+            p.kept
+            for p in select_parts(
                 list(parts), local_map(parts.__getitem__), keep=0.25, scorer="random", duplicates=d
             )  # fmt: skip
         )

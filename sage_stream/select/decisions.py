@@ -1,0 +1,189 @@
+"""Why each sample was kept or not: one decision per scores row, with the numbers that decided it.
+
+Where it sits: bounded.py's write pass, which decides each part's kept rows, asks here for the
+part's decisions (`decide_part`); passes/select.py writes them as
+``OUT/decisions/part-<shard>.parquet``, in the scores part's row order, and adds up a `Tally`
+per class for ``OUT/decisions.json``. Nothing is held beyond one part and C × decisions counts.
+
+A row's decision is the first that applies of:
+
+    error       status error: never a candidate
+    kept        in selection.parquet
+    duplicate   --dedup on: a near-copy of ``duplicate_of_key`` (ranked after its class)
+    agreement   sage-coverage: agreement below its class's ``agreement_cut``, set aside
+    coverage    sage-coverage: ridge leverage τ over ``coverage_cap``, set aside
+    min_score   --min-score: its value is below the threshold (``cut``)
+    below_cut   ranked after its class's cut (value, then key and shard: ties by name)
+
+``value`` is the ranking value as selection.parquet records it (the loss itself for
+loss-easy, which keeps the lowest); ``cut`` is that of its class's last kept row (or the
+threshold with --min-score; null where the class keeps none). The filter's numbers come from
+coverage.row_filter, the same function the ranking uses, so they cannot disagree with it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .coverage import row_filter
+from .dedup import DUPLICATE
+from .orderings import recorded_score
+from .parts import Rows, group_of
+from .rules import ok_mask
+
+if TYPE_CHECKING:
+    from .dedup import Duplicates
+
+DECISIONS = ("kept", "below_cut", "agreement", "coverage", "duplicate", "min_score", "error")
+DECISION_SCHEMA = pa.schema(
+    [
+        ("__key__", pa.string()),
+        ("__shard__", pa.string()),
+        ("label", pa.int64()),
+        ("kept", pa.bool_()),
+        ("decision", pa.string()),
+        ("value", pa.float64()),  # the ranking value (selection.parquet's score); null: error
+        ("cut", pa.float64()),  # its class's cut value, or the --min-score threshold
+        ("agreement_cut", pa.float64()),  # sage-coverage: its class's lowest passing agreement
+        ("coverage_cap", pa.float64()),  # sage-coverage: the τ cap (null: class exempt)
+        ("duplicate_of_key", pa.string()),  # --dedup on: the sample it nearly copies
+        ("duplicate_of_shard", pa.string()),
+    ]
+)
+
+
+def decide_part(
+    table: pa.Table,
+    rows: Rows,
+    kept: np.ndarray,
+    *,
+    scorer: str,
+    cuts: dict[int | None, float | None] | None,
+    min_score: float | None,
+    duplicates: Duplicates | None = None,
+) -> pa.Table:
+    """DECISION_SCHEMA rows for every row of `table` (one scores part, as the write pass got
+    it), in its order. `rows` are its candidates (parts.prepare), `kept` their mask, `scorer`
+    the one ranked by, `cuts` each class's cut value (recorded form; None key: balance none)."""
+    n = table.num_rows
+    at = np.flatnonzero(ok_mask(table))  # the candidates' positions (prepare keeps the order)
+    decision = np.full(n, "error", dtype=object)
+    mine = np.where(kept, "kept", "min_score" if min_score is not None else "below_cut")
+    if scorer == "sage-coverage" and min_score is None:
+        f = row_filter(rows.table, np.ones(len(at), dtype=bool))
+        mine = np.where(~kept & f.over_cap, "coverage", mine)
+        mine = np.where(~kept & f.low_agreement, "agreement", mine)
+        agreement_cut, cap = _spread(f.agreement_cut, at, n), _spread(f.cap, at, n)
+    else:
+        agreement_cut = cap = np.full(n, np.nan)
+    if DUPLICATE in rows.table.column_names:
+        dup = rows.table[DUPLICATE].to_numpy(zero_copy_only=False).astype(bool)
+        mine = np.where(~kept & dup, "duplicate", mine)
+    decision[at] = mine
+    value = _spread(recorded_score(rows.values, scorer), at, n)
+    columns: dict[str, Any] = {
+        "__key__": table["__key__"], "__shard__": table["__shard__"],
+        "label": table["label"].cast(pa.int64()),
+        "kept": pa.array(_spread(kept.astype(np.float64), at, n) == 1.0),
+        "decision": pa.array(decision.tolist(), pa.string()),
+        "value": _floats(value), "cut": _floats(_cut_values(rows, at, n, scorer, cuts, min_score)),
+        "agreement_cut": _floats(agreement_cut), "coverage_cap": _floats(cap),
+    }  # fmt: skip
+    columns.update(_duplicate_of(table, duplicates))
+    return pa.table(columns).cast(DECISION_SCHEMA)
+
+
+def _spread(values: np.ndarray, at: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float64: `values` at the candidates' positions, NaN elsewhere (error rows)."""
+    out = np.full(n, np.nan)
+    out[at] = values
+    return out
+
+
+def _floats(values: np.ndarray) -> pa.Array:
+    return pa.array(values, pa.float64(), mask=np.isnan(values))
+
+
+def _cut_values(rows: Rows, at: np.ndarray, n: int, scorer: str,
+                cuts: dict[int | None, float | None] | None,
+                min_score: float | None) -> np.ndarray:  # fmt: skip
+    if min_score is not None:  # the threshold is on the ranking value: recorded as the value is
+        return _spread(np.full(len(at), recorded_score(np.array([min_score]), scorer)[0]), at, n)
+    assert cuts is not None  # a keep selection has cuts (bounded.kept_part's branch)
+    labels = list(cuts)
+    group = group_of(rows, labels)
+    value = np.array([np.nan if v is None else v for v in cuts.values()], dtype=np.float64)
+    return _spread(np.where(group >= 0, value[np.maximum(group, 0)], np.nan), at, n)
+
+
+def _duplicate_of(table: pa.Table, duplicates: Duplicates | None) -> dict[str, pa.Array]:
+    """The sample each row nearly copies (null for the rest), from the duplicates found."""
+    key = pa.nulls(table.num_rows, pa.string())
+    shard = pa.nulls(table.num_rows, pa.string())
+    if duplicates is not None and table.num_rows:
+        for name in pc.unique(table["__shard__"]).drop_null().to_pylist():
+            of = duplicates.of_shard(name)
+            if not of.num_rows:
+                continue
+            keys = table["__key__"]
+            hit = pc.index_in(keys, value_set=of["__key__"].combine_chunks())
+            hit = pc.if_else(pc.equal(table["__shard__"], name), hit, pa.scalar(None, hit.type))
+            if isinstance(hit, pa.ChunkedArray):
+                hit = hit.combine_chunks()
+            key = pc.coalesce(key, of["duplicate_of_key"].combine_chunks().take(hit))
+            shard = pc.coalesce(shard, of["duplicate_of_shard"].combine_chunks().take(hit))
+    return {"duplicate_of_key": key, "duplicate_of_shard": shard}
+
+
+@dataclass
+class Tally:
+    """Per class (label; None: no label) the count of each decision and the data-wide numbers,
+    added up part by part on the driver (for OUT/decisions.json)."""
+
+    counts: dict[int | None, Counter] = field(default_factory=dict)
+    numbers: dict[int | None, dict[str, float | None]] = field(default_factory=dict)
+
+    def add(self, part: pa.Table) -> None:
+        grouped = part.group_by(["label", "decision"]).aggregate([("decision", "count")])
+        for row in grouped.to_pylist():
+            self.counts.setdefault(row["label"], Counter())[row["decision"]] += row[
+                "decision_count"
+            ]
+        wide = part.filter(pc.is_valid(part["value"])).group_by("label").aggregate(
+            [("cut", "max"), ("agreement_cut", "max"), ("coverage_cap", "max")]
+        )  # constant within a class: max only skips the nulls
+        for row in wide.to_pylist():
+            self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in
+                                          ("cut", "agreement_cut", "coverage_cap")}  # fmt: skip
+
+    def summary(self, request: dict[str, Any], scorer: str) -> dict[str, Any]:
+        """decisions.json: the request, and per class its decisions and numbers."""
+        classes = []
+        for label in sorted(self.counts, key=lambda c: (c is None, c or 0)):
+            counts = self.counts[label]
+            numbers = self.numbers.get(label, {})
+            entry: dict[str, Any] = {"label": label, "rows": sum(counts.values()),
+                                     "kept": counts.get("kept", 0), "cut": _json(numbers.get("cut"))}  # fmt: skip
+            if scorer == "sage-coverage" and request.get("min_score") is None and numbers:
+                entry["agreement_cut"] = _json(numbers.get("agreement_cut"))
+                entry["coverage_cap"] = _json(numbers.get("coverage_cap"))
+            entry["decisions"] = {d: counts[d] for d in DECISIONS if counts.get(d)}
+            classes.append(entry)
+        totals = Counter()  # type: Counter[str]
+        for counts in self.counts.values():
+            totals.update(counts)
+        return {"selection": request, "ranked_by": scorer, "classes": classes,
+                "totals": {d: totals[d] for d in DECISIONS if totals.get(d)}}  # fmt: skip
+
+
+def _json(value: float | None) -> float | str | None:
+    """A float JSON can hold: ±inf (a near-copy's value) as a string."""
+    if value is None or np.isfinite(value):
+        return value
+    return "inf" if value > 0 else "-inf"

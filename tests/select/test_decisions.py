@@ -1,0 +1,129 @@
+"""Every scores row's decision (select/decisions.py), made in bounded.py's write pass, against a
+direct computation on the whole table: the kept set of the in-memory reference, the class cut
+from its kept values, and sage-coverage's filter from its data-wide parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from test_bounded import by_shard, random_table
+from test_dedup import parts_of, planted
+
+from sage_stream.select import coverage, dedup
+from sage_stream.select.bounded import select_parts
+from sage_stream.select.decisions import DECISION_SCHEMA, DECISIONS, Tally
+from sage_stream.select.orderings import ranking_values, recorded_score
+from sage_stream.select.parts import local_map
+from sage_stream.select.reference import select
+from sage_stream.select.rules import ok_mask
+
+
+def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
+    """(kept rows, decisions) of the bounded path, every part's concatenated."""
+    parts = by_shard(table)
+    got = list(select_parts(list(parts), local_map(parts.__getitem__), memory_rows=16, **kwargs))
+    for p in got:  # one decision per row of its part, in the part's order
+        assert p.decisions.schema == DECISION_SCHEMA
+        assert p.decisions["__key__"].to_pylist() == parts[p.shard]["__key__"].to_pylist()
+    return (pa.concat_tables(p.kept for p in got), pa.concat_tables(p.decisions for p in got))
+
+
+def expected(table: pa.Table, kept: pa.Table, scorer: str, keep: float | None,
+             min_score: float | None) -> list[tuple]:  # fmt: skip
+    """Per row (key, shard, decision, value, cut), computed on the whole table."""
+    ok = ok_mask(table)
+    values = recorded_score(ranking_values(table, scorer), scorer)
+    labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
+    names = set(zip(kept["__shard__"].to_pylist(), kept["__key__"].to_pylist(), strict=True))
+    is_kept = np.array([(s, k) in names for s, k in zip(table["__shard__"].to_pylist(),
+                                                         table["__key__"].to_pylist(), strict=True)])  # fmt: skip
+    sign = -1.0 if scorer == "loss-easy" else 1.0  # loss-easy keeps the lowest loss
+    cut: dict[int, float | None] = {}
+    for c in np.unique(labels[ok]).tolist():
+        mine = values[ok & is_kept & (labels == c)] * sign
+        cut[c] = float(mine.min() * sign) if len(mine) else None
+    low = over = np.zeros(len(ok), dtype=bool)
+    if scorer == "sage-coverage" and min_score is None:  # the filter, from its parameters
+        p = coverage.params(coverage.part_sums(table, ok))
+        score = table["score"].to_numpy(zero_copy_only=False)
+        tau = table["coverage"].to_numpy(zero_copy_only=False)
+        bins = np.clip(((score + 1.0) * 2048).astype(np.int64), 0, 4095)
+        low = bins < np.array([p.cut.get(int(c), 0) for c in labels])
+        over = tau > p.cap
+    rows = []
+    for i in range(table.num_rows):
+        if not ok[i]:
+            rows.append(("error", None, None))
+            continue
+        why = "min_score" if min_score is not None else "below_cut"
+        why = "kept" if is_kept[i] else "agreement" if low[i] else "coverage" if over[i] else why
+        threshold = float(sign * min_score) if min_score is not None else cut[int(labels[i])]
+        rows.append((why, float(values[i]), threshold))
+    return rows
+
+
+def fine(table: pa.Table) -> pa.Table:
+    """The table with agreements off the grid: a class's lowest few are then below its cut."""
+    score = np.random.default_rng(5).uniform(-1, 1, table.num_rows)
+    return table.set_column(table.schema.get_field_index("score"), "score", pa.array(score))
+
+
+@pytest.mark.parametrize("scorer", ["sage-coverage", "sage", "loss-easy", "random"])
+@pytest.mark.parametrize("amount", [{"keep": 0.3}, {"keep": 1.0}, {"min_score": 0.1}])
+@pytest.mark.parametrize("ties", [True, False])
+def test_each_row_decided_as_computed_on_the_whole_table(scorer, amount, ties):
+    table = random_table(seed=1) if ties else fine(random_table(seed=1))
+    kept, decisions = decided(table, scorer=scorer, **amount)
+    ranked_by = "sage" if scorer == "sage-coverage" and "min_score" in amount else scorer
+    reference = select(table, scorer=scorer, **amount)
+    assert sorted(kept["__key__"].to_pylist()) == sorted(reference["__key__"].to_pylist())
+    want = expected(table, reference, ranked_by, amount.get("keep"), amount.get("min_score"))
+    by_name = {(r["__shard__"], r["__key__"]): r for r in decisions.to_pylist()}
+    assert len(by_name) == decisions.num_rows == table.num_rows  # exactly one per row
+    for i, (shard, key) in enumerate(zip(table["__shard__"].to_pylist(),
+                                         table["__key__"].to_pylist(), strict=True)):  # fmt: skip
+        got = by_name[(shard, key)]
+        why, value, cut = want[i]
+        assert (got["decision"], got["kept"]) == (why, why == "kept"), (shard, key)
+        assert got["value"] == value and got["cut"] == cut, (shard, key)
+    reasons = set(decisions["decision"].to_pylist())
+    assert reasons <= set(DECISIONS) and "error" in reasons
+    if scorer == "sage-coverage" and amount.get("keep") == 0.3 and not ties:
+        assert {"agreement", "coverage", "below_cut"} <= reasons  # the data exercise each
+
+
+def test_the_tally_adds_up_to_the_decisions():
+    table = random_table(seed=2)
+    _, decisions = decided(table, scorer="sage-coverage", keep=0.4)
+    tally = Tally()
+    for part in by_shard(decisions).values():
+        tally.add(part)
+    summary = tally.summary({"keep": 0.4}, "sage-coverage")
+    rows = decisions.to_pylist()
+    assert sum(summary["totals"].values()) == len(rows)
+    for c in summary["classes"]:
+        mine = [r for r in rows if r["label"] == c["label"]]
+        assert c["rows"] == len(mine) and c["kept"] == sum(r["kept"] for r in mine)
+        scored = [r for r in mine if r["decision"] != "error"]
+        assert c["cut"] == scored[0]["cut"] and c["agreement_cut"] == scored[0]["agreement_cut"]
+        assert c["coverage_cap"] == scored[0]["coverage_cap"]
+
+
+def test_near_copies_name_the_sample_they_copy():
+    table, _ = planted(seed=2)
+    parts = parts_of(table)
+    with dedup.Duplicates(dedup.find_duplicates(list(parts), local_map(parts.__getitem__))) as d:
+        found = pa.concat_tables(d.tables()).to_pylist()
+        got = [p.decisions for p in select_parts(list(parts), local_map(parts.__getitem__),
+                                                   keep=0.25, scorer="random", duplicates=d)]  # fmt: skip
+    rows = {(r["__shard__"], r["__key__"]): r for r in pa.concat_tables(got).to_pylist()}
+    assert found
+    for dup in found:
+        row = rows[(dup["__shard__"], dup["__key__"])]
+        assert row["decision"] == "duplicate" and not row["kept"]
+        assert (row["duplicate_of_shard"], row["duplicate_of_key"]) == (
+            dup["duplicate_of_shard"], dup["duplicate_of_key"])  # fmt: skip
+    copies = {(d["__shard__"], d["__key__"]) for d in found}
+    assert all(r["duplicate_of_key"] is None for n, r in rows.items() if n not in copies)
