@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run": ("all steps: sketch, score, select, emit", "*", True, True),
         "sketch": ("pass 1: per-sample gradients -> FD sketch (OUT/sketch.zarr)", "*", True, False),
         "score": ("pass 2: a score for every sample (OUT/scores/)", "*", True, False),
-        "select": ("choose the kept samples (OUT/selection.parquet)", "*", False, True),
+        "select": ("choose the kept samples (OUT/selection.parquet, decisions/)", "*", False, True),
         "emit": ("write kept samples to OUT/shards/, manifest, _SUCCESS", "*", False, False),
     }
     for name, (text, nargs, model, selection) in steps.items():
@@ -377,7 +377,7 @@ def _summary(result: api.RunResult | api.EmitResult) -> str:
     lines = [
         f"seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  "
         f"kept {t['kept']}  dropped {t['dropped']}",
-        f"output: {emitted.out}  (shards/, selection.parquet, manifest.json, _SUCCESS)",
+        f"output: {emitted.out}  (shards/, selection.parquet, decisions/, manifest.json, _SUCCESS)",
     ]
     return "\n".join(lines)
 

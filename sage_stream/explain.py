@@ -67,7 +67,8 @@ def _why(d: dict[str, Any], row: dict[str, Any]) -> str:
     """The decision in words, with the numbers that made it (select/decisions.py)."""
     value, cut, what = _fmt(d["value"]), _fmt(d["cut"]), d["decision"]
     if what == "kept":
-        copy = f" (a near-copy of {d['duplicate_of_key']!r} kept too)" if d["duplicate_of_key"] else ""
+        of = d["duplicate_of_key"]
+        copy = f" (a near-copy of {of!r}, kept too)" if of else ""
         return f"KEPT: ranking value {value}, its class's cut {cut}{copy}"
     if what == "error":
         return f"dropped (error): never a candidate ({row.get('reason') or 'no reason recorded'})"

@@ -44,6 +44,7 @@ def manifest(
     config: dict[str, Any],
     sketch_stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    decided = folder.read_json(folder.decisions_summary)  # select's, when it recorded them
     return {
         "format_version": MANIFEST_VERSION,
         "identity": folder.stored_identity(),
@@ -55,6 +56,8 @@ def manifest(
         "totals": totals(shards),
         "shard_errors": [s for s in shards if s["shard_error"]],
         "sketch": sketch_stats,
+        # the mix of decisions (decisions/, decisions.json): only where the selection has them
+        **({"decisions": decided["totals"]} if decided else {}),
         # only when there are some (sage_stream.select.warn): a sound run's manifest is unchanged
         **({"warnings": selection["warnings"]} if selection.get("warnings") else {}),
     }

@@ -1,9 +1,10 @@
 """`sage-stream report OUT`: an HTML page with figures of what a finished run kept and why.
 
 The last, optional step of the flow, after EMIT: it reads what the run wrote (``data``: scores/,
-selection.parquet, the sketch's singular values, manifest.json), draws the figures
-(``figures``: matplotlib, the ``report`` extra), reads back the few most and least agreeing
-samples for thumbnails (``thumbs``) and writes the page (``page``) into ``OUT/report/``:
+selection.parquet, the sketch's singular values, manifest.json; decisions.json for the mix of
+decisions per class), draws the figures (``figures``: matplotlib, the ``report`` extra), reads
+back the few most and least agreeing samples for thumbnails (``thumbs``) and writes the page
+(``page``) into ``OUT/report/``:
 
     OUT/report/index.html         self-contained page, opens from disk
     OUT/report/figures/*.png      spectrum, scores, classes, energy, shards
@@ -20,6 +21,7 @@ import logging
 import numpy as np
 
 from ..errors import InputError
+from ..outputs import decisions_file
 from ..outputs.folder import OutputFolder
 from ..storage import join, write_bytes_atomic
 from . import figures as figs
@@ -128,6 +130,7 @@ def write_report(out: str, *, storage_options: dict | None = None, top: int = 12
         shards=shards,
         most=cards["most"],
         least=cards["least"],
+        decisions=decisions_file.read_summary(folder) if folder.exists(folder.selection) else None,
     )
     url = join(report, "index.html")
     write_bytes_atomic(url, html.encode("utf-8"), storage_options)

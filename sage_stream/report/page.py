@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from ..select.decisions import DECISIONS
+
 MAX_TABLE_ROWS = 200
 
 STYLE = """
@@ -154,6 +156,30 @@ def class_section(rows: list[dict[str, Any]]) -> str:
     return table(header, body) + note
 
 
+def decision_section(summary: Mapping[str, Any] | None) -> str:
+    """Per class, why its samples were kept or not (decisions.json; select/decisions.py)."""
+    if summary is None:
+        return ('<p class="note">This selection recorded no decisions (made by an earlier '
+                "version, or select stopped): rerun <code>sage-stream select</code>.</p>")  # fmt: skip
+    rows, note = _capped(summary["classes"], "classes")
+    names = [d for d in DECISIONS if any(d in r["decisions"] for r in rows)]
+    filtered = any("agreement_cut" in r for r in rows)
+    header = ["class", "rows", "cut", *(["agreement cut", "τ cap"] if filtered else []), *names]
+    body = [
+        [r["label"], r["rows"], fmt(r["cut"]),
+         *([fmt(r.get("agreement_cut")), fmt(r.get("coverage_cap"))] if filtered else []),
+         *(r["decisions"].get(d, 0) for d in names)]
+        for r in rows
+    ]  # fmt: skip
+    return (
+        '<p class="note">Each sample\'s decision is in <code>decisions/part-&lt;shard&gt;.parquet'
+        "</code>; <code>sage-stream inspect OUT --key KEY</code> explains one. The cut is the "
+        "ranking value of the class's last kept sample (the threshold with --min-score).</p>"
+        + table(header, body)
+        + note
+    )
+
+
 def shard_section(rows: list[dict[str, Any]]) -> str:
     shown, note = _capped(rows, "shards")
     body = [
@@ -191,6 +217,7 @@ def render(
     shards: list[dict[str, Any]],
     most: Sequence[SampleCard],
     least: Sequence[SampleCard],
+    decisions: Mapping[str, Any] | None = None,
 ) -> str:
     """The whole page as a string."""
     totals = manifest.get("totals") or {}
@@ -223,6 +250,8 @@ def render(
         "<h2>Kept and dropped per class</h2>",
         figure(figures["classes"]),
         class_section(classes),
+        "<h2>Why samples were kept or dropped, per class</h2>",
+        decision_section(decisions),
         "<h2>Per-sample energy ρ</h2>",
         '<p class="note">ρ_i = ‖V g_i‖² / ‖g_i‖²: the share of a sample\'s gradient inside '
         "the sketch's subspace; a low ρ means the sketch sees little of that sample.</p>",

@@ -38,8 +38,16 @@ from .coverage import with_data_params
 from .decisions import decide_part
 from .dedup import Duplicates, with_duplicates
 from .orderings import recorded_score
-from .parts import (Counts, MapParts, Rows, count_part, from_ordered_bits, group_of, key_bytes,
-                    prepare)  # fmt: skip
+from .parts import (
+    Counts,
+    MapParts,
+    Rows,
+    count_part,
+    from_ordered_bits,
+    group_of,
+    key_bytes,
+    prepare,
+)
 from .quotas import class_quotas, overall_quota
 from .rules import OUTPUT_SCHEMA, Rules
 

@@ -152,12 +152,11 @@ class Tally:
     def add(self, part: pa.Table) -> None:
         grouped = part.group_by(["label", "decision"]).aggregate([("decision", "count")])
         for row in grouped.to_pylist():
-            self.counts.setdefault(row["label"], Counter())[row["decision"]] += row[
-                "decision_count"
-            ]
-        wide = part.filter(pc.is_valid(part["value"])).group_by("label").aggregate(
-            [("cut", "max"), ("agreement_cut", "max"), ("coverage_cap", "max")]
-        )  # constant within a class: max only skips the nulls
+            counts = self.counts.setdefault(row["label"], Counter())
+            counts[row["decision"]] += row["decision_count"]
+        scored = part.filter(pc.is_valid(part["value"]))
+        numbers = [("cut", "max"), ("agreement_cut", "max"), ("coverage_cap", "max")]
+        wide = scored.group_by("label").aggregate(numbers)  # constant in a class: max skips nulls
         for row in wide.to_pylist():
             self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in
                                           ("cut", "agreement_cut", "coverage_cap")}  # fmt: skip

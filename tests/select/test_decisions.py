@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
+from decided import expected
 from test_bounded import by_shard, random_table
 from test_dedup import parts_of, planted
 
-from sage_stream.select import coverage, dedup
+from sage_stream.select import dedup
 from sage_stream.select.bounded import select_parts
 from sage_stream.select.decisions import DECISION_SCHEMA, DECISIONS, Tally
-from sage_stream.select.orderings import ranking_values, recorded_score
 from sage_stream.select.parts import local_map
 from sage_stream.select.reference import select
-from sage_stream.select.rules import ok_mask
 
 
 def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
@@ -28,40 +26,6 @@ def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
         assert p.decisions.schema == DECISION_SCHEMA
         assert p.decisions["__key__"].to_pylist() == parts[p.shard]["__key__"].to_pylist()
     return (pa.concat_tables(p.kept for p in got), pa.concat_tables(p.decisions for p in got))
-
-
-def expected(table: pa.Table, kept: pa.Table, scorer: str, keep: float | None,
-             min_score: float | None) -> list[tuple]:  # fmt: skip
-    """Per row (key, shard, decision, value, cut), computed on the whole table."""
-    ok = ok_mask(table)
-    values = recorded_score(ranking_values(table, scorer), scorer)
-    labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
-    names = set(zip(kept["__shard__"].to_pylist(), kept["__key__"].to_pylist(), strict=True))
-    is_kept = np.array([(s, k) in names for s, k in zip(table["__shard__"].to_pylist(),
-                                                         table["__key__"].to_pylist(), strict=True)])  # fmt: skip
-    sign = -1.0 if scorer == "loss-easy" else 1.0  # loss-easy keeps the lowest loss
-    cut: dict[int, float | None] = {}
-    for c in np.unique(labels[ok]).tolist():
-        mine = values[ok & is_kept & (labels == c)] * sign
-        cut[c] = float(mine.min() * sign) if len(mine) else None
-    low = over = np.zeros(len(ok), dtype=bool)
-    if scorer == "sage-coverage" and min_score is None:  # the filter, from its parameters
-        p = coverage.params(coverage.part_sums(table, ok))
-        score = table["score"].to_numpy(zero_copy_only=False)
-        tau = table["coverage"].to_numpy(zero_copy_only=False)
-        bins = np.clip(((score + 1.0) * 2048).astype(np.int64), 0, 4095)
-        low = bins < np.array([p.cut.get(int(c), 0) for c in labels])
-        over = tau > p.cap
-    rows = []
-    for i in range(table.num_rows):
-        if not ok[i]:
-            rows.append(("error", None, None))
-            continue
-        why = "min_score" if min_score is not None else "below_cut"
-        why = "kept" if is_kept[i] else "agreement" if low[i] else "coverage" if over[i] else why
-        threshold = float(sign * min_score) if min_score is not None else cut[int(labels[i])]
-        rows.append((why, float(values[i]), threshold))
-    return rows
 
 
 def fine(table: pa.Table) -> pa.Table:
