@@ -22,6 +22,7 @@ from .outputs import decisions_file
 from .outputs.folder import OutputFolder
 from .outputs.selection_file import SelectionFile
 from .outputs.tables import read_part
+from .select.coverage import SET_ASIDE
 
 ROW_ORDER = ("__shard__", "label", "status", "reason", "score", "coverage", "loss", "grad_norm",
              "energy")  # fmt: skip
@@ -75,13 +76,12 @@ def _why(d: dict[str, Any], row: dict[str, Any]) -> str:
     if what == "duplicate":
         return (f"dropped (duplicate): a near-copy of {d['duplicate_of_key']!r} in shard "
                 f"{d['duplicate_of_shard']}, ranked after its class's other samples (--dedup on)")  # fmt: skip
-    if what == "agreement":
-        return (f"dropped (agreement): set aside by sage-coverage's filter: agreement "
-                f"{_fmt(row.get('score'))} below its class's agreement cut "
-                f"{_fmt(d['agreement_cut'])}")  # fmt: skip
-    if what == "coverage":
-        return (f"dropped (coverage): set aside by sage-coverage's filter: coverage τ "
-                f"{_fmt(row.get('coverage'))} over the cap {_fmt(d['coverage_cap'])}")  # fmt: skip
+    if what in SET_ASIDE:
+        try:
+            said = SET_ASIDE[what].format(**{**row, **d})
+        except (KeyError, TypeError, ValueError):  # a number it names is missing: say less
+            said = what
+        return f"dropped ({what}): set aside by sage-coverage's filter: {said}"
     if what == "min_score":
         return f"dropped (min_score): ranking value {value} below --min-score {cut}"
     if d["cut"] is None:

@@ -3,7 +3,7 @@
     decisions/part-<shard>.parquet   one row per row of scores/part-<shard>.parquet, same order
                                      (columns: select/decisions.DECISION_SCHEMA)
     decisions.json                   per class: rows, kept, cut, its decisions (and for
-                                     sage-coverage the agreement cut and the τ cap); totals
+                                     sage-coverage its filter's numbers); totals
 
 Where it sits: passes/select.py writes a part per shard in the same pass that writes
 selection.parquet, then decisions.json last, so decisions.json is there only when every part
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..select.coverage import FILTER_COLUMNS
 from ..select.decisions import DECISIONS
 from .folder import PART_PREFIX, PART_SUFFIX, OutputFolder
 
@@ -56,8 +57,9 @@ def read_summary(folder: OutputFolder) -> dict[str, Any] | None:
 def class_line(c: dict[str, Any]) -> str:
     """One class of decisions.json in a line: kept, cut, the filter's numbers, the mix."""
     line = f"class {c['label']}: {c['kept']} of {c['rows']} kept, cut {_fmt(c['cut'])}"
-    if "agreement_cut" in c:
-        line += f", agreement cut {_fmt(c['agreement_cut'])}, τ cap {_fmt(c['coverage_cap'])}"
+    for name in FILTER_COLUMNS:  # sage-coverage's filter
+        if name in c:
+            line += f", {name.replace('_', ' ')} {_fmt(c[name])}"
     return f"{line}; {mix(c['decisions'])}"
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from ..select.coverage import FILTER_COLUMNS
 from ..select.decisions import DECISIONS
 
 MAX_TABLE_ROWS = 200
@@ -163,11 +164,10 @@ def decision_section(summary: Mapping[str, Any] | None) -> str:
                 "version, or select stopped): rerun <code>sage-stream select</code>.</p>")  # fmt: skip
     rows, note = _capped(summary["classes"], "classes")
     names = [d for d in DECISIONS if any(d in r["decisions"] for r in rows)]
-    filtered = any("agreement_cut" in r for r in rows)
-    header = ["class", "rows", "cut", *(["agreement cut", "τ cap"] if filtered else []), *names]
+    numbers = [k for k in FILTER_COLUMNS if any(k in r for r in rows)]  # sage-coverage's filter
+    header = ["class", "rows", "cut", *(k.replace("_", " ") for k in numbers), *names]
     body = [
-        [r["label"], r["rows"], fmt(r["cut"]),
-         *([fmt(r.get("agreement_cut")), fmt(r.get("coverage_cap"))] if filtered else []),
+        [r["label"], r["rows"], fmt(r["cut"]), *(fmt(r.get(k)) for k in numbers),
          *(r["decisions"].get(d, 0) for d in names)]
         for r in rows
     ]  # fmt: skip

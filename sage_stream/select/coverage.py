@@ -195,19 +195,26 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
     return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
 
 
+# The filter's side of each row's decision (select/decisions.py): why a row is set aside (a
+# decision, and how inspect says it: fields of the scores row and the decision row, by name),
+# and the numbers recorded for every candidate (decision columns, NaN → null).
+SET_ASIDE = {
+    "agreement": "agreement {score:.6g} below its class's agreement cut {agreement_cut:.6g}",
+    "coverage": "coverage τ {coverage:.6g} over the cap {coverage_cap:.6g}",
+}
+FILTER_COLUMNS = ("agreement_cut", "coverage_cap")
+
+
 @dataclass(frozen=True)
 class Filter:
-    """The filter, row by row: the numbers that decide it and why a row fails, if it does
-    (select/decisions.py records them)."""
+    """The filter, row by row: why a row is set aside, if it is, and the numbers that decide."""
 
-    agreement_cut: np.ndarray  # (n,) its class's lowest passing agreement (its cut bin's edge)
-    cap: np.ndarray  # (n,) the τ cap; NaN where the row's class is exempt from it
-    low_agreement: np.ndarray  # (n,) bool: agreement below its class's cut
-    over_cap: np.ndarray  # (n,) bool: τ over the cap, class not exempt
+    reasons: np.ndarray  # (n,) str: "" where the row passes, else a key of SET_ASIDE
+    numbers: dict[str, np.ndarray]  # FILTER_COLUMNS -> (n,) float64, NaN where none
 
     @property
     def passes(self) -> np.ndarray:
-        return ~(self.low_agreement | self.over_cap)
+        return self.reasons == ""
 
 
 def row_filter(
@@ -233,8 +240,10 @@ def row_filter(
         exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
     low = ~(_bins(score) >= cut)
     over = ~(tau <= cap) & ~exempt
+    reasons = np.where(low, "agreement", np.where(over, "coverage", ""))
     edge = cut.astype(np.float64) / (AGREEMENT_BINS / 2) - 1.0  # bin b starts at b/2048 − 1
-    return Filter(edge, np.where(exempt, np.nan, cap), low, over)
+    cap = np.where(exempt, np.nan, cap)  # an exempt class has no cap
+    return Filter(reasons, {"agreement_cut": edge, "coverage_cap": cap})
 
 
 def coverage_ranking(

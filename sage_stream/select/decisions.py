@@ -12,6 +12,7 @@ A row's decision is the first that applies of:
     duplicate   --dedup on: a near-copy of ``duplicate_of_key`` (ranked after its class)
     agreement   sage-coverage: agreement below its class's ``agreement_cut``, set aside
     coverage    sage-coverage: ridge leverage τ over ``coverage_cap``, set aside
+                (these two, and their numbers, are coverage.SET_ASIDE and FILTER_COLUMNS)
     min_score   --min-score: its value is below the threshold (``cut``)
     below_cut   ranked after its class's cut (value, then key and shard: ties by name)
 
@@ -31,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .coverage import row_filter
+from .coverage import FILTER_COLUMNS, SET_ASIDE, row_filter
 from .dedup import DUPLICATE
 from .orderings import recorded_score
 from .parts import Rows, group_of
@@ -40,7 +41,7 @@ from .rules import ok_mask
 if TYPE_CHECKING:
     from .dedup import Duplicates
 
-DECISIONS = ("kept", "below_cut", "agreement", "coverage", "duplicate", "min_score", "error")
+DECISIONS = ("kept", "below_cut", *SET_ASIDE, "duplicate", "min_score", "error")
 DECISION_SCHEMA = pa.schema(
     [
         ("__key__", pa.string()),
@@ -50,8 +51,9 @@ DECISION_SCHEMA = pa.schema(
         ("decision", pa.string()),
         ("value", pa.float64()),  # the ranking value (selection.parquet's score); null: error
         ("cut", pa.float64()),  # its class's cut value, or the --min-score threshold
-        ("agreement_cut", pa.float64()),  # sage-coverage: its class's lowest passing agreement
-        ("coverage_cap", pa.float64()),  # sage-coverage: the τ cap (null: class exempt)
+        # sage-coverage's filter (coverage.FILTER_COLUMNS): its class's lowest passing
+        # agreement, the τ cap (null where the class is exempt); null for other scorers
+        *((name, pa.float64()) for name in FILTER_COLUMNS),
         ("duplicate_of_key", pa.string()),  # --dedup on: the sample it nearly copies
         ("duplicate_of_shard", pa.string()),
     ]
@@ -75,13 +77,11 @@ def decide_part(
     at = np.flatnonzero(ok_mask(table))  # the candidates' positions (prepare keeps the order)
     decision = np.full(n, "error", dtype=object)
     mine = np.where(kept, "kept", "min_score" if min_score is not None else "below_cut")
-    if scorer == "sage-coverage" and min_score is None:
+    numbers = {name: np.full(n, np.nan) for name in FILTER_COLUMNS}
+    if scorer == "sage-coverage" and min_score is None:  # its filter's verdict and numbers
         f = row_filter(rows.table, np.ones(len(at), dtype=bool))
-        mine = np.where(~kept & f.over_cap, "coverage", mine)
-        mine = np.where(~kept & f.low_agreement, "agreement", mine)
-        agreement_cut, cap = _spread(f.agreement_cut, at, n), _spread(f.cap, at, n)
-    else:
-        agreement_cut = cap = np.full(n, np.nan)
+        mine = np.where(~kept & ~f.passes, f.reasons, mine)
+        numbers = {name: _spread(f.numbers[name], at, n) for name in FILTER_COLUMNS}
     if DUPLICATE in rows.table.column_names:
         dup = rows.table[DUPLICATE].to_numpy(zero_copy_only=False).astype(bool)
         mine = np.where(~kept & dup, "duplicate", mine)
@@ -93,7 +93,7 @@ def decide_part(
         "kept": pa.array(_spread(kept.astype(np.float64), at, n) == 1.0),
         "decision": pa.array(decision.tolist(), pa.string()),
         "value": _floats(value), "cut": _floats(_cut_values(rows, at, n, scorer, cuts, min_score)),
-        "agreement_cut": _floats(agreement_cut), "coverage_cap": _floats(cap),
+        **{name: _floats(v) for name, v in numbers.items()},
     }  # fmt: skip
     columns.update(_duplicate_of(table, duplicates))
     return pa.table(columns).cast(DECISION_SCHEMA)
@@ -155,11 +155,10 @@ class Tally:
             counts = self.counts.setdefault(row["label"], Counter())
             counts[row["decision"]] += row["decision_count"]
         scored = part.filter(pc.is_valid(part["value"]))
-        numbers = [("cut", "max"), ("agreement_cut", "max"), ("coverage_cap", "max")]
-        wide = scored.group_by("label").aggregate(numbers)  # constant in a class: max skips nulls
-        for row in wide.to_pylist():
-            self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in
-                                          ("cut", "agreement_cut", "coverage_cap")}  # fmt: skip
+        names = ("cut", *FILTER_COLUMNS)
+        wide = scored.group_by("label").aggregate([(k, "max") for k in names])  # max skips nulls
+        for row in wide.to_pylist():  # each number is constant in a class
+            self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in names}
 
     def summary(self, request: dict[str, Any], scorer: str) -> dict[str, Any]:
         """decisions.json: the request, and per class its decisions and numbers."""
@@ -170,8 +169,7 @@ class Tally:
             entry: dict[str, Any] = {"label": label, "rows": sum(counts.values()),
                                      "kept": counts.get("kept", 0), "cut": _json(numbers.get("cut"))}  # fmt: skip
             if scorer == "sage-coverage" and request.get("min_score") is None and numbers:
-                entry["agreement_cut"] = _json(numbers.get("agreement_cut"))
-                entry["coverage_cap"] = _json(numbers.get("coverage_cap"))
+                entry.update({k: _json(numbers.get(k)) for k in FILTER_COLUMNS})
             entry["decisions"] = {d: counts[d] for d in DECISIONS if counts.get(d)}
             classes.append(entry)
         totals = Counter()  # type: Counter[str]
