@@ -23,7 +23,7 @@ class CountedReads:
 def kept(read, names: list[str], scorer: str) -> pa.Table:
     got = select_parts(names, local_map(read), keep=0.3, balance="proportional",
                        min_score=None, scorer=scorer, seed=3)  # fmt: skip
-    return pa.concat_tables(t for _, t, _ in got)
+    return pa.concat_tables(p.kept for p in got)
 
 
 @pytest.mark.parametrize("scorer", ["sage-coverage", "random", "sage"])
