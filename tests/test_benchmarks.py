@@ -112,3 +112,11 @@ def test_scale_select_streams_the_in_memory_answer(tmp_path):
     assert all(row["status"] == "ok" for row in r["rows"])
     assert rows[(20_000, "streaming")]["kept"] == rows[(20_000, "in_memory")]["kept"] > 0
     assert r["streaming_peak_growth_largest_over_smallest"] < 1.25  # 4× the rows, same peak
+
+
+def test_select_speed_runs_select_and_its_pyarrow_baseline(tmp_path):
+    r = run_script("select_speed.py", tmp_path)
+    rows, shards = r["rows"], r["shards"]
+    assert rows["select"]["status"] == rows["baseline"]["status"] == "ok", r
+    assert rows["baseline"]["kept"] == 6000 and 0 < rows["select"]["kept"] <= 6000  # errors: out
+    assert shards["select"]["status"] == "ok" and shards["ms_per_shard"] > 0
