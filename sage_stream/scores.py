@@ -149,6 +149,7 @@ class ScoredBatch:
     coverage: Tensor  # (B,) ridge leverage τ; NaN where no sketch or no score
     z: Tensor | None  # (B, ℓ) float32, kept only when asked (centroid consensus)
     reasons: list[str | None]
+    extra: Tensor | None = None  # (B, k) float64: the caller's `extra`, in the same transfer
 
 
 def failure_reasons(
@@ -188,11 +189,14 @@ def score_batch(
     sketch: SketchTensors | None,
     *,
     keep_z: bool = False,
+    extra: Tensor | None = None,
 ) -> ScoredBatch:
     """Score one batch against `sketch`, or only measure it if None.
 
     grads (B, D) and labels (B,) on the sketch's device. With `keep_z` the sketch coordinates
     are returned for centroid consensus, and the score is left NaN (it needs every z first).
+    `extra` (B, k), on the same device, comes back as float64 in the same transfer (pass 2's
+    margin and near-copy signature).
 
     One float32 pass over the rows for ‖g‖ and one product V g (B, ℓ) make everything else:
     z, the energy, the agreement and the leverage are (B, ℓ) work. The results come to the
@@ -200,11 +204,12 @@ def score_batch(
     """
     norms = grad_norms(grads)  # (B,) float64, on the device
     if sketch is None:
-        loss_h, norms_h = torch.stack([loss.double(), norms]).cpu()  # one transfer
+        host = _with_extra(torch.stack([loss.double(), norms]), extra).cpu()  # one transfer
+        loss_h, norms_h = host[:2]
         grad_norm = _outlier_or_nonfinite(grads, norms_h)
         nan = torch.full_like(grad_norm, float("nan"))
         reasons = failure_reasons(loss_h, grad_norm, None, None)
-        return ScoredBatch(nan, loss_h, grad_norm, nan, nan.clone(), None, reasons)
+        return ScoredBatch(nan, loss_h, grad_norm, nan, nan.clone(), None, reasons, _extra(host, 2))
     sigma, basis, consensus, ridge = sketch
     finite = norms <= MAX_GRAD_NORM  # (B,): a NaN row must not leak into z
     vg = torch.where(finite[:, None], grads @ basis.T, 0.0)  # (B, ℓ); a GEMM row is its own
@@ -213,11 +218,11 @@ def score_batch(
     score = torch.full_like(norms, float("nan")) if keep_z else agreement(z, labels, consensus)
     coverage = ridge_from_projection(vg, torch.where(finite, norms, 0.0), sigma, ridge)
     has_consensus = (consensus.norm(dim=1) > 0)[labels]
-    host = torch.stack([
+    host = _with_extra(torch.stack([
         loss.double(), score, energy, coverage.to(norms.device), z.norm(dim=1).double(),
         has_consensus.double(), norms,
-    ]).cpu()  # (7, B): one transfer  # fmt: skip
-    loss_h, score_h, energy_h, coverage_h, z_norm, has_h, norms_h = host
+    ]), extra).cpu()  # (7 + k, B): one transfer  # fmt: skip
+    loss_h, score_h, energy_h, coverage_h, z_norm, has_h, norms_h = host[:7]
     grad_norm = _outlier_or_nonfinite(grads, norms_h)
     reasons = failure_reasons(loss_h, grad_norm, z_norm, None if keep_z else has_h > 0)
     if not keep_z:  # a finite gradient can still make a NaN or inf score (z overflowing)
@@ -228,5 +233,14 @@ def score_batch(
     coverage_h = torch.where(bad, torch.nan, coverage_h)
     return ScoredBatch(
         score_h, loss_h, grad_norm, energy_h, coverage_h,
-        z.float().cpu() if keep_z else None, reasons,
+        z.float().cpu() if keep_z else None, reasons, _extra(host, 7),
     )  # fmt: skip
+
+
+def _with_extra(rows: Tensor, extra: Tensor | None) -> Tensor:
+    """(n, B) rows with the caller's (B, k) extra columns below them, as float64."""
+    return rows if extra is None else torch.cat([rows, extra.to(rows.device).double().T])
+
+
+def _extra(host: Tensor, first: int) -> Tensor | None:
+    return host[first:].T if host.shape[0] > first else None

@@ -67,6 +67,18 @@ def test_without_a_sketch_only_loss_and_norm_are_measured():
     assert out.grad_norm.item() == 5.0 and torch.isnan(out.score).all() and out.reasons == [None]
 
 
+def test_extra_columns_come_back_exactly_with_and_without_a_sketch():
+    grads, loss, labels = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([0.1, 0.2]), \
+        torch.tensor([0, 0])  # fmt: skip
+    extra = torch.tensor([[0.5, 1.0 / 3.0, -2.0], [float("nan"), 7.0, 1e-30]], dtype=torch.float32)
+    sketch = scores.SketchTensors(torch.ones(1), torch.tensor([[1.0, 0.0]]), torch.ones(1, 1), 1.0)
+    for tensors in (None, sketch):
+        out = scores.score_batch(grads, loss, labels, tensors, extra=extra)
+        assert out.extra.dtype == torch.float64 and out.extra.shape == (2, 3)
+        torch.testing.assert_close(out.extra.float(), extra, equal_nan=True, rtol=0, atol=0)
+        assert scores.score_batch(grads, loss, labels, tensors).extra is None
+
+
 def test_progress_logs_plain_lines_off_a_terminal(caplog):
     caplog.set_level("INFO", logger="sage_stream")
     progress = Progress("pass 1 (sketch)", total_shards=2, enabled=False)

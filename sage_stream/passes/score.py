@@ -83,16 +83,19 @@ class ShardScores:
             self.rows["signature"].append(None)
 
     def _add_selection_columns(self, scored: ScoredBatch, item: Featured | None) -> None:
-        """margin and signature of a batch's scored rows (null where it has no score)."""
+        """margin and signature of a batch's scored rows (null where it has no score); they
+        came to the host with the scores, as `scored.extra` (`selection_extra`)."""
         n = len(scored.reasons)
         ok = [r is None for r in scored.reasons]
         margins: list = [None] * n
         signatures: list = [None] * n
-        if item is not None and item.margin is not None:
+        extra, first = scored.extra, 0
+        if item is not None and item.margin is not None and extra is not None:
             margins = [m if good and m == m and abs(m) != float("inf") else None
-                       for m, good in zip(item.margin.tolist(), ok, strict=True)]  # fmt: skip
-        if item is not None and item.signature is not None:
-            sig = item.signature.float().cpu()
+                       for m, good in zip(extra[:, 0].tolist(), ok, strict=True)]  # fmt: skip
+            first = 1
+        if item is not None and item.signature is not None and extra is not None:
+            sig = extra[:, first:].float()
             finite = torch.isfinite(sig).all(dim=1).tolist()
             signatures = [row if good and fin else None
                           for row, good, fin in zip(sig.tolist(), ok, finite, strict=True)]  # fmt: skip
@@ -109,6 +112,13 @@ class ShardScores:
     def projections(self) -> torch.Tensor:
         z = torch.cat(self.z) if self.z else torch.zeros(0, 0)
         return z[self.order()]
+
+
+def selection_extra(item: Featured) -> torch.Tensor | None:
+    """(B, k) on the device: the margin column, then the signature's, those the item has."""
+    parts = [t if t.dim() == 2 else t[:, None] for t in (item.margin, item.signature)
+             if t is not None]  # fmt: skip
+    return torch.cat([p.double() for p in parts], dim=1) if parts else None
 
 
 def _sketch_tensors(ctx: StageContext, sketch: StoredSketch | None) -> SketchTensors | None:
@@ -131,7 +141,8 @@ def score_items(
     rows, error = ShardScores(ref.name), None
     for item in items:
         if isinstance(item, Featured):
-            scored = score_batch(item.grads, item.loss, item.y, tensors, keep_z=centroid)
+            scored = score_batch(item.grads, item.loss, item.y, tensors, keep_z=centroid,
+                                 extra=selection_extra(item))  # fmt: skip
             rows.add_batch(item.batch, scored, item)
         elif isinstance(item, Broken):
             error = item.reason
