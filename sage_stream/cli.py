@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -415,6 +416,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that it unwinds exactly as Ctrl-C does."""
 
 
+_sigterm = threading.Event()  # set by the handler: Ray's blocking calls re-raise a plain Ctrl-C
+
+
 @contextlib.contextmanager
 def sigterm_stops_cleanly() -> Iterator[None]:
     """Turn SIGTERM into ``Terminated`` for the block (main thread only; else a no-op).
@@ -425,7 +429,10 @@ def sigterm_stops_cleanly() -> Iterator[None]:
 
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _sigterm.set()
         raise Terminated
+
+    _sigterm.clear()
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)
@@ -478,11 +485,11 @@ def _main(argv: Sequence[str] | None) -> int:
         # with -v, where it came from (user code's own traceback, for a failing factory)
         logging.getLogger("sage_stream").debug("traceback of the error", exc_info=exc)
         return 2
-    except Terminated:
-        print("sage-stream: terminated by SIGTERM; the output is left resumable: run the same "
-              "command again", file=sys.stderr)  # fmt: skip
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or _sigterm.is_set():
+            print("sage-stream: terminated by SIGTERM; the output is left resumable: run the "
+                  "same command again", file=sys.stderr)  # fmt: skip
+            return 143
         print("sage-stream: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sage-stream inspect OUT | head`: the reader left, not an error

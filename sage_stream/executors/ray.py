@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,9 +66,18 @@ MAX_TASK_RETRIES = 3  # per call in flight when its actor (or task worker) died
 
 
 def connect() -> None:
-    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local one."""
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local one.
+
+    `ray.init` installs its own SIGTERM handler in the driver, which aborts the process without
+    unwinding: the CLI's (an orchestrator's stop leaves OUT resumable and unlocked, exit 143)
+    or a caller's own handler would never run. The handler the process had is put back.
+    """
     if not ray.is_initialized():
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGTERM) if main else None
         ray.init()
+        if callable(before):  # a Python handler (not SIG_DFL or SIG_IGN): the caller's
+            signal.signal(signal.SIGTERM, before)
 
 
 def gpus_per_worker(cfg: Config) -> int:

@@ -8,12 +8,15 @@ uninterrupted run, without --force-unlock.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from paths import HELPERS, child_env
-from runs import output_files
+from runs import assert_same_outputs, output_files
 from tiny import blobs, train_checkpoint, write_tar_set
 
 N = 90  # 3 shards of 30: pass 1 decodes samples 1-90, pass 2 samples 91-180
@@ -80,3 +83,41 @@ def test_the_handler_is_the_commands_own():
     with pytest.raises(Terminated), sigterm_stops_cleanly():
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, tmp_path):
+    """`ray.init` installs its own SIGTERM handler in the driver, which aborted the process with
+    OUT still locked; the executor puts the CLI's back. Stopped while both workers sketch, the
+    driver exits 143 and leaves OUT unlocked; the same command then finishes with the bytes of
+    an uninterrupted local run (one torch thread in every process)."""
+    pytest.importorskip("ray")
+    root, urls, ckpt = job
+    args = [sys.executable, "-m", "sage_stream.cli", "run", *urls, "--model", "tiny:mlp",
+            "--checkpoint", ckpt, "--keep", "0.5", "--ell", "8", "--batch-size", "16",
+            "--device", "cpu", "--loader-workers", "0", "--preprocess", "pausing:decode",
+            "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
+    env = child_env(OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)  # a local cluster of its own
+    local = subprocess.run([*args, "--out", str(tmp_path / "local")], env=env,
+                           capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
+    assert local.returncode == 0, local.stderr
+
+    out, counter = tmp_path / "out", tmp_path / "calls"
+    on_ray = [*args, "--out", str(out), "--executor", "ray", "--workers", "2"]
+    paused = {"SAGE_TEST_PAUSE_COUNTER": str(counter), "SAGE_TEST_PAUSE_AT": "40"}
+    driver = subprocess.Popen(on_ray, env={**env, **paused}, cwd=str(HELPERS),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180  # Ray's start-up on a loaded machine
+    while not Path(f"{counter}.paused").exists() and driver.poll() is None:
+        assert time.monotonic() < deadline, "the workers never reached decode call 40"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 143, stderr
+    assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not (out / "_LEASE").exists() and not (out / "_SUCCESS").exists()
+
+    resumed = subprocess.run(on_ray, env=env, capture_output=True, text=True, cwd=str(HELPERS))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_outputs(out, tmp_path / "local")
