@@ -6,10 +6,13 @@
     emit(inputs, out=...)                       emit    -> OUT/shards/, manifest, index, _SUCCESS
     run(inputs, model=..., out=..., keep=0.3)   all of the above
 
-Each function takes the options of `Config` as keyword arguments (the CLI's flags with `_`
-for `-`), or a ready `Config` as `config=`, and returns a small result object. The defaults
-shown are `Config`'s own. The CLI is a thin layer over these; `run` calls the same internal
-steps, in one executor, so that Ray actors load the model once for both passes.
+Each function takes the options of `Config` that its step uses as keyword arguments (the CLI's
+flags with `_` for `-`), or a ready `Config` as `config=`, and returns a small result object.
+A keyword given beats `config=` (`run(config=cfg, ell=256)` runs with ℓ = 256). The
+signatures are written out for help() and IDEs; tests/test_options.py checks them against
+`Config` (names, the steps that use them, defaults). The CLI is a thin layer over these; `run`
+calls the same internal steps, in one executor, so that Ray actors load the model once for
+both passes.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, make_config
-from .errors import InputError, MismatchError
+from .errors import InputError
 from .executors import Executor, open_executor
 from .inputs import expand_inputs
-from .outputs.folder import OutputFolder
-from .outputs.identity import run_config, run_identity
+from .outputs.folder import output_of
+from .outputs.identity import pinned, run_config, run_identity, run_inputs
 from .outputs.lease import hold
 from .outputs.sketch_store import StoredSketch
 from .outputs.stopped import Stage, recorded_stop
@@ -39,13 +42,10 @@ from .passes.loop import StageContext, build_context
 from .passes.score import ScoreResult
 from .passes.select import SelectResult, run_select
 from .passes.sketch import SketchResult
-from .sample import ShardRef
 from .select.rules import SKETCHED, Rules
-from .storage import pin_of
 
 log = logging.getLogger("sage_stream")
-Inputs = str | Sequence[str]
-C = Config  # the defaults below are Config's, so that they have one owner
+InputURLs = str | Sequence[str]
 
 
 @dataclass
@@ -63,14 +63,8 @@ def _claim(cfg: Config) -> StageContext:
     """Load the model and list the inputs: reading needs no lease, and a bad input or model
     is reported before OUT is touched."""
     refs = pinned(expand_inputs(cfg.inputs, cfg.storage_options), cfg)
-    cfg.output.refuse_inputs_inside(refs)
+    output_of(cfg).refuse_inputs_inside(refs)
     return build_context(cfg, refs)
-
-
-def pinned(refs: list[ShardRef], cfg: Config) -> list[ShardRef]:
-    """The shards with what they hold now (storage.pin_of): part of the run identity, and
-    checked by every later open of the shard."""
-    return [dataclasses.replace(r, pin=pin_of(r.url, cfg.storage_options)) for r in refs]
 
 
 def _take(ctx: StageContext) -> None:
@@ -87,23 +81,6 @@ def _stored_sketch(ctx: StageContext) -> StoredSketch | None:
     return ctx.out.sketch_store().read(expected=ctx.identity())
 
 
-def _run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
-    """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
-    the scores of one data set would be attached to another's samples."""
-    refs = expand_inputs(cfg.inputs, cfg.storage_options)
-    folder.refuse_inputs_inside(refs)
-    stored = folder.stored_identity()
-    if stored is not None and [r.url for r in refs] != stored["inputs"]:
-        raise MismatchError(
-            f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
-            f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
-        )
-    pins = (stored or {}).get("pins")
-    if pins is None:  # made before inputs were pinned: nothing to check against
-        return pinned(refs, cfg)
-    return [dataclasses.replace(r, pin=p) for r, p in zip(refs, pins, strict=True)]
-
-
 def _rules(cfg: Config) -> Rules:
     """The selection asked for (checked: exactly one of keep and min-score)."""
     return Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed, cfg.dedup)
@@ -111,11 +88,11 @@ def _rules(cfg: Config) -> Rules:
 
 def _select(cfg: Config, shards: list[str]) -> SelectResult:
     """Select shard by shard (passes/select.py): memory does not grow with the samples."""
-    return run_select(cfg.output, _rules(cfg), shards, cfg.checkpoint)
+    return run_select(output_of(cfg), _rules(cfg), shards, cfg.checkpoint)
 
 
 def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
-    folder = cfg.output
+    folder = output_of(cfg)
     if cfg.scorer not in SKETCHED or not folder.exists(folder.sketch):
         return None
     head = folder.sketch_store().header()  # metadata only: emit never needs the basis
@@ -125,7 +102,7 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 def _run(cfg: Config) -> RunResult:
     rules = _rules(cfg)  # a run that cannot select is refused before it starts
     ctx = _claim(cfg)
-    with hold(cfg.output, cfg.force_unlock):
+    with hold(output_of(cfg), cfg.force_unlock):
         manifest = finished_manifest(ctx, rules)
         if manifest is not None:  # a finished output of this very command
             return RunResult(*recorded_results(ctx, manifest, cfg.scorer in SKETCHED))
@@ -151,7 +128,7 @@ def _run_held(cfg: Config, ctx: StageContext, stage: Stage) -> RunResult:
 
 def _pass(cfg: Config, name: str, step: Callable[[Executor, StageContext], Any]) -> Any:
     ctx = _claim(cfg)
-    with hold(cfg.output, cfg.force_unlock):
+    with hold(output_of(cfg), cfg.force_unlock):
         _take(ctx)
         with recorded_stop(ctx.out, name), open_executor(cfg) as executor:
             return step(executor, ctx)
@@ -190,7 +167,7 @@ def _options(step: Callable[..., Any]) -> Callable[..., Any]:
 
 @_options
 def sketch(
-    inputs: Inputs | None = None,
+    inputs: InputURLs | None = None,
     *,
     out: str | None = None,
     model: Any = None,
@@ -198,8 +175,8 @@ def sketch(
     model_args: dict[str, Any] | None = None,
     output_key: str | None = None,
     input_key: str | None = None,
-    label_key: str | None = C.label_key,
-    key_column: str = C.key_column,
+    label_key: str | None = Config.label_key,
+    key_column: str = Config.key_column,
     preprocess: Any = None,
     resize: int | None = None,
     crop: int | None = None,
@@ -207,28 +184,28 @@ def sketch(
     image_mode: str | None = None,
     tokenizer: str | None = None,
     max_length: int | None = None,
-    grad: str = C.grad,
+    grad: str = Config.grad,
     head: str | None = None,
     params: str | None = None,
     project_dim: int | None = None,
-    ell: int = C.ell,
-    batch_size: int = C.batch_size,
-    chunk_size: int = C.chunk_size,
-    device: str = C.device,
-    precision: str = C.precision,
+    ell: int = Config.ell,
+    batch_size: int = Config.batch_size,
+    chunk_size: int = Config.chunk_size,
+    device: str = Config.device,
+    precision: str = Config.precision,
     loader_workers: int | None = None,
-    seed: int = C.seed,
-    on_error: str = C.on_error,
-    max_member_bytes: int | str = C.max_member_bytes,
-    max_sample_bytes: int | str = C.max_sample_bytes,
+    seed: int = Config.seed,
+    on_error: str = Config.on_error,
+    max_member_bytes: int | str = Config.max_member_bytes,
+    max_sample_bytes: int | str = Config.max_sample_bytes,
     storage_options: dict[str, Any] | None = None,
-    executor: str = C.executor,
+    executor: str = Config.executor,
     workers: int | None = None,
-    scorer: str = C.scorer,
-    consensus: str = C.consensus,
-    overwrite: bool = C.overwrite,
-    force_unlock: bool = C.force_unlock,
-    checkpoint_every: float = C.checkpoint_every,
+    scorer: str = Config.scorer,
+    consensus: str = Config.consensus,
+    overwrite: bool = Config.overwrite,
+    force_unlock: bool = Config.force_unlock,
+    checkpoint_every: float = Config.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,
 ) -> SketchResult:
@@ -243,7 +220,7 @@ def sketch(
 
 @_options
 def score(
-    inputs: Inputs | None = None,
+    inputs: InputURLs | None = None,
     *,
     out: str | None = None,
     model: Any = None,
@@ -251,8 +228,8 @@ def score(
     model_args: dict[str, Any] | None = None,
     output_key: str | None = None,
     input_key: str | None = None,
-    label_key: str | None = C.label_key,
-    key_column: str = C.key_column,
+    label_key: str | None = Config.label_key,
+    key_column: str = Config.key_column,
     preprocess: Any = None,
     resize: int | None = None,
     crop: int | None = None,
@@ -260,28 +237,28 @@ def score(
     image_mode: str | None = None,
     tokenizer: str | None = None,
     max_length: int | None = None,
-    grad: str = C.grad,
+    grad: str = Config.grad,
     head: str | None = None,
     params: str | None = None,
     project_dim: int | None = None,
-    ell: int = C.ell,
-    batch_size: int = C.batch_size,
-    chunk_size: int = C.chunk_size,
-    device: str = C.device,
-    precision: str = C.precision,
+    ell: int = Config.ell,
+    batch_size: int = Config.batch_size,
+    chunk_size: int = Config.chunk_size,
+    device: str = Config.device,
+    precision: str = Config.precision,
     loader_workers: int | None = None,
-    seed: int = C.seed,
-    on_error: str = C.on_error,
-    max_member_bytes: int | str = C.max_member_bytes,
-    max_sample_bytes: int | str = C.max_sample_bytes,
+    seed: int = Config.seed,
+    on_error: str = Config.on_error,
+    max_member_bytes: int | str = Config.max_member_bytes,
+    max_sample_bytes: int | str = Config.max_sample_bytes,
     storage_options: dict[str, Any] | None = None,
-    executor: str = C.executor,
+    executor: str = Config.executor,
     workers: int | None = None,
-    scorer: str = C.scorer,
-    consensus: str = C.consensus,
-    overwrite: bool = C.overwrite,
-    force_unlock: bool = C.force_unlock,
-    checkpoint_every: float = C.checkpoint_every,
+    scorer: str = Config.scorer,
+    consensus: str = Config.consensus,
+    overwrite: bool = Config.overwrite,
+    force_unlock: bool = Config.force_unlock,
+    checkpoint_every: float = Config.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,
 ) -> ScoreResult:
@@ -296,17 +273,17 @@ def score(
 
 @_options
 def select(
-    inputs: Inputs | None = None,
+    inputs: InputURLs | None = None,
     *,
     out: str | None = None,
     keep: float | None = None,
     min_score: float | None = None,
-    balance: str = C.balance,
-    scorer: str = C.scorer,
-    dedup: str = C.dedup,
-    seed: int = C.seed,
+    balance: str = Config.balance,
+    scorer: str = Config.scorer,
+    dedup: str = Config.dedup,
+    seed: int = Config.seed,
     storage_options: dict[str, Any] | None = None,
-    force_unlock: bool = C.force_unlock,
+    force_unlock: bool = Config.force_unlock,
     config: Config | None = None,
 ) -> SelectResult:
     """Choose the kept samples from OUT/scores/ (OUT/selection.parquet).
@@ -316,29 +293,27 @@ def select(
     """
     assert config is not None  # given by @_options
     cfg = config
-    folder = cfg.output
+    folder = output_of(cfg)
     with hold(folder, cfg.force_unlock), recorded_stop(folder, "select"):
-        shards = (
-            [r.name for r in _run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
-        )
+        shards = [r.name for r in run_inputs(cfg, folder)] if cfg.inputs else folder.scored_shards()
         return _select(cfg, shards)
 
 
 @_options
 def emit(
-    inputs: Inputs | None = None,
+    inputs: InputURLs | None = None,
     *,
     out: str | None = None,
-    key_column: str = C.key_column,
-    max_member_bytes: int | str = C.max_member_bytes,
-    max_sample_bytes: int | str = C.max_sample_bytes,
-    scorer: str = C.scorer,
+    key_column: str = Config.key_column,
+    max_member_bytes: int | str = Config.max_member_bytes,
+    max_sample_bytes: int | str = Config.max_sample_bytes,
+    scorer: str = Config.scorer,
     storage_options: dict[str, Any] | None = None,
     loader_workers: int | None = None,
-    executor: str = C.executor,
+    executor: str = Config.executor,
     workers: int | None = None,
     progress: bool | None = None,
-    force_unlock: bool = C.force_unlock,
+    force_unlock: bool = Config.force_unlock,
     config: Config | None = None,
 ) -> EmitResult:
     """Write the kept samples, byte for byte, into OUT/shards/; then manifest and _SUCCESS.
@@ -347,9 +322,9 @@ def emit(
     """
     assert config is not None  # given by @_options
     cfg = config
-    folder = cfg.output
+    folder = output_of(cfg)
     with hold(folder, cfg.force_unlock), recorded_stop(folder, "emit"):
-        refs = _run_inputs(cfg, folder)
+        refs = run_inputs(cfg, folder)
         folder.clear_success()
         with open_executor(cfg) as executor_:
             return executor_.emit(cfg, refs, _sketch_stats(cfg))
@@ -357,21 +332,21 @@ def emit(
 
 @_options
 def run(
-    inputs: Inputs | None = None,
+    inputs: InputURLs | None = None,
     *,
     out: str | None = None,
     model: Any = None,
     keep: float | None = None,
     min_score: float | None = None,
-    balance: str = C.balance,
-    scorer: str = C.scorer,
-    dedup: str = C.dedup,
+    balance: str = Config.balance,
+    scorer: str = Config.scorer,
+    dedup: str = Config.dedup,
     checkpoint: str | None = None,
     model_args: dict[str, Any] | None = None,
     output_key: str | None = None,
     input_key: str | None = None,
-    label_key: str | None = C.label_key,
-    key_column: str = C.key_column,
+    label_key: str | None = Config.label_key,
+    key_column: str = Config.key_column,
     preprocess: Any = None,
     resize: int | None = None,
     crop: int | None = None,
@@ -379,27 +354,27 @@ def run(
     image_mode: str | None = None,
     tokenizer: str | None = None,
     max_length: int | None = None,
-    grad: str = C.grad,
+    grad: str = Config.grad,
     head: str | None = None,
     params: str | None = None,
     project_dim: int | None = None,
-    ell: int = C.ell,
-    batch_size: int = C.batch_size,
-    chunk_size: int = C.chunk_size,
-    device: str = C.device,
-    precision: str = C.precision,
+    ell: int = Config.ell,
+    batch_size: int = Config.batch_size,
+    chunk_size: int = Config.chunk_size,
+    device: str = Config.device,
+    precision: str = Config.precision,
     loader_workers: int | None = None,
-    seed: int = C.seed,
-    on_error: str = C.on_error,
-    max_member_bytes: int | str = C.max_member_bytes,
-    max_sample_bytes: int | str = C.max_sample_bytes,
+    seed: int = Config.seed,
+    on_error: str = Config.on_error,
+    max_member_bytes: int | str = Config.max_member_bytes,
+    max_sample_bytes: int | str = Config.max_sample_bytes,
     storage_options: dict[str, Any] | None = None,
-    executor: str = C.executor,
+    executor: str = Config.executor,
     workers: int | None = None,
-    consensus: str = C.consensus,
-    overwrite: bool = C.overwrite,
-    force_unlock: bool = C.force_unlock,
-    checkpoint_every: float = C.checkpoint_every,
+    consensus: str = Config.consensus,
+    overwrite: bool = Config.overwrite,
+    force_unlock: bool = Config.force_unlock,
+    checkpoint_every: float = Config.checkpoint_every,
     progress: bool | None = None,
     config: Config | None = None,
 ) -> RunResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,14 +24,14 @@ from typing import Any
 
 from . import api
 from .config import (
-    BALANCES,
-    CONSENSUS,
-    DEDUP,
-    EXECUTORS,
-    GRAD_MODES,
-    ON_ERROR,
-    PRECISIONS,
-    SCORERS,
+    DECODING,
+    IMAGES,
+    INPUT,
+    MODEL,
+    RUN,
+    SELECTION,
+    TEXT,
+    Config,
     load_toml,
     make_config,
 )  # fmt: skip
@@ -51,217 +52,59 @@ a smaller shard set that any WebDataset or Parquet reader loads unchanged.
 """
 
 
-def _add_data(p: argparse.ArgumentParser, inputs: str) -> None:
-    g = p.add_argument_group("input")
-    if inputs:
-        g.add_argument(
-            "inputs",
-            nargs=inputs,
-            metavar="INPUT",
-            help="shard URL, brace pattern (shard-{000..099}.tar), glob, folder, or @list.txt",
-        )
-    g.add_argument(
-        "--input-key",
-        help="member/column holding the input (default: the one "
-        ".npy/.png/.jpg/.webp member, or the list column)",
-    )
-    g.add_argument(
-        "--label-key",
-        help="member/column holding the integer label (default cls; a.b for a struct member); "
-        "none: unlabeled, one class; predicted: the model's argmax as each sample's label",
-    )
-    g.add_argument(
-        "--key-column",
-        help="Parquet column with the sample key (default __key__; row numbers if absent)",
-    )
-    g.add_argument(
-        "--preprocess",
-        metavar="MOD:FN",
-        help="function Sample -> (tensor, label) for inputs the built-in decoders do not handle",
-    )
-    g = p.add_argument_group("images (built-in decoder; see docs/inputs.md)")
-    g.add_argument("--resize", type=int, metavar="N", help="shorter side to N pixels, aspect kept")
-    g.add_argument("--crop", type=int, metavar="N", help="centre N×N crop (after --resize)")
-    g.add_argument(
-        "--normalize",
-        metavar="STATS",
-        help="imagenet, none (default), MEAN,STD or M1,M2,M3,S1,S2,S3 per channel",
-    )
-    g.add_argument(
-        "--image-mode",
-        choices=("RGB", "L"),
-        help="convert images to RGB or L (default: L stays L, all else RGB)",
-    )
-    g = p.add_argument_group("text (see docs/inputs.md)")
-    g.add_argument(
-        "--tokenizer",
-        metavar="PATH",
-        help="local Hugging Face tokenizer folder or tokenizers .json file: the input field "
-        "(--input-key, default text) is tokenized for the model (input_ids, attention_mask)",
-    )
-    g.add_argument("--max-length", type=int, metavar="N", help="tokens per sample (default 512)")
-    g = p.add_argument_group("decoding and batching")
-    g.add_argument(
-        "--on-error",
-        choices=ON_ERROR,
-        help="skip (default): record a bad sample or "
-        "shard and go on; fail: stop at the first, naming shard and key",
-    )
-    g.add_argument(
-        "--max-member-bytes",
-        metavar="SIZE",
-        help="a tar member larger than this (default 256 MiB) makes its sample an error row; "
-        "a size in bytes or with a unit: 1GiB, 512MiB, 2GB",
-    )
-    g.add_argument(
-        "--max-sample-bytes",
-        metavar="SIZE",
-        help="a tar sample whose members add up to more (default 512 MiB) is an error row; "
-        "sizes come from the headers, so nothing over the limit is read",
-    )
-    g.add_argument("--batch-size", type=int, help="samples per model batch (default 64)")
-    g.add_argument(
-        "--loader-workers",
-        type=int,
-        metavar="N",
-        help="processes that read and decode shards (0: in this process; default: up to 8 "
-        "spare cores beside a GPU, 0 on a CPU node); outputs are the same for any N",
-    )
+# The groups of the step commands' help, in order. Options of the first two and of `run` were
+# accepted by every step command from the start: a step that does not use one still accepts it
+# (scripts pass them to every step) but does not list it.
+GROUPS = (INPUT, IMAGES, TEXT, DECODING, MODEL, SELECTION, RUN)
+ACCEPTED_BY_EVERY_STEP = (INPUT, IMAGES, TEXT, DECODING, RUN)
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and gradients")
-    g.add_argument(
-        "--model",
-        metavar="MOD:FN",
-        help="factory returning the nn.Module (proxy "
-        "model) that judges the samples; the current folder is importable",
-    )
-    g.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="K=V",
-        help="keyword argument for the factory, repeatable (num_classes=10, pretrained=false, "
-        "model_name=resnet18); numbers, true/false and none are parsed",
-    )
-    g.add_argument(
-        "--output-key",
-        metavar="KEY",
-        help="the logits in the model's output: a dict key, attribute or tuple index "
-        "(default: the tensor itself, .logits, or a tuple's first element)",
-    )
-    g.add_argument(
-        "--checkpoint",
-        metavar="URL",
-        help="state dict for the model (loaded with weights_only=True)",
-    )
-    g.add_argument(
-        "--grad",
-        choices=GRAD_MODES,
-        help="last-layer (default): closed form for "
-        "the final Linear; params: torch.func over --params",
-    )
-    g.add_argument("--head", help="name of the Linear head for last-layer (default: the last)")
-    g.add_argument("--params", metavar="GLOB", help="parameters for --grad params ('*' = all)")
-    g.add_argument("--project-dim", type=int, metavar="K", help="random-project gradients to K")
-    g.add_argument("--ell", type=int, metavar="N", help="sketch size ℓ (default 256)")
-    g.add_argument("--chunk-size", type=int, help="vmap chunk for --grad params (default 64)")
-    g.add_argument("--device", help="auto (default: CUDA if present), cpu or cuda")
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="the model's forward under autocast: fp32 (default), bf16 (recommended on "
-        "CUDA), fp16; gradient features and the sketch stay float32",
-    )
-    g.add_argument("--consensus", choices=CONSENSUS, help="mean-gradient (default) or centroid")
-    g.add_argument("--executor", choices=EXECUTORS, help="local (default) or ray")
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="--executor ray: actors (default: one per GPU, else 2)",
-    )
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def _add_select(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("selection")
-    g.add_argument("--keep", type=float, metavar="F", help="fraction of scored samples to keep")
-    g.add_argument("--min-score", type=float, metavar="T", help="keep every sample scoring >= T")
-    g.add_argument(
-        "--balance",
-        choices=BALANCES,
-        help="proportional (default): keep the class "
-        "mix; equal: same count per class; none: global top",
-    )
-    g.add_argument(
-        "--dedup",
-        choices=DEDUP,
-        help="near-copies within a class (signatures of the head's input closer than 7%% of a "
-        "typical pair) rank after every other sample, recorded in OUT/duplicates.parquet: off "
-        "(default) or on, for any scorer",
-    )
+def _add_option(group: Any, f: dataclasses.Field, listed: bool) -> None:
+    """One Config field as a flag, from its metadata (or a positional, for `inputs`)."""
+    meta = f.metadata
+    shown = meta["help"] if listed else argparse.SUPPRESS
+    if f.name == "inputs":
+        group.add_argument("inputs", nargs="*", metavar=meta["metavar"], help=shown)
+        return
+    extra: dict[str, Any] = {"dest": f.name, "help": shown}
+    if f.type in ("bool", "bool | None"):
+        off = _flag(f).startswith("--no-")
+        extra.update(action="store_false" if off else "store_true", default=None)
+    elif f.default_factory is dict:  # K=V pairs, repeatable
+        extra.update(action="append", metavar=meta["metavar"])
+    else:
+        extra.update(metavar=meta["metavar"], choices=meta["choices"])
+        if meta["kind"] is not None:
+            extra["type"] = meta["kind"]
+    group.add_argument(_flag(f), **extra)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="URL", help="output folder or URL (or `out` in --config)")
-    g.add_argument("--config", metavar="FILE.toml", help="options from a TOML file; flags win")
-    g.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="K=V",
-        default=[],
-        help="fsspec option, repeatable (e.g. endpoint_url=http://...)",
-    )
-    g.add_argument(
-        "--scorer",
-        choices=SCORERS,
-        help="sage-coverage (default: agreement and ridge leverage from the sketch set aside "
-        "the likely-wrong samples, a seeded draw weighted by the leverage of each gradient's "
-        "direction picks among the rest; with "
-        "--min-score, a threshold on the agreement), sage (highest agreement with the class "
-        "consensus first), or a baseline: loss, loss-easy, grad-norm, random",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        help="seed for projection, the seeded draws of random and sage-coverage, and the "
-        "model's starting weights when there is no --checkpoint (default 0)",
-    )
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="replace an output made with another configuration",
-    )
-    g.add_argument(
-        "--force-unlock",
-        action="store_true",
-        default=None,
-        help="break OUT/_LEASE, the claim of the one run writing OUT; only when that run is "
-        "gone (a lease of a dead process on this host is taken over without it)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=float,
-        metavar="SECONDS",
-        help="pass-1 checkpoint interval, for resume (default 60; 0: after every shard)",
-    )
-    g.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="log lines instead of progress bars",
-    )
-    g.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=None,
-        help="print the plan (inputs and their pinned sizes, what OUT holds, the steps that "
-        "would run or be skipped) and write nothing",
-    )
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+def _add_step_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of one step command, from `Config`'s fields: listed where the step uses
+    them (their `steps`), accepted unlisted where every step always accepted them."""
+    fields = dataclasses.fields(Config)
+    for title in GROUPS:
+        members = [f for f in fields if f.metadata["group"] == title]
+        used = [f for f in members if command in f.metadata["steps"]]
+        accepted = members if title in ACCEPTED_BY_EVERY_STEP else used
+        if not accepted:
+            continue
+        group = p.add_argument_group(title) if used else p
+        if title == RUN:
+            group.add_argument("--config", metavar="FILE.toml",
+                               help="options from a TOML file; flags win")  # fmt: skip
+        for f in accepted:
+            _add_option(group, f, f in used)
+        if title == RUN:
+            group.add_argument("--dry-run", action="store_true", default=None,
+                               help="print the plan (inputs and their pinned sizes, what OUT "
+                               "holds, the steps that would run or be skipped) and write "
+                               "nothing")  # fmt: skip
+            group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,20 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     steps = {
-        "run": ("all steps: sketch, score, select, emit", "*", True, True),
-        "sketch": ("pass 1: per-sample gradients -> FD sketch (OUT/sketch.zarr)", "*", True, False),
-        "score": ("pass 2: a score for every sample (OUT/scores/)", "*", True, False),
-        "select": ("choose the kept samples (OUT/selection.parquet, decisions/)", "*", False, True),
-        "emit": ("write kept samples to OUT/shards/, manifest, _SUCCESS", "*", False, False),
+        "run": "all steps: sketch, score, select, emit",
+        "sketch": "pass 1: per-sample gradients -> FD sketch (OUT/sketch.zarr)",
+        "score": "pass 2: a score for every sample (OUT/scores/)",
+        "select": "choose the kept samples (OUT/selection.parquet, decisions/)",
+        "emit": "write kept samples to OUT/shards/, manifest, _SUCCESS",
     }
-    for name, (text, nargs, model, selection) in steps.items():
+    for name, text in steps.items():
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
-        _add_data(p, nargs)
-        if model:
-            _add_model(p)
-        if selection:
-            _add_select(p)
-        _add_common(p)
+        _add_step_options(p, name)
     p = sub.add_parser(
         "inspect", allow_abbrev=False, help="summary of a sketch, a scores table or a run's output"
     )
@@ -358,11 +196,11 @@ def gather_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {k: v for k, v in vars(args).items() if v is not None}
     given.pop("command", None)
     given.pop("verbose", None)
-    pairs = given.pop("storage_option", [])
+    pairs = given.pop("storage_options", None) or []
     config_file = given.pop("config", None)
     options = load_toml(config_file) if config_file else {}
     opts = {**options.pop("storage_options", {}), **storage_options(pairs)}
-    arg_pairs = given.pop("model_arg", None)
+    arg_pairs = given.pop("model_args", None)
     if arg_pairs:
         options["model_args"] = {**options.get("model_args", {}), **model_args(arg_pairs)}
     if given.get("inputs") == []:

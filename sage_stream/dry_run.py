@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .inputs import expand_inputs
-from .outputs.folder import OutputFolder
+from .outputs.folder import OutputFolder, output_of
 from .outputs.identity import run_identity
 from .select.rules import SKETCHED, Rules
 from .storage import pin_of
@@ -25,7 +25,7 @@ MODEL_STEPS = ("run", "sketch", "score")
 
 def describe_plan(command: str, cfg: Config) -> str:
     """The plan of `sage-stream COMMAND` with these options (see the module docstring)."""
-    folder = cfg.output
+    folder = output_of(cfg)
     lines = [f"dry run of `sage-stream {command}`: nothing is written to {folder.url}"]
     refs = expand_inputs(cfg.inputs, cfg.storage_options) if cfg.inputs else []
     pins = [pin_of(r.url, cfg.storage_options) for r in refs]

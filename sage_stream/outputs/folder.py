@@ -385,3 +385,9 @@ def _changed_pins(stored: dict[str, Any], now: dict[str, Any]) -> str:
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     shown = ", ".join(changed[:3]) + more
     return f"{len(changed)} shard(s) changed since: {shown}"
+
+
+def output_of(cfg: Any) -> OutputFolder:
+    """OUT of a run's `Config` (anything with `out` and `storage_options`), with the storage
+    options it is read and written with."""
+    return OutputFolder(cfg.out, cfg.storage_options)

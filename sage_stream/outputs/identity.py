@@ -9,17 +9,25 @@ Two identities, one nested in the other:
   and mtime or ETag when listed; keys, preprocess, limits) and how pass 2 scores. It is written to OUT/_work/run.json when OUT is claimed and
   kept in manifest.json; a rerun with another one is refused unless --overwrite.
 
+A step that finishes an earlier run (select, emit) is given that run's inputs: `run_inputs`
+checks them against the stored identity and takes the pins from it.
+
 The selection (keep, balance, min_score) is not part of either: it may be redone on the same
 scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..config import RECORDED_WHEN_SET, Config
+from ..errors import MismatchError
+from ..inputs import expand_inputs
 from ..sample import ShardRef
 from ..select.rules import SKETCHED
+from ..storage import pin_of
+from .folder import OutputFolder
 
 # The manifest records these under "selection", not under "config".
 SELECTION_FIELDS = ("keep", "balance", "min_score")
@@ -70,3 +78,26 @@ def run_identity(cfg: Config, refs: list[ShardRef], fingerprint: str) -> dict[st
 def run_config(cfg: Config) -> dict[str, Any]:
     """The configuration the manifest records: that of the command which made the scores."""
     return {k: v for k, v in cfg.describe().items() if k not in SELECTION_FIELDS}
+
+
+def pinned(refs: list[ShardRef], cfg: Config) -> list[ShardRef]:
+    """The shards with what they hold now (storage.pin_of): part of the run identity, and
+    checked by every later open of the shard."""
+    return [dataclasses.replace(r, pin=pin_of(r.url, cfg.storage_options)) for r in refs]
+
+
+def run_inputs(cfg: Config, folder: OutputFolder) -> list[ShardRef]:
+    """The inputs of a step that finishes an earlier run: they must be that run's inputs, or
+    the scores of one data set would be attached to another's samples."""
+    refs = expand_inputs(cfg.inputs, cfg.storage_options)
+    folder.refuse_inputs_inside(refs)
+    stored = folder.stored_identity()
+    if stored is not None and [r.url for r in refs] != stored["inputs"]:
+        raise MismatchError(
+            f"these inputs are not the ones {cfg.out} was scored from ({len(refs)} shards "
+            f"given, {len(stored['inputs'])} in the run): pass the run's inputs, in order"
+        )
+    pins = (stored or {}).get("pins")
+    if pins is None:  # made before inputs were pinned: nothing to check against
+        return pinned(refs, cfg)
+    return [dataclasses.replace(r, pin=p) for r, p in zip(refs, pins, strict=True)]

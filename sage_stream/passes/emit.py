@@ -18,7 +18,7 @@ from ..config import Config, shard_options
 from ..errors import ShardError
 from ..formats import copy_selected
 from ..outputs import manifest
-from ..outputs.folder import OutputFolder
+from ..outputs.folder import OutputFolder, output_of
 from ..outputs.identity import run_config
 from ..outputs.selection_file import selection_file
 from ..outputs.tables import annotations, errored_count, read_part
@@ -69,7 +69,7 @@ def emit_shard(cfg: Config, job: EmitJob) -> dict[str, Any]:
     A shard that cannot be read again is fine only if pass 2 already recorded it as broken and
     nothing of it is kept: then there is no output shard for it, and the manifest says so.
     """
-    folder, ref = cfg.output, job.ref
+    folder, ref = output_of(cfg), job.ref
     part, error = read_part(folder, ref.name)
     keep = annotations(part, job.kept(folder), job.scorer)
     try:
@@ -94,7 +94,7 @@ def emit_shard(cfg: Config, job: EmitJob) -> dict[str, Any]:
 def emit_marked(cfg: Config, job: EmitJob) -> dict[str, Any]:
     """Emit one shard, then its marker: a shard with a marker is never emitted again."""
     counts = emit_shard(cfg, job)
-    cfg.output.write_json(job.marker, counts)
+    output_of(cfg).write_json(job.marker, counts)
     return counts
 
 
@@ -103,7 +103,7 @@ def run_emit(
 ) -> EmitResult:
     """Emit every shard not yet emitted for this selection (`emit_jobs` says where), then the
     manifest, the index and `_SUCCESS`, in that order."""
-    folder = cfg.output
+    folder = output_of(cfg)
     digest = folder.selection_hash()
     params = selection_file(folder, digest).params
     scorer = params.get("scorer", cfg.scorer)

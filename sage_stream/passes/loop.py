@@ -29,7 +29,7 @@ from ..errors import InputError, SampleError, ShardError
 from ..gradients.featurizer import Featurizer, GradientFeaturizer, InputShapeError
 from ..gradients.model import load_model, resolve_device
 from ..inputs import expand_inputs
-from ..outputs.folder import OutputFolder
+from ..outputs.folder import OutputFolder, output_of
 from ..outputs.identity import sketch_identity
 from ..progress import Progress
 from ..sample import ShardRef
@@ -144,7 +144,9 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         max_member_bytes=cfg.max_member_bytes,
     )
     workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
-    return StageContext(cfg, cfg.output, refs, model, digest, device, featurizer, decoder, workers)
+    return StageContext(
+        cfg, output_of(cfg), refs, model, digest, device, featurizer, decoder, workers
+    )
 
 
 def shard_stream(
