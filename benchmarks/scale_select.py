@@ -107,9 +107,16 @@ def _vmhwm_mib() -> float:
     return round(kib / 1024, 1)
 
 
-def run_child(case: str, out: Path, keep: float, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--out", str(out), "--keep", str(keep)]
+def run_child(
+    case: str, out: Path, keep: float, timeout: float, script: str = __file__,
+    pythonpath: str | None = None,
+) -> dict:  # fmt: skip
+    """`script --child case` in a fresh process on one thread; its RESULT line as a dict
+    (select_speed.py runs its cases through this too, `pythonpath` for another checkout)."""
+    cmd = [sys.executable, script, "--child", case, "--out", str(out), "--keep", str(keep)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -117,7 +124,7 @@ def run_child(case: str, out: Path, keep: float, timeout: float) -> dict:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return {"case": case, "status": "ok", **json.loads(line[7:])}
-    return {"case": case, "status": "error", "detail": proc.stderr.strip()[-500:]}
+    return {"case": case, "status": "error", "detail": proc.stderr.strip()[-800:]}
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import cpu_parser, work_dir, write_results  # noqa: E402
-from scale_select import write_scores  # noqa: E402
+from scale_select import run_child, write_scores  # noqa: E402
 
 COLUMNS = ["__key__", "__shard__", "label", "score", "coverage", "grad_norm", "status"]
 
@@ -56,19 +54,11 @@ def child(case: str, out: str, keep: float) -> None:
     print("RESULT " + json.dumps({"kept": n, "cpu_s": round(time.process_time() - start, 3)}))
 
 
-def run_child(case: str, out: Path, keep: float, package: str | None) -> dict:
+def run_case(case: str, out: Path, keep: float, package: str | None) -> dict:
     for old in out.iterdir():  # only the scores stay: a select that finds its own output
         if old.name not in ("scores", "scores.done"):  # would redo nothing
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    cmd = [sys.executable, __file__, "--child", case, "--out", str(out), "--keep", str(keep)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    if package:
-        env["PYTHONPATH"] = package
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return {"case": case, "status": "ok", **json.loads(line[7:])}
-    return {"case": case, "status": "error", "detail": proc.stderr.strip()[-800:]}
+    return run_child(case, out, keep, 3600, script=__file__, pythonpath=package)
 
 
 def main() -> None:
@@ -86,12 +76,12 @@ def main() -> None:
     rows_out = write_scores(root / "rows", n, n // parts)
     shards_out = write_scores(root / "shards", shards, 1)
     body: dict = {"package": args.package or "this checkout"}
-    select = run_child("select", rows_out, args.keep, args.package)
-    base = run_child("baseline", rows_out, args.keep, None)
+    select = run_case("select", rows_out, args.keep, args.package)
+    base = run_case("baseline", rows_out, args.keep, None)
     body["rows"] = {"n": n, "parts": parts, "select": select, "baseline": base}
     if select["status"] == base["status"] == "ok":
         body["rows"]["ratio"] = round(select["cpu_s"] / base["cpu_s"], 2)
-    per = run_child("select", shards_out, args.keep, args.package)
+    per = run_case("select", shards_out, args.keep, args.package)
     body["shards"] = {"shards": shards, "select": per}
     if per["status"] == "ok":
         body["shards"]["ms_per_shard"] = round(1000 * per["cpu_s"] / shards, 2)
