@@ -20,9 +20,8 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import api
 from .config import (
     DECODING,
     IMAGES,
@@ -36,6 +35,9 @@ from .config import (
     make_config,
 )  # fmt: skip
 from .errors import InputError, SageError
+
+if TYPE_CHECKING:
+    from .passes.emit import EmitResult
 
 DESCRIPTION = """\
 Keep the training samples whose gradients agree with their class, drop the rest.
@@ -210,8 +212,7 @@ def gather_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _summary(result: api.RunResult | api.EmitResult) -> str:
-    emitted = result.emit if isinstance(result, api.RunResult) else result
+def _summary(emitted: EmitResult) -> str:
     t = emitted.totals
     lines = [
         f"seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  "
@@ -222,6 +223,8 @@ def _summary(result: api.RunResult | api.EmitResult) -> str:
 
 
 def _run_step(command: str, options: dict[str, Any]) -> str:
+    from . import api  # torch and the passes load here, not for --help or inspect
+
     dry_run = options.pop("dry_run", False)
     cfg = make_config(**options)
     if command in ("run", "sketch", "score", "emit") and not cfg.inputs:
@@ -233,7 +236,7 @@ def _run_step(command: str, options: dict[str, Any]) -> str:
 
         return describe_plan(command, cfg)
     if command == "run":
-        return _summary(api.run(config=cfg))
+        return _summary(api.run(config=cfg).emit)
     if command == "sketch":
         sk = api.sketch(config=cfg)
         bound = sk.stats["relative_error_bound"]

@@ -23,17 +23,19 @@ from .storage import exists, join, list_names
 
 
 def _sketch_summary(url: str, storage_options: dict) -> str:
-    s = SketchStore(url, storage_options).read()
-    sigma = s.sigma.double().numpy()
-    counts = s.class_counts.tolist()
+    store = SketchStore(url, storage_options)
+    head = store.header()  # metadata, σ and the class counts: the basis is never read
+    stats, sigma = head["stats"], store.singular_values()
+    assert sigma is not None  # header() found the sketch complete
+    counts = store.class_counts().tolist()
     lines = [
         f"sketch {url}",
-        f"  ℓ={sigma.shape[0]}  D={s.basis.shape[1]}  C={len(counts)}  rows={s.stats['n']}",
-        f"  ‖A‖²_F={s.stats['frobenius_sq']:.6g}  Δ={s.stats['delta']:.6g}  "
-        f"Δ/‖A‖²_F={s.stats['relative_error_bound']:.4f}  captured={s.stats['captured']:.4f}",
+        f"  ℓ={sigma.shape[0]}  D={head['dim']}  C={len(counts)}  rows={stats['n']}",
+        f"  ‖A‖²_F={stats['frobenius_sq']:.6g}  Δ={stats['delta']:.6g}  "
+        f"Δ/‖A‖²_F={stats['relative_error_bound']:.4f}  captured={stats['captured']:.4f}",
         f"  top singular values: {', '.join(f'{v:.4g}' for v in sigma[:8])}",
         f"  class counts: {counts}",
-        f"  identity: {json.dumps(s.identity, sort_keys=True)}",
+        f"  identity: {json.dumps(head['identity'], sort_keys=True)}",
     ]
     return "\n".join(lines)
 

@@ -18,11 +18,13 @@ earlier runs keep their results). Mixed-size images batch normally after `crop`;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
+
+if TYPE_CHECKING:  # torch and Pillow load with the first image, not with the options
+    import torch
+    from PIL import Image
 
 from ..errors import InputError
 
@@ -45,6 +47,8 @@ class ImageTransform:
     mode: str | None = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        import torch
+
         mode = self.mode or ("L" if image.mode == "L" else "RGB")
         if image.mode != mode:
             image = image.convert(mode)
@@ -72,6 +76,8 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
     if min(w, h) == size:
         return image
     new = (size, max(1, int(size * h / w))) if w <= h else (max(1, int(size * w / h)), size)
+    from PIL import Image
+
     return image.resize(new, Image.Resampling.BILINEAR)
 
 

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
-import torch
 
 from ..errors import InputError, MismatchError, OutputExistsError, StorageError
 from ..storage import atomic_write, exists, join, list_names, open_input, remove
@@ -179,6 +178,8 @@ class OutputFolder:
         return list_names(url, self.storage_options)
 
     def save_state(self, url: str, state: dict[str, Any]) -> None:
+        import torch  # only the passes checkpoint: `inspect` and `--help` never load torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         self.write_bytes(url, buf.getvalue())
@@ -187,6 +188,8 @@ class OutputFolder:
         """A checkpoint written by `save_state`, loaded with weights_only=True; None if absent."""
         if not self.exists(url):
             return None
+        import torch
+
         with self.open(url) as f:
             return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 

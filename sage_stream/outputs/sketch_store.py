@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-import torch
 import zarr
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch loads where tensors are read or written, not with the store
+    from torch import Tensor
 
 from ..errors import InputError, MismatchError, SageError, StorageError
 from ..storage import describe, exists, filesystem
@@ -92,7 +93,7 @@ class SketchStore:
             _put(group, "basis", basis.float().cpu().numpy(), (ell, min(dim, COLUMN_CHUNK)))
             _put(group, "singular_values", sigma.float().cpu().numpy(), (ell,))
             _put(group, "consensus", consensus.float().cpu().numpy(), consensus.shape)
-            counts = class_counts.to(torch.int64).cpu().numpy()
+            counts = class_counts.long().cpu().numpy()
             _put(group, "class_counts", counts, class_counts.shape)
             group.attrs.update({"identity": identity, "stats": stats, "status": "complete"})
 
@@ -118,6 +119,8 @@ class SketchStore:
 
     def read(self, *, expected: dict[str, Any] | None = None) -> StoredSketch:
         """Open a complete sketch; with `expected`, refuse one whose identity differs."""
+        import torch
+
         group = self._complete_group()
         attrs: dict[str, Any] = dict(group.attrs)  # JSON values; these two are objects
         if expected is not None:
@@ -142,6 +145,10 @@ class SketchStore:
         (classes,) = _array(group, "class_counts").shape
         return {"identity": attrs["identity"], "stats": attrs["stats"], "ell": ell, "dim": dim,
                 "classes": classes}  # fmt: skip
+
+    def class_counts(self) -> np.ndarray:
+        """(C,) int64 samples per class of a complete sketch (no tensors: `inspect` uses it)."""
+        return np.asarray(_array(self._complete_group(), "class_counts")[...])
 
     def singular_values(self) -> np.ndarray | None:
         """σ (ℓ,) float64 of a complete sketch, or None; the basis (ℓ×D) is never loaded."""
@@ -173,7 +180,7 @@ class SketchStore:
 
     def write_projections(self, shard: str, z: Tensor) -> None:
         """Store one shard's z rows (n×ℓ) as float16, for centroid consensus and re-scoring."""
-        data = z.to(torch.float16).cpu().numpy()
+        data = z.half().cpu().numpy()
         with _refused_as_one_line(f"the projections of {shard} in {self.url}"):
             proj = self.group("a").require_group(PROJECTIONS)
             if f"part-{shard}" in proj:
@@ -181,6 +188,8 @@ class SketchStore:
             _put(proj, f"part-{shard}", data, (max(1, data.shape[0]), data.shape[1]))
 
     def read_projections(self, shard: str) -> Tensor:
+        import torch
+
         return torch.from_numpy(_array(self.group("r"), f"{PROJECTIONS}/part-{shard}")[...])
 
 
