@@ -21,6 +21,7 @@ from typing import Any
 
 from .decode.images import IMAGE_MODES, check_options
 from .errors import InputError
+from .formats import format_named
 from .select.rules import BALANCES, DEDUP, SCORERS, check_amount
 from .storage import exists, open_input
 from .units import byte_size
@@ -356,10 +357,7 @@ def shard_options(options: Config | Mapping[str, Any], fmt: str) -> dict[str, An
         value = options.get(name)
         return getattr(Config, name) if value is None else value
 
-    if fmt == "tar":
-        return {"max_member_bytes": int(get("max_member_bytes")),
-                "max_sample_bytes": int(get("max_sample_bytes"))}  # fmt: skip
-    return {"key_column": get("key_column")}
+    return {name: kind(get(name)) for name, kind in format_named(fmt).options.items()}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

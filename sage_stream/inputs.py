@@ -13,19 +13,20 @@ import glob as globlib
 import os
 import posixpath
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sage_stream.errors import InputError
+from sage_stream.formats import FORMATS
 from sage_stream.sample import Format, ShardRef
 from sage_stream.storage.fs import filesystem, join, normalize_url, open_input, storage_reason
 from sage_stream.storage.retry import call
 
-SHARD_SUFFIXES: dict[str, Format] = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar",
-                                     ".parquet": "parquet", ".pq": "parquet"}  # fmt: skip
+# suffix -> format, from the formats' registry (formats.FORMATS)
+SHARD_SUFFIXES = {suffix: f.name for f in FORMATS.values() for suffix in f.suffixes}
 
 
 def shard_suffix(name: str) -> str:
@@ -47,9 +48,9 @@ def shard_format(url: str) -> Format:
     if suffix not in SHARD_SUFFIXES:
         raise InputError(
             f"{url}: unknown shard format {suffix or '(no extension)'!r}; "
-            "expected .tar, .tar.gz, .tgz, .parquet or .pq"
+            f"expected {', '.join(SHARD_SUFFIXES)}"
         )
-    return SHARD_SUFFIXES[suffix]
+    return cast(Format, SHARD_SUFFIXES[suffix])
 
 
 def expand_inputs(inputs: Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import shard_options
 from ..errors import InputError
+from ..formats import FORMATS
 from ..inputs import expand_inputs, shard_format
 from ..outputs.folder import SHARDS, OutputFolder
 from ..outputs.selection_file import SelectionFile
@@ -133,7 +134,7 @@ def plan_feed(
     if manifest is not None and not folder.is_complete():
         raise InputError(f"{out} is not a finished run (no _SUCCESS): let the run complete")
     config = (manifest or {}).get("config", {})
-    reader = {fmt: shard_options(config, fmt) for fmt in ("tar", "parquet")}
+    reader = {fmt: shard_options(config, fmt) for fmt in FORMATS}
     if original or inputs is not None:
         shards, scorer = _original(folder, manifest, inputs)
     else:

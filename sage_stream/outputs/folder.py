@@ -37,14 +37,12 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from ..errors import InputError, MismatchError, OutputExistsError, StorageError
+from ..formats import format_named
 from ..storage import atomic_write, exists, join, list_names, open_input, remove
 from ..storage.retry import RetryingReader
 from ..storage.uploads import abort_stale_uploads
@@ -339,13 +337,9 @@ class OutputFolder:
         return [] if found == count else [f"{url} holds {found} samples, {count} listed"]
 
     def _count(self, url: str, fmt: str) -> int:
-        """Samples in an output file: Parquet rows from the footer; tar `.sage.json` members
-        (one per emitted sample) from the headers, seeking over the data."""
+        """Samples in an output file (a scores part is Parquet), as its format counts them."""
         with self.open(url) as f:
-            if fmt != "tar":
-                return pq.ParquetFile(f).metadata.num_rows
-            with tarfile.open(fileobj=f, mode="r:*") as tf:  # plain or gzipped
-                return sum(1 for m in tf if m.name.endswith(".sage.json"))
+            return format_named(fmt, url).count(f)
 
     def finish(self) -> None:
         """After _SUCCESS: the scratch of the run goes."""

@@ -26,6 +26,7 @@ from ..decode.batches import Batch, Decoder, Inputs, Skipped, input_shape, to_de
 from ..decode.decoder import make_decoder
 from ..decode.images import image_transform
 from ..errors import InputError, SampleError, ShardError
+from ..formats import FORMATS
 from ..gradients.featurizer import Featurizer, GradientFeaturizer, InputShapeError
 from ..gradients.model import load_model, resolve_device
 from ..inputs import expand_inputs
@@ -250,7 +251,7 @@ def read_spec(ctx: StageContext) -> ReadSpec:
     return ReadSpec(
         decoder=ctx.decoder,
         storage_options=cfg.storage_options,
-        reader_options={fmt: shard_options(cfg, fmt) for fmt in ("tar", "parquet")},
+        reader_options={fmt: shard_options(cfg, fmt) for fmt in FORMATS},
         batch_size=cfg.batch_size,
         num_classes=ctx.num_classes,
     )
