@@ -309,7 +309,7 @@ def _main(argv: Sequence[str] | None) -> int:
             options = storage_options(args.storage_option)
             print(write_report(args.out, storage_options=options, top=args.top))
         elif args.command == "inspect":
-            from .summary import describe
+            from .summary import summarize
 
             options = storage_options(args.storage_option)
             if args.key is not None:
@@ -318,7 +318,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
                 print(explain_key(OutputFolder(args.url, options), args.key))
             else:
-                print(describe(args.url, options))
+                print(summarize(args.url, options))
         else:
             print(_run_step(args.command, gather_options(args)))
     except SageError as exc:

@@ -132,7 +132,7 @@ def _stop_lines(folder: OutputFolder) -> list[str]:
     return [f"  STOPPED in {stop.get('step')}: {stop.get('error')}: {stop.get('message')}"]
 
 
-def describe(url: str, storage_options: dict | None = None) -> str:
+def summarize(url: str, storage_options: dict | None = None) -> str:
     """A summary of whatever `url` is: a finished or partial run, a sketch, scores, a part."""
     storage_options = storage_options or {}
     if not exists(url, storage_options):

@@ -18,7 +18,7 @@ import torch
 from ..config import Config
 from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
-from ..passes.loader import resolve_workers
+from ..passes.loader import loader_workers_for
 from ..passes.loop import StageContext, shard_stream
 from ..passes.score import score_and_write
 from ..passes.sketch import SketchResult, sketch_here
@@ -40,7 +40,7 @@ class LocalExecutor(Executor):
 
     def emit_jobs(self, cfg: Config, jobs: list[EmitJob]) -> Iterable[dict[str, Any]]:
         urls = [cfg.out, *(job.ref.url for job in jobs)]
-        workers = min(resolve_workers(cfg.loader_workers, torch.device("cpu"), urls), len(jobs))
+        workers = min(loader_workers_for(cfg.loader_workers, torch.device("cpu"), urls), len(jobs))
         if workers < 2:  # one process beside this one would only wait for it
             return (emit_marked(cfg, job) for job in jobs)
         return _emit_in_processes(cfg.replace(model=None, preprocess=None), jobs, workers)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..decode.batches import Inputs
 from ..errors import InputError, positive_int
 from .model import logits_of
 from .projection import Projector
@@ -47,7 +48,6 @@ class InputShapeError(InputError):
 
 
 log = logging.getLogger("sage_stream")
-Inputs = torch.Tensor | dict[str, torch.Tensor]  # as batches.Inputs
 
 MODES = ("last-layer", "params")
 # --precision: the dtype the model's forward runs in under autocast. Gradient features, the

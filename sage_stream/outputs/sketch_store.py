@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # torch loads where tensors are read or written, not with the
     from torch import Tensor
 
 from ..errors import InputError, MismatchError, SageError, StorageError
-from ..storage import describe, exists, filesystem
+from ..storage import error_text, exists, filesystem
 
 FORMAT_VERSION = 1
 COLUMN_CHUNK = 8192  # basis chunks are ℓ × 8192 float32: 8 MiB at ℓ = 256
@@ -201,4 +201,4 @@ def _refused_as_one_line(what: str) -> Iterator[None]:
     except SageError:
         raise
     except OSError as e:
-        raise StorageError(f"cannot write {what}: {describe(e)}") from e
+        raise StorageError(f"cannot write {what}: {error_text(e)}") from e

@@ -77,7 +77,7 @@ def default_workers(device: torch.device) -> int:
     return max(0, min(8, (cores or 1) - 1))
 
 
-def resolve_workers(asked: int | None, device: torch.device, urls: Sequence[str]) -> int:
+def loader_workers_for(asked: int | None, device: torch.device, urls: Sequence[str]) -> int:
     """`--loader-workers` as asked, or the default; memory:// lives in one process only, so
     there the default is 0 and asking for workers is an error."""
     private = [u for u in urls if u.startswith("memory:")]

@@ -44,7 +44,7 @@ from ..scores import (
 )
 from ..signature import copy_signature, label_margin
 from .checks import FailFast
-from .loader import ReadSpec, decoded_shards, resolve_workers
+from .loader import ReadSpec, decoded_shards, loader_workers_for
 
 log = logging.getLogger("sage_stream")
 
@@ -144,7 +144,7 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
         max_length=cfg.max_length,
         max_member_bytes=cfg.max_member_bytes,
     )
-    workers = resolve_workers(cfg.loader_workers, device, [r.url for r in refs])
+    workers = loader_workers_for(cfg.loader_workers, device, [r.url for r in refs])
     return StageContext(
         cfg, output_of(cfg), refs, model, digest, device, featurizer, decoder, workers
     )

@@ -24,7 +24,7 @@ from sage_stream.storage.fs import (
     storage_reason,
     write_bytes_atomic,
 )
-from sage_stream.storage.retry import RetryingReader, RetryPolicy, call, describe, is_transient
+from sage_stream.storage.retry import RetryingReader, RetryPolicy, call, error_text, is_transient
 
 __all__ = [
     "READ_BLOCK_BYTES",
@@ -33,7 +33,7 @@ __all__ = [
     "atomic_write",
     "make_durable",
     "call",
-    "describe",
+    "error_text",
     "exists",
     "filesystem",
     "is_transient",

@@ -27,7 +27,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from sage_stream.errors import InputError, SageError, ShardError, StorageError
-from sage_stream.storage.retry import RetryingReader, call, describe
+from sage_stream.storage.retry import RetryingReader, call, error_text
 
 # Read shards in ranged requests of this size (s3fs would take 50 MiB): memory per open shard
 # stays about one block whatever the shard size. A ``default_block_size`` storage option wins.
@@ -64,11 +64,11 @@ def filesystem(
     except ImportError as e:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(url.split("://")[0])
         hint = f"; pip install 'sage-stream[{extra}]'" if extra else ""
-        raise InputError(f"{url}: {describe(e)}{hint}") from None
+        raise InputError(f"{url}: {error_text(e)}{hint}") from None
     except ValueError as e:
         if "Protocol not known" not in str(e):
             raise
-        raise InputError(f"{url}: {describe(e)}") from None
+        raise InputError(f"{url}: {error_text(e)}") from None
 
 
 def join(base: str, *parts: str) -> str:
@@ -90,10 +90,10 @@ def normalize_url(url: str) -> str:
 def storage_reason(exc: BaseException) -> str:
     """One line saying why storage failed, with what to do for the usual causes."""
     if isinstance(exc, FileNotFoundError):
-        return f"does not exist (404 or removed since the inputs were listed): {describe(exc)}"
+        return f"does not exist (404 or removed since the inputs were listed): {error_text(exc)}"
     if isinstance(exc, PermissionError):
-        return f"access denied (403): {describe(exc)}; check the credentials and bucket policy"
-    return describe(exc)
+        return f"access denied (403): {error_text(exc)}; check the credentials and bucket policy"
+    return error_text(exc)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -234,7 +234,7 @@ def atomic_write(
     except SageError:
         raise
     except OSError as exc:  # the store still refuses after the retries: one line, not a trace
-        raise StorageError(f"cannot write {url}: {describe(exc)}") from exc
+        raise StorageError(f"cannot write {url}: {error_text(exc)}") from exc
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -363,4 +363,4 @@ def _one_line(what: str, url: str) -> Iterator[None]:
     except SageError:
         raise
     except Exception as exc:  # noqa: BLE001 - fsspec backends raise more than OSError
-        raise StorageError(f"cannot {what} {url}: {describe(exc)}") from exc
+        raise StorageError(f"cannot {what} {url}: {error_text(exc)}") from exc

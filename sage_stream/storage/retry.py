@@ -177,7 +177,7 @@ def default_policy() -> RetryPolicy:
     return RetryPolicy(attempts=count, base_delay=seconds)
 
 
-def describe(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """One line for an error message: type, text, and how many tries were made."""
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -215,7 +215,7 @@ def _wait(policy: RetryPolicy, delay: float, what: str, exc: BaseException, atte
         what,
         attempt,
         policy.attempts,
-        describe(exc),
+        error_text(exc),
         delay,
     )
     policy.sleep(delay)

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from sage_stream.storage.fs import filesystem, normalize_url
-from sage_stream.storage.retry import call, describe
+from sage_stream.storage.retry import call, error_text
 
 log = logging.getLogger("sage_stream")
 _S3 = frozenset({"s3", "s3a"})
@@ -41,7 +41,7 @@ def abort_stale_uploads(url: str, storage_options: dict | None = None) -> int:
                  UploadId=upload_id, what=f"abort the upload of s3://{bucket}/{key}")  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - clean-up: the run's own result matters more
         log.warning("could not abort stale multipart uploads under %s: %s; a bucket lifecycle "
-                    "rule for incomplete multipart uploads removes them", url, describe(exc))  # fmt: skip
+                    "rule for incomplete multipart uploads removes them", url, error_text(exc))  # fmt: skip
         return 0
     if uploads:
         log.info("aborted %d multipart upload(s) left open under %s by a killed writer",

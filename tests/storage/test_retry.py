@@ -21,7 +21,7 @@ from sage_stream.formats import read_parquet, read_tar
 from sage_stream.inputs import expand_inputs
 from sage_stream.sample import ShardRef
 from sage_stream.storage import atomic_write, exists, retry
-from sage_stream.storage.retry import RetryingReader, RetryPolicy, call, describe, is_transient
+from sage_stream.storage.retry import RetryingReader, RetryPolicy, call, error_text, is_transient
 
 botocore_exc = pytest.importorskip("botocore.exceptions")
 aiohttp = pytest.importorskip("aiohttp")
@@ -128,7 +128,7 @@ def test_call_gives_up_after_the_last_try_and_says_so():
     with pytest.raises(TimeoutError) as info:
         call(fn, what="ls", policy=policy)
     assert fn.calls == 3 and len(slept) == 2
-    assert describe(info.value) == "TimeoutError: timed out (gave up after 3 tries)"
+    assert error_text(info.value) == "TimeoutError: timed out (gave up after 3 tries)"
 
 
 def test_call_raises_permanent_errors_at_once():
