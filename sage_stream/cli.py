@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run": "all steps: sketch, score, select, emit",
         "sketch": "pass 1: per-sample gradients -> FD sketch (OUT/sketch.zarr)",
         "score": "pass 2: a score for every sample (OUT/scores/)",
-        "select": "choose the kept samples (OUT/selection.parquet, decisions/)",
+        "select": "choose the kept samples (OUT/selection.parquet, decisions.parquet)",
         "emit": "write kept samples to OUT/shards/, manifest, _SUCCESS",
     }
     for name, text in steps.items():
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         metavar="KEY",
-        help="with OUT: that sample's scores row, whether it was kept, and its class's cut",
+        help="with OUT: that sample's scores row, whether it was kept and why, its class's cut",
     )
     p.add_argument("--storage-option", action="append", metavar="K=V", default=[])
     p = sub.add_parser(
@@ -217,7 +217,7 @@ def _summary(emitted: EmitResult) -> str:
     lines = [
         f"seen {t['seen']}  scored {t['scored']}  errored {t['errored']}  "
         f"kept {t['kept']}  dropped {t['dropped']}",
-        f"output: {emitted.out}  (shards/, selection.parquet, decisions/, manifest.json, _SUCCESS)",
+        f"output: {emitted.out}  (shards/, selection.parquet, decisions.parquet, manifest.json, _SUCCESS)",
     ]
     return "\n".join(lines)
 

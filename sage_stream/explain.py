@@ -1,13 +1,14 @@
 """`sage-stream inspect OUT --key KEY`: one sample's record, whether it was kept and why not,
 and its class's cut, read from what the run wrote.
 
-Where it sits: after select (or emit), beside summary.py. It reads the scores parts and the
-decisions parts (outputs/decisions_file.py) one at a time, keeping only the rows of KEY, and
-decisions.json for its class, so memory is that of one part, whatever the size of the run. A
-key may name samples in several shards (keys are unique within a shard): each is shown.
+Where it sits: after select (or emit), beside summary.py. It reads the scores parts one at a
+time, keeping only the rows of KEY, and of decisions.parquet (outputs/decisions_file.py) the
+footer (its class's summary) and the row group of each shard holding KEY, so memory is that of
+one part, whatever the size of the run. A key may name samples in several shards (keys are
+unique within a shard): each is shown.
 
-A selection made before decisions were recorded (or a select that stopped part-way) has no
-decisions.json: then only kept or not is shown, from selection.parquet.
+A selection made before decisions were recorded has no decisions.parquet: then only kept or
+not is shown, from selection.parquet.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from .select.coverage import SET_ASIDE
 
 ROW_ORDER = ("__shard__", "label", "status", "reason", "score", "coverage", "loss", "grad_norm",
              "energy")  # fmt: skip
-NO_DECISIONS = ("this selection recorded no decisions (made by an earlier version, or select "
-                "stopped): rerun `sage-stream select` to see why")  # fmt: skip
+NO_DECISIONS = ("this selection recorded no decisions (made by an earlier version): rerun "
+                "`sage-stream select` to see why")  # fmt: skip
 
 
 def explain_key(folder: OutputFolder, key: str) -> str:

@@ -103,19 +103,20 @@ MAX_CLASS_LINES = 20
 
 
 def _decision_lines(folder: OutputFolder) -> list[str]:
-    """The mix of decisions per class (decisions.json), for a folder with a selection."""
+    """The mix of decisions per class (decisions.parquet's summary), for a folder with a
+    selection."""
     if not folder.exists(folder.selection):
         return []
     summary = decisions_file.read_summary(folder)
     if summary is None:
-        return ["  decisions: none recorded for this selection (made by an earlier version, or "
-                "select stopped): rerun `sage-stream select`"]  # fmt: skip
+        return ["  decisions: none recorded for this selection (made by an earlier version): "
+                "rerun `sage-stream select`"]  # fmt: skip
     classes = summary["classes"]
     mix = decisions_file.mix(summary["totals"])
-    lines = [f"  decisions (decisions/, `inspect OUT --key KEY` for one): {mix}"]
+    lines = [f"  decisions (decisions.parquet, `inspect OUT --key KEY` for one): {mix}"]
     lines += [f"    {decisions_file.class_line(c)}" for c in classes[:MAX_CLASS_LINES]]
     if len(classes) > MAX_CLASS_LINES:
-        lines.append(f"    ... and {len(classes) - MAX_CLASS_LINES} more classes in decisions.json")
+        lines.append(f"    ... and {len(classes) - MAX_CLASS_LINES} more classes")
     return lines
 
 

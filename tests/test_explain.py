@@ -1,6 +1,6 @@
 """Decisions recorded (issue 26.2): every scores row of a run says whether it was kept and why
-not (OUT/decisions/, decisions.json), `sage-stream inspect OUT --key KEY` shows one, and
-`inspect OUT` the mix per class. Checked against a direct computation on the scores table."""
+not (OUT/decisions.parquet), `sage-stream inspect OUT --key KEY` shows one, and `inspect OUT`
+the mix per class. Checked against a direct computation on the scores table."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from decided import expected
 from tiny import blobs, train_checkpoint, write_parquet_set, write_tar_set
 
 from sage_stream.cli import main
-from sage_stream.errors import StorageError
+from sage_stream.errors import InputError, StorageError
 from sage_stream.outputs import decisions_file
 from sage_stream.select.reference import select
 
@@ -52,10 +52,14 @@ def check_decisions(out, scorer: str, keep: float | None = None, min_score: floa
     want = expected(scores, chosen, "sage" if min_score is not None else scorer, keep, min_score,
                     balance)  # fmt: skip
     got = []
-    for part in sorted((out / "scores").iterdir()):
-        mine = pq.read_table(out / "decisions" / part.name)
+    decided = pq.ParquetFile(out / "decisions.parquet")
+    index = json.loads(decided.metadata.metadata[decisions_file.INDEX_KEY])
+    for part in sorted((out / "scores").iterdir()):  # a row group per shard, in the part's order
+        shard = part.name[len("part-") : -len(".parquet")]
+        mine = decided.read_row_group(index[shard][0])
         assert mine["__key__"].to_pylist() == pq.read_table(part)["__key__"].to_pylist()
         got += mine.to_pylist()
+    assert got == pq.read_table(out / "decisions.parquet").to_pylist()  # a plain Parquet file
     by_name = {(r["__shard__"], r["__key__"]): r for r in got}
     rows = zip(scores["__shard__"].to_pylist(), scores["__key__"].to_pylist(), want, strict=True)
     for shard, key, (why, value, cut) in rows:
@@ -63,7 +67,7 @@ def check_decisions(out, scorer: str, keep: float | None = None, min_score: floa
         assert (row["decision"], row["value"], row["cut"]) == (why, value, cut), (shard, key)
     assert {(r["__shard__"], r["__key__"]) for r in got if r["kept"]} == set(
         zip(kept["__shard__"].to_pylist(), kept["__key__"].to_pylist(), strict=True))  # fmt: skip
-    summary = json.loads((out / "decisions.json").read_text())
+    summary = json.loads(decided.metadata.metadata[decisions_file.SUMMARY_KEY])
     assert summary["totals"] == {d: n for d, n in _count(got).items()}
     return got, summary
 
@@ -117,12 +121,10 @@ def test_parquet_and_another_scorer(data, capsys):
 def test_every_select_rewrites_the_decisions(data, tar_out, capsys):
     out = data["root"] / "reselect"
     shutil.copytree(tar_out, out)
-    (out / "decisions" / "part-gone.tar.parquet").write_bytes(b"an earlier selection's shard")
     assert main(["select", "--out", str(out), "--min-score", "0.5"]) == 0
     got, summary = check_decisions(out, "sage-coverage", min_score=0.5)
     assert summary["selection"]["min_score"] == 0.5 and "agreement_cut" not in summary["classes"][0]
     assert {r["decision"] for r in got} == {"kept", "min_score"}
-    assert not (out / "decisions" / "part-gone.tar.parquet").exists()
     row = next(r for r in got if r["decision"] == "min_score")
     assert "below --min-score 0.5" in _inspect(out, row["__key__"], capsys)
     assert main(["emit", *data["tar"], "--out", str(out)]) == 0
@@ -134,16 +136,16 @@ def test_a_select_that_stops_part_way_leaves_no_decisions(data, tar_out, capsys,
     shutil.copytree(tar_out, out)
     calls = []
 
-    def fail_second(folder, shard, table):
+    def fail_second(sink, shard, table):
         calls.append(shard)
         if len(calls) == 2:
-            raise OSError("disk full")
-        write(folder, shard, table)
+            raise InputError("stopped")
+        write(sink, shard, table)
 
-    write = decisions_file.write_part
-    monkeypatch.setattr(decisions_file, "write_part", fail_second)
-    assert main(["select", "--out", str(out), "--keep", "0.2"]) != 0
-    assert not (out / "decisions.json").exists()
+    write = decisions_file.DecisionSink.write
+    monkeypatch.setattr(decisions_file.DecisionSink, "write", fail_second)
+    assert main(["select", "--out", str(out), "--keep", "0.2"]) == 2
+    assert not (out / "decisions.parquet").exists()
     key = pq.read_table(out / "scores")["__key__"][0].as_py()
     assert "recorded no decisions" in _inspect(out, key, capsys)
     monkeypatch.undo()
@@ -151,15 +153,19 @@ def test_a_select_that_stops_part_way_leaves_no_decisions(data, tar_out, capsys,
     check_decisions(out, "sage-coverage", keep=0.2)
 
 
-def test_emit_refuses_to_commit_with_a_decisions_part_missing(data, tar_out):
+def test_emit_refuses_to_commit_with_decisions_missing(data, tar_out):
     out = data["root"] / "holed"
     shutil.copytree(tar_out, out)
     assert main(["select", "--out", str(out), "--keep", "0.4"]) == 0
-    first = sorted((out / "decisions").iterdir())[0]
-    first.unlink()
+    whole = pq.ParquetFile(out / "decisions.parquet")
+    index = json.loads(whole.metadata.metadata[decisions_file.INDEX_KEY])
+    first = sorted(index)[0]
+    meta = {**whole.metadata.metadata, decisions_file.INDEX_KEY: json.dumps({first: [0, 3]})}
+    table = whole.read_row_group(0).slice(0, 3)  # of the first shard only 3 rows: a hole
+    pq.write_table(table.replace_schema_metadata(meta), out / "decisions.parquet")
     from sage_stream import api
 
-    with pytest.raises(StorageError, match=f"{first.name} is missing"):
+    with pytest.raises(StorageError, match=f"{first}: 3 of 60"):
         api.emit(data["tar"], out=str(out), progress=False)
     assert not (out / "_SUCCESS").exists()
 

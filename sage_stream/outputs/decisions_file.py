@@ -1,65 +1,133 @@
-"""OUT/decisions/ and OUT/decisions.json: why each sample was kept or not, written by select.
+"""OUT/decisions.parquet: why each sample was kept or not, written by select, read per shard.
 
-    decisions/part-<shard>.parquet   one row per row of scores/part-<shard>.parquet, same order
-                                     (columns: select/decisions.DECISION_SCHEMA)
-    decisions.json                   per class: rows, kept, cut, its decisions (and for
-                                     sage-coverage its filter's numbers); totals
+    columns      select/decisions.DECISION_SCHEMA: one row per scores row, in the scores
+                 part's order
+    row groups   one per shard with scores rows, in shard-name order
+    metadata     sage_stream.decisions        per class: rows, kept, cut, the filter's
+                                              numbers, the count of each decision; totals (JSON)
+                 sage_stream.decisions_index  {shard: [row group, rows]} (JSON)
 
-Where it sits: passes/select.py writes a part per shard in the same pass that writes
-selection.parquet, then decisions.json last, so decisions.json is there only when every part
-belongs to the selection beside it: a select that starts removes it first, and one that stops
-part-way leaves none. inspect (explain.py, summary.py), the report and emit's completeness
-check (folder.check_outputs) read them; readers of a folder without decisions.json say that
-the selection recorded none (made by an earlier version, or stopped).
+Where it sits: passes/select.py writes it in the pass that writes selection.parquet, one shard's
+rows at a time (`writing`), and commits it after the selection: one file that appears whole or
+not at all, so it always belongs to the selection beside it (a select removes the earlier one
+before it changes anything, and one that stops leaves none). One file rather than one per shard:
+a write per shard (an fsync, or an object upload) would double the time of a select over many
+small shards. inspect (explain.py, summary.py), the report, the manifest and emit's
+completeness check (`check`) read the footer once and then only the row group they need; a
+folder without the file has a selection that recorded no decisions (an earlier version's).
+It is still one plain Parquet file: ``pyarrow.parquet.read_table`` reads it whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import StorageError
 from ..select.coverage import FILTER_COLUMNS
-from ..select.decisions import DECISIONS
-from .folder import PART_PREFIX, PART_SUFFIX, OutputFolder
+from ..select.decisions import DECISION_SCHEMA, DECISIONS
+from .folder import OutputFolder
+
+SUMMARY_KEY = b"sage_stream.decisions"
+INDEX_KEY = b"sage_stream.decisions_index"
 
 
-def start(folder: OutputFolder, shards: list[str]) -> None:
-    """Before the first part is written: no summary (the parts are about to change), and no
-    part of a shard this selection does not cover."""
-    if folder.exists(folder.decisions_summary):
-        folder.remove(folder.decisions_summary)
-    if not folder.exists(folder.decisions):
-        return
-    wanted = {f"{PART_PREFIX}{s}{PART_SUFFIX}" for s in shards}
-    for name in folder.names(folder.decisions):
-        if name not in wanted:
-            folder.remove(folder.path(folder.decisions, name))
+@dataclass
+class DecisionSink:
+    """The open decisions.parquet of one select: `write` each shard's rows, in shard order,
+    and set `summary` before the block that opened it ends."""
+
+    writer: pq.ParquetWriter
+    index: dict[str, list[int]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    groups: int = 0
+
+    def write(self, shard: str, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table, row_group_size=table.num_rows)
+            self.index[shard] = [self.groups, table.num_rows]
+            self.groups += 1
+        else:
+            self.index[shard] = [-1, 0]
 
 
-def write_part(folder: OutputFolder, shard: str, table: pa.Table) -> None:
-    """One shard's part, atomically but not yet durably: `finish` syncs them all at once (an
-    fsync per part and folder was most of a 5,000-shard select's time)."""
-    with folder.writer(folder.decision_part(shard), durable=False) as f:
-        pq.write_table(table, f)
-
-
-def finish(folder: OutputFolder, summary: dict[str, Any]) -> None:
-    """decisions.json, once every part is written, durable, and the selection beside them."""
+@contextlib.contextmanager
+def writing(folder: OutputFolder) -> Iterator[DecisionSink]:
+    """decisions.parquet, committed when the block ends without error; the earlier one is
+    removed first, so none is there while (or if) this one is not complete."""
     if folder.exists(folder.decisions):
-        folder.make_durable(folder.decisions)
-    folder.write_json(folder.decisions_summary, summary)
+        folder.remove(folder.decisions)
+    with folder.writer(folder.decisions) as f:
+        sink = DecisionSink(pq.ParquetWriter(f, DECISION_SCHEMA, write_statistics=False))
+        try:
+            yield sink
+            sink.writer.add_key_value_metadata({
+                INDEX_KEY: json.dumps(sink.index, sort_keys=True),
+                SUMMARY_KEY: json.dumps(sink.summary, sort_keys=True),
+            })  # fmt: skip
+        finally:
+            sink.writer.close()
+
+
+def _footer(folder: OutputFolder) -> tuple[Any, dict[bytes, bytes]] | None:
+    if not folder.exists(folder.decisions):
+        return None
+    with folder.open(folder.decisions) as f:
+        metadata = pq.ParquetFile(f).metadata
+    return metadata, metadata.metadata or {}
 
 
 def read_summary(folder: OutputFolder) -> dict[str, Any] | None:
-    """decisions.json, or None where the selection recorded no decisions."""
-    return folder.read_json(folder.decisions_summary)
+    """The per-class summary, or None where the selection recorded no decisions."""
+    found = _footer(folder)
+    return None if found is None else json.loads(found[1].get(SUMMARY_KEY, b"null"))
+
+
+def shard_rows(folder: OutputFolder) -> dict[str, int] | None:
+    """shard -> its rows in decisions.parquet, or None where there is no such file."""
+    found = _footer(folder)
+    if found is None:
+        return None
+    return {s: int(n) for s, (_, n) in json.loads(found[1].get(INDEX_KEY, b"{}")).items()}
+
+
+def rows_of(folder: OutputFolder, shard: str, key: str) -> list[dict[str, Any]]:
+    """The decision rows of `key` in one shard (one at most: keys are unique in a shard)."""
+    found = _footer(folder)
+    if found is None:
+        return []
+    group, _ = json.loads(found[1].get(INDEX_KEY, b"{}")).get(shard, [-1, 0])
+    if group < 0:
+        return []
+    with folder.open(folder.decisions) as f:
+        table = pq.ParquetFile(f, metadata=found[0]).read_row_group(group)
+    return table.filter(pc.equal(table["__key__"], key)).to_pylist()
+
+
+def check(folder: OutputFolder, shards: list[dict[str, Any]]) -> None:
+    """Before _SUCCESS, where the selection recorded decisions: one per scores row of every
+    listed shard (the manifest's entries: ``name``, ``seen``)."""
+    rows = shard_rows(folder)
+    if rows is None:
+        return
+    wrong = [f"{s['name']}: {rows.get(s['name'], 0)} of {s['seen']}" for s in shards
+             if s.get("seen") is not None and rows.get(s["name"], 0) != s["seen"]]  # fmt: skip
+    if wrong:
+        raise StorageError(
+            f"{folder.decisions} does not hold a decision for every scores row, not committing "
+            f"({len(wrong)} shard(s): " + "; ".join(wrong[:5]) + "): rerun `sage-stream select`"
+        )
 
 
 def class_line(c: dict[str, Any]) -> str:
-    """One class of decisions.json in a line: kept, cut, the filter's numbers, the mix."""
+    """One class of the summary in a line: kept, cut, the filter's numbers, the mix."""
     line = f"class {c['label']}: {c['kept']} of {c['rows']} kept, cut {_fmt(c['cut'])}"
     for name in FILTER_COLUMNS:  # sage-coverage's filter
         if name in c:
@@ -74,10 +142,3 @@ def mix(counts: dict[str, int]) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def rows_of(folder: OutputFolder, shard: str, key: str) -> list[dict[str, Any]]:
-    """The decision rows of `key` in one shard (one at most: keys are unique in a shard)."""
-    with folder.open(folder.decision_part(shard)) as f:
-        table = pq.read_table(f)
-    return table.filter(pc.equal(table["__key__"], key)).to_pylist()

@@ -6,9 +6,8 @@
       selection.parquet             select (outputs.tables)
       duplicates.parquet            select with near-copy removal: each removed sample and
                                     the candidate it duplicates (select/dedup.py)
-      decisions/part-<shard>.parquet   select: per scores row, kept or why not (select/decisions.py)
-      decisions.json                select, written last: per class its decisions and cut; a
-                                    selection without it has no (complete) decisions
+      decisions.parquet             select: per scores row, kept or why not, a row group per
+                                    shard (outputs/decisions_file.py)
       shards/<input shard name>     emit: the kept samples
       manifest.json                 emit (outputs.manifest)
       shardindex.json               emit: wids index of shards/
@@ -54,8 +53,7 @@ SKETCH = "sketch.zarr"
 SCORES = "scores"
 SELECTION = "selection.parquet"
 DUPLICATES = "duplicates.parquet"
-DECISIONS = "decisions"
-DECISIONS_SUMMARY = "decisions.json"
+DECISIONS = "decisions.parquet"
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 INDEX = "shardindex.json"
@@ -64,8 +62,8 @@ REPORT = "report"
 WORK = "_work"
 TMP = "tmp"  # under _work/: temporaries only
 # Everything a run writes into OUT; --overwrite removes exactly these, nothing else.
-ENTRIES = (SKETCH, SCORES, SELECTION, DUPLICATES, DECISIONS, DECISIONS_SUMMARY, SHARDS, MANIFEST,
-           INDEX, SUCCESS, REPORT, WORK)  # fmt: skip
+ENTRIES = (SKETCH, SCORES, SELECTION, DUPLICATES, DECISIONS, SHARDS, MANIFEST, INDEX, SUCCESS,
+           REPORT, WORK)  # fmt: skip
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 
@@ -103,14 +101,6 @@ class OutputFolder:
     @property
     def decisions(self) -> str:
         return self.path(DECISIONS)
-
-    def decision_part(self, shard: str) -> str:
-        """decisions/part-<shard>.parquet: select's decision for each row of the scores part."""
-        return self.path(DECISIONS, f"{PART_PREFIX}{shard}{PART_SUFFIX}")
-
-    @property
-    def decisions_summary(self) -> str:
-        return self.path(DECISIONS_SUMMARY)
 
     def shard(self, name: str) -> str:
         return self.path(SHARDS, name)
@@ -311,16 +301,14 @@ class OutputFolder:
         """Before _SUCCESS: every listed output is there with its listed count of samples.
 
         ``shards`` are the manifest's shard entries (``name``, ``format``, ``emitted``,
-        ``seen``, ``kept``): the scores part has ``seen`` rows, so has the decisions part where
-        the selection recorded its decisions, and the emitted shard ``kept`` samples. Raises a StorageError naming each file that is missing or differs, so a run
-        never commits with a hole in it, or over what another writer left.
+        ``seen``, ``kept``): the scores part has ``seen`` rows and the emitted shard ``kept``
+        samples (decisions.parquet is checked by outputs/decisions_file.py). Raises a
+        StorageError naming each file that is missing or differs, so a run never commits with a
+        hole in it, or over what another writer left.
         """
         wrong: list[str] = []
-        decided = self.exists(self.decisions_summary)
         for s in shards:
             wrong += self._check(self.part(s["name"]), "parquet", s.get("seen"))
-            if decided:
-                wrong += self._check(self.decision_part(s["name"]), "parquet", s.get("seen"))
             if s.get("emitted"):
                 wrong += self._check(self.shard(s["name"]), s.get("format", "tar"), s.get("kept"))
         if wrong:

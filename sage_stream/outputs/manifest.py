@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 from ..formats import is_gzip_name
-from . import lease
+from . import decisions_file, lease
 from .folder import SHARDS, OutputFolder
 
 MANIFEST_VERSION = 1
@@ -44,7 +44,7 @@ def manifest(
     config: dict[str, Any],
     sketch_stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    decided = folder.read_json(folder.decisions_summary)  # select's, when it recorded them
+    decided = decisions_file.read_summary(folder)  # select's, when it recorded them
     return {
         "format_version": MANIFEST_VERSION,
         "identity": folder.stored_identity(),
@@ -56,7 +56,7 @@ def manifest(
         "totals": totals(shards),
         "shard_errors": [s for s in shards if s["shard_error"]],
         "sketch": sketch_stats,
-        # the mix of decisions (decisions/, decisions.json): only where the selection has them
+        # the mix of decisions (decisions.parquet): only where the selection has them
         **({"decisions": decided["totals"]} if decided else {}),
         # only when there are some (sage_stream.select.warn): a sound run's manifest is unchanged
         **({"warnings": selection["warnings"]} if selection.get("warnings") else {}),
@@ -101,6 +101,7 @@ def commit(
     written = manifest(folder, shards, selection, config, sketch_stats)
     folder.remove_temporaries()
     folder.check_outputs(shards)  # nothing listed may be missing under _SUCCESS
+    decisions_file.check(folder, shards)  # nor a decision, where the selection records them
     folder.write_json(folder.manifest, written)
     folder.write_json(folder.index, shard_index(shards))
     lease.check(folder)  # a writer whose lease was broken never commits

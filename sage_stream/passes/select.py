@@ -103,29 +103,31 @@ def _select_and_write(
                           seed=rules.seed, duplicates=dups)  # fmt: skip
     scored = 0
     tally = Tally()
+    with contextlib.ExitStack() as stack:  # decisions.parquet is committed after the selection
+        sinks: list[decisions_file.DecisionSink] = []
 
-    def start() -> None:  # the search is over; from here on OUT changes
-        check_lease(folder)  # a writer whose lease was broken stops before changing it
-        folder.clear_success()  # only now: a refused select changes nothing
-        decisions_file.start(folder, shards)
+        def start() -> None:  # the search is over; from here on OUT changes
+            check_lease(folder)  # a writer whose lease was broken stops before changing it
+            folder.clear_success()  # only now: a refused select changes nothing
+            sinks.append(stack.enter_context(decisions_file.writing(folder)))
 
-    def counted() -> Iterator[tuple[str, pa.Table]]:
-        nonlocal scored
-        first = True
-        for part in chosen:
+        def counted() -> Iterator[tuple[str, pa.Table]]:
+            nonlocal scored
+            first = True
+            for part in chosen:
+                if first:
+                    start()
+                    first = False
+                scored += part.candidates
+                sinks[0].write(part.shard, part.decisions)  # the same pass: no rows held
+                tally.add(part.decisions)
+                yield part.shard, part.kept
             if first:
                 start()
-                first = False
-            scored += part.candidates
-            decisions_file.write_part(folder, part.shard, part.decisions)  # same pass, no rows held
-            tally.add(part.decisions)
-            yield part.shard, part.kept
-        if first:
-            start()
 
-    written = write_selection_parts(folder, counted(), params)
-    _write_duplicates(folder, dups)
-    decisions_file.finish(folder, tally.summary(rules.params(), rules.ranked_by))
+        written = write_selection_parts(folder, counted(), params)
+        _write_duplicates(folder, dups)
+        sinks[0].summary = tally.summary(rules.params(), rules.ranked_by)
     nothing: list[str] = []
     if written.kept == 0 and scored > 0:
         nothing = [_nothing_kept(rules, scored)]

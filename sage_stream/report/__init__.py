@@ -1,8 +1,8 @@
 """`sage-stream report OUT`: an HTML page with figures of what a finished run kept and why.
 
 The last, optional step of the flow, after EMIT: it reads what the run wrote (``data``: scores/,
-selection.parquet, the sketch's singular values, manifest.json; decisions.json for the mix of
-decisions per class), draws the figures (``figures``: matplotlib, the ``report`` extra), reads
+selection.parquet, the sketch's singular values, manifest.json; decisions.parquet's summary for
+the mix of decisions per class), draws the figures (``figures``: matplotlib, the ``report`` extra), reads
 back the few most and least agreeing samples for thumbnails (``thumbs``) and writes the page
 (``page``) into ``OUT/report/``:
 

@@ -158,10 +158,10 @@ def class_section(rows: list[dict[str, Any]]) -> str:
 
 
 def decision_section(summary: Mapping[str, Any] | None) -> str:
-    """Per class, why its samples were kept or not (decisions.json; select/decisions.py)."""
+    """Per class, why its samples were kept or not (decisions.parquet; select/decisions.py)."""
     if summary is None:
         return ('<p class="note">This selection recorded no decisions (made by an earlier '
-                "version, or select stopped): rerun <code>sage-stream select</code>.</p>")  # fmt: skip
+                "version): rerun <code>sage-stream select</code>.</p>")  # fmt: skip
     rows, note = _capped(summary["classes"], "classes")
     names = [d for d in DECISIONS if any(d in r["decisions"] for r in rows)]
     numbers = [k for k in FILTER_COLUMNS if any(k in r for r in rows)]  # sage-coverage's filter
@@ -172,8 +172,8 @@ def decision_section(summary: Mapping[str, Any] | None) -> str:
         for r in rows
     ]  # fmt: skip
     return (
-        '<p class="note">Each sample\'s decision is in <code>decisions/part-&lt;shard&gt;.parquet'
-        "</code>; <code>sage-stream inspect OUT --key KEY</code> explains one. The cut is the "
+        '<p class="note">Each sample\'s decision is in <code>decisions.parquet</code>; '
+        "<code>sage-stream inspect OUT --key KEY</code> explains one. The cut is the "
         "ranking value of the class's last kept sample (the threshold with --min-score).</p>"
         + table(header, body)
         + note

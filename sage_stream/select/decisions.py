@@ -1,9 +1,9 @@
 """Why each sample was kept or not: one decision per scores row, with the numbers that decided it.
 
 Where it sits: bounded.py's write pass, which decides each part's kept rows, asks here for the
-part's decisions (`decide_part`); passes/select.py writes them as
-``OUT/decisions/part-<shard>.parquet``, in the scores part's row order, and adds up a `Tally`
-per class for ``OUT/decisions.json``. Nothing is held beyond one part and C × decisions counts.
+part's decisions (`decide_part`); passes/select.py writes them into ``OUT/decisions.parquet``
+(a row group per shard, in the scores part's row order; outputs/decisions_file.py) and adds up
+a `Tally` per class for its summary. Nothing is held beyond one part and C × decisions counts.
 
 A row's decision is the first that applies of:
 
@@ -144,7 +144,7 @@ def _duplicate_of(table: pa.Table, duplicates: Duplicates | None) -> dict[str, p
 @dataclass
 class Tally:
     """Per class (label; None: no label) the count of each decision and the data-wide numbers,
-    added up part by part on the driver (for OUT/decisions.json)."""
+    added up part by part on the driver (decisions.parquet's summary)."""
 
     counts: dict[int | None, Counter] = field(default_factory=dict)
     numbers: dict[int | None, dict[str, float | None]] = field(default_factory=dict)
@@ -161,7 +161,7 @@ class Tally:
             self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in names}
 
     def summary(self, request: dict[str, Any], scorer: str) -> dict[str, Any]:
-        """decisions.json: the request, and per class its decisions and numbers."""
+        """The summary: the request, and per class its decisions and numbers."""
         classes = []
         for label in sorted(self.counts, key=lambda c: (c is None, c or 0)):
             counts = self.counts[label]

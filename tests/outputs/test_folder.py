@@ -59,12 +59,11 @@ def test_a_run_in_which_no_pass_finished_may_start_again_changed(folder, caplog)
 def test_overwrite_wipes_exactly_the_run_entries(folder):
     folder.claim(IDENTITY, {}, overwrite=False)
     folder.write_bytes(folder.part("a.tar"), b"x")
-    folder.write_bytes(folder.decision_part("a.tar"), b"x")
-    folder.write_json(folder.decisions_summary, {})
+    folder.write_bytes(folder.decisions, b"x")
     folder.write_bytes(folder.path("mine.txt"), b"not ours")
     folder.claim({**IDENTITY, "ell": 8}, {}, overwrite=True)
     assert not folder.exists(folder.part("a.tar"))
-    assert not folder.exists(folder.decisions) and not folder.exists(folder.decisions_summary)
+    assert not folder.exists(folder.decisions)
     assert folder.exists(folder.path("mine.txt"))  # not a name of the run: left alone
     assert folder.stored_identity()["ell"] == 8
     assert "_work" in ENTRIES and "scores" in ENTRIES
