@@ -75,23 +75,25 @@ def decide_part(
     the one ranked by, `cuts` each class's cut value (recorded form; None key: balance none)."""
     n = table.num_rows
     at = np.flatnonzero(ok_mask(table))  # the candidates' positions (prepare keeps the order)
-    decision = np.full(n, "error", dtype=object)
-    mine = np.where(kept, "kept", "min_score" if min_score is not None else "below_cut")
+    code = {d: i for i, d in enumerate(DECISIONS)}  # decisions as codes until the column
+    decision = np.full(n, code["error"], dtype=np.int32)
+    mine = np.where(kept, code["kept"], code["min_score" if min_score is not None else "below_cut"])
     numbers = {name: np.full(n, np.nan) for name in FILTER_COLUMNS}
     if scorer == "sage-coverage" and min_score is None:  # its filter's verdict and numbers
         f = row_filter(rows.table, np.ones(len(at), dtype=bool))
-        mine = np.where(~kept & ~f.passes, f.reasons, mine)
+        for reason in SET_ASIDE:
+            mine = np.where(~kept & (f.reasons == reason), code[reason], mine)
         numbers = {name: _spread(f.numbers[name], at, n) for name in FILTER_COLUMNS}
     if DUPLICATE in rows.table.column_names:
         dup = rows.table[DUPLICATE].to_numpy(zero_copy_only=False).astype(bool)
-        mine = np.where(~kept & dup, "duplicate", mine)
+        mine = np.where(~kept & dup, code["duplicate"], mine)
     decision[at] = mine
     value = _spread(recorded_score(rows.values, scorer), at, n)
     columns: dict[str, Any] = {
         "__key__": table["__key__"], "__shard__": table["__shard__"],
         "label": table["label"].cast(pa.int64()),
         "kept": pa.array(_spread(kept.astype(np.float64), at, n) == 1.0),
-        "decision": pa.array(decision.tolist(), pa.string()),
+        "decision": pa.DictionaryArray.from_arrays(decision, DECISIONS).cast(pa.string()),
         "value": _floats(value), "cut": _floats(_cut_values(rows, at, n, scorer, cuts, min_score)),
         **{name: _floats(v) for name, v in numbers.items()},
     }  # fmt: skip
@@ -150,15 +152,25 @@ class Tally:
     numbers: dict[int | None, dict[str, float | None]] = field(default_factory=dict)
 
     def add(self, part: pa.Table) -> None:
-        grouped = part.group_by(["label", "decision"]).aggregate([("decision", "count")])
-        for row in grouped.to_pylist():
-            counts = self.counts.setdefault(row["label"], Counter())
-            counts[row["decision"]] += row["decision_count"]
-        scored = part.filter(pc.is_valid(part["value"]))
-        names = ("cut", *FILTER_COLUMNS)
-        wide = scored.group_by("label").aggregate([(k, "max") for k in names])  # max skips nulls
-        for row in wide.to_pylist():  # each number is constant in a class
-            self.numbers[row["label"]] = {k: row[f"{k}_max"] for k in names}
+        """One part's decisions (DECISION_SCHEMA), in numpy: a part of a few rows costs
+        microseconds, so a select over many small shards pays little for its decisions."""
+        labels, nulls = _labels(part["label"])
+        codes = pc.index_in(part["decision"], value_set=pa.array(DECISIONS)).to_numpy(
+            zero_copy_only=False
+        )  # (n,) position in DECISIONS (decide_part writes no other)
+        classes, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        per = np.bincount(inverse * len(DECISIONS) + codes,
+                          minlength=len(classes) * len(DECISIONS)).reshape(len(classes), -1)  # fmt: skip
+        names = [None if nulls and c == NULL_LABEL else int(c) for c in classes.tolist()]
+        for label, row in zip(names, per.tolist(), strict=True):
+            counts = self.counts.setdefault(label, Counter())
+            counts.update({DECISIONS[j]: n for j, n in enumerate(row) if n})
+        scored = np.flatnonzero(pc.is_valid(part["value"]).to_numpy(zero_copy_only=False))
+        _, first = np.unique(inverse[scored], return_index=True)  # constant in a class: any row
+        for i in scored[first].tolist():
+            self.numbers[names[inverse[i]]] = {k: _value(part[k][i].as_py()) for k in
+                                               ("cut", *FILTER_COLUMNS)}  # fmt: skip
 
     def summary(self, request: dict[str, Any], scorer: str) -> dict[str, Any]:
         """The summary: the request, and per class its decisions and numbers."""
@@ -177,6 +189,20 @@ class Tally:
             totals.update(counts)
         return {"selection": request, "ranked_by": scorer, "classes": classes,
                 "totals": {d: totals[d] for d in DECISIONS if totals.get(d)}}  # fmt: skip
+
+
+NULL_LABEL = np.iinfo(np.int64).min  # a null label while counting (labels are int64)
+
+
+def _labels(column: pa.ChunkedArray) -> tuple[np.ndarray, bool]:
+    """(n,) int64 labels, NULL_LABEL where null, and whether any is null."""
+    nulls = column.null_count > 0
+    filled = pc.fill_null(column, NULL_LABEL) if nulls else column
+    return filled.to_numpy(zero_copy_only=False).astype(np.int64), nulls
+
+
+def _value(value: float | None) -> float | None:
+    return None if value is None or value != value else value  # NaN: none
 
 
 def _json(value: float | None) -> float | str | None:
