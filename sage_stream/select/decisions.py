@@ -154,6 +154,8 @@ class Tally:
     def add(self, part: pa.Table) -> None:
         """One part's decisions (DECISION_SCHEMA), in numpy: a part of a few rows costs
         microseconds, so a select over many small shards pays little for its decisions."""
+        if not part.num_rows:  # an empty shard
+            return
         labels, nulls = _labels(part["label"])
         codes = pc.index_in(part["decision"], value_set=pa.array(DECISIONS)).to_numpy(
             zero_copy_only=False

@@ -64,6 +64,7 @@ def test_the_tally_adds_up_to_the_decisions():
     tally = Tally()
     for part in by_shard(decisions).values():
         tally.add(part)
+    tally.add(decisions.slice(0, 0))  # an empty shard adds nothing
     summary = tally.summary({"keep": 0.4}, "sage-coverage")
     rows = decisions.to_pylist()
     assert sum(summary["totals"].values()) == len(rows)
