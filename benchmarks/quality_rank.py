@@ -5,8 +5,10 @@ sage-coverage, keep 0.1), and its scores table, with the near-copies `--dedup on
 (`select.dedup.find_duplicates`) as a column ``dup``, is cached under ``--cache`` (reused by
 later runs). Each candidate rule below is numpy over that table: a ranking value per row,
 higher kept first; the top of each class by proportional quotas (as `select` takes them,
-`quality_sweep.kept`) trains a fresh model per seed, judged as in `quality.py` (`quality.cell`).
-Accuracies are cached too, per (cell, rule, seed), so adding a rule trains only that rule.
+`kept`) trains a fresh model per seed, judged as in `quality.py` (`quality.cell`).
+Accuracies are cached too, per cell and subsets (all seeds), so adding a rule trains only
+that rule. The cache (default $TMPDIR/sage-quality-rank) is keyed by data set and scenario only:
+delete it after a change to the stage's scores or to `quality_data.py`.
 Prints per cell each rule's accuracy minus the random scorer's and issue 28's targets met or
 not; writes the records as JSON (``--output``).
 
@@ -35,14 +37,14 @@ import pyarrow.parquet as pq
 import torch
 from quality import cell
 from quality_data import BUILDERS, DATASETS, KEEPS, prepare
-from quality_sweep import kept
 
 import sage_stream
 from sage_stream.select import coverage, orderings
 from sage_stream.select.dedup import find_duplicates
 from sage_stream.select.parts import local_map
+from sage_stream.select.quotas import proportional_quotas
 
-CACHE = Path("/work/notes/qcache")
+CACHE = Path(tempfile.gettempdir()) / "sage-quality-rank"  # scores and accuracies, reused
 COLUMNS = ("score", "loss", "grad_norm", "energy", "coverage", "margin")
 
 
@@ -86,6 +88,20 @@ def scores(data: str, name: str, cache: Path) -> Pool:
     col = {c: table[c].cast(pa.float64()).to_numpy(zero_copy_only=False) for c in COLUMNS
            if c in table.column_names}  # fmt: skip
     return Pool(table, col, table["label"].to_numpy(), table["dup"].to_numpy())
+
+
+def kept(table: pa.Table, values: np.ndarray, keep: float) -> np.ndarray:
+    """Pool indices of the top of each class by proportional quotas (ties: key order)."""
+    labels = table["label"].to_numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = proportional_quotas(dict(zip(classes.tolist(), counts.tolist(), strict=True)), keep)
+    keys = np.array([int(k) for k in table["__key__"].to_pylist()])
+    out = []
+    for c, n in quotas.items():
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(keys[members], kind="stable")]
+        out += keys[members[np.argsort(-values[members], kind="stable")[:n]]].tolist()
+    return np.sort(np.array(out))
 
 
 # --- building blocks of the rules ----------------------------------------------------------------
@@ -195,7 +211,14 @@ Rule = Callable[[Pool, float, int], np.ndarray]
 
 
 def _default(pool: Pool, keep: float, seed: int) -> np.ndarray:
+    """The stage's sage-coverage as it is now (docs/quality.md)."""
     return coverage.coverage_ranking(pool.table, np.ones(len(pool.label), bool), seed)
+
+
+def _before(pool: Pool, keep: float, seed: int) -> np.ndarray:
+    """The default before issue 28's second round: its rule for clean pools, in every pool."""
+    ok = np.ones(len(pool.label), bool)
+    return coverage.coverage_ranking(pool.table, ok, seed, noisy_share=np.inf)
 
 
 def _random(pool: Pool, keep: float, seed: int) -> np.ndarray:
@@ -207,17 +230,16 @@ def _loss_easy(pool: Pool, keep: float, seed: int) -> np.ndarray:
 
 
 def _tau_aside(pool: Pool) -> np.ndarray:
-    """The default's filter: lowest 5% agreement per class, τ above its mean."""
-    values = coverage.coverage_ranking(pool.table, np.ones(len(pool.label), bool), 0)
-    return values < 2.0
+    """The default before's filter: lowest 5% agreement per class, τ above its mean."""
+    return _before(pool, 0.0, 0) < 2.0
 
 
 def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int = 10,
          small: float = 0.1) -> Rule:  # fmt: skip
-    """A rule: a filter (none, tau: the default's, otsu-data / otsu-class: the bimodal log-loss
+    """A rule: a filter (none, tau: the default before's, otsu-data / otsu-class: the bimodal log-loss
     split), an order among the passing (random, easy: −loss, hard: loss, ccs-loss,
     ccs-score: strata of loss / agreement, budget: easy at keep ≤ `small`, ccs-loss above,
-    draw: the default's leverage draw), near-copies last or not."""
+    draw: the default before's leverage draw), near-copies last or not."""
 
     def rule(pool: Pool, keep: float, seed: int) -> np.ndarray:
         if filter_ == "none":
@@ -243,7 +265,7 @@ def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int =
             v = -loss
         elif order == "budget-draw":
             v = (
-                _default(pool, keep, seed)
+                _before(pool, keep, seed)
                 if keep <= small
                 else strata_values(pool, np.where(aside, loss.min(), loss), seed, strata)
             )
@@ -252,20 +274,27 @@ def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int =
         elif order == "rb-hard":
             v = pool.uniform(seed) * 2 - 1 if keep <= small else loss
         elif order == "rb-ccs":
-            v = (pool.uniform(seed) * 2 - 1 if keep <= small
-                 else strata_values(pool, np.where(aside, loss.min(), loss), seed, strata))
+            v = (
+                pool.uniform(seed) * 2 - 1
+                if keep <= small
+                else strata_values(pool, np.where(aside, loss.min(), loss), seed, strata)
+            )
         elif order == "rb-ccslin":
             lin = np.where(aside, 0.0, np.maximum(pool.col["loss"], 0))
-            v = pool.uniform(seed) * 2 - 1 if keep <= small else strata_values(pool, lin, seed, strata)
+            v = (
+                pool.uniform(seed) * 2 - 1
+                if keep <= small
+                else strata_values(pool, lin, seed, strata)
+            )
         elif order == "ccs-lin":
             lin = np.where(aside, 0.0, np.maximum(pool.col["loss"], 0))
             v = strata_values(pool, lin, seed, strata)
         elif order == "budget-hard":
             v = -loss if keep <= small else loss
         elif order == "draw-hard":
-            v = _default(pool, keep, seed) if keep <= small else loss
+            v = _before(pool, keep, seed) if keep <= small else loss
         elif order == "draw":
-            v = _default(pool, keep, seed)
+            v = _before(pool, keep, seed)
         else:
             raise ValueError(order)
         return rank_of(pool, v, aside, dedup)
@@ -274,38 +303,55 @@ def make(filter_: str, order: str, dedup: bool, eta: float = 0.75, strata: int =
 
 
 def auto(clean_order: str, threshold: float = 0.05, noisy_share: float = 0.25,
-         strata: int = 10, small: float = 0.1) -> Rule:  # fmt: skip
+         strata: int = 10, small: float = 0.1, dedup: bool = True,
+         floor: float = 1e-4) -> Rule:  # fmt: skip
     """Set aside the rows the proxy does not fit (loss > `threshold`; a class more than half of
     which is over is exempt). A pool with more than `noisy_share` of its rows set aside is
     noisy: easy first (−loss). Else `clean_order` among the passing: ccs-log (strata of
-    log(loss + 1e-4) per class), draw (the default's), random, draw-ccs (draw at keep ≤
+    log(loss + 1e-4) per class), draw (the default before's), random, draw-ccs (draw at keep ≤
     `small`, ccs-log above)."""
 
     def rule(pool: Pool, keep: float, seed: int) -> np.ndarray:
         loss = np.maximum(pool.col["loss"], 0.0)
         over = loss > threshold
         if over.mean() > noisy_share:
-            return rank_of(pool, -loss, np.zeros(len(loss), bool), True)
+            return rank_of(pool, -loss, np.zeros(len(loss), bool), dedup)
         aside = over.copy()
         for c in np.unique(pool.label):
             m = pool.label == c
             if over[m].sum() > 0.5 * m.sum():
                 aside[m] = False
-        logl = np.log(loss + 1e-4)
+        logl = np.log(loss + floor)
         if clean_order == "ccs-log" or (clean_order == "draw-ccs" and keep > small):
             v = strata_values(pool, np.where(aside, logl.min(), logl), seed, strata)
+        elif clean_order == "ccs-score":
+            v = strata_values(pool, np.where(aside, -1.0, pool.col["score"]), seed, strata)
+        elif clean_order == "ccs-tau":
+            t = np.log(np.maximum(pool.col["coverage"], 1e-12))
+            v = strata_values(pool, np.where(aside, t.min(), t), seed, strata)
         elif clean_order in ("draw", "draw-ccs"):
-            v = _default(pool, keep, seed)
+            v = _before(pool, keep, seed)
         elif clean_order == "random":
             v = pool.uniform(seed) * 2 - 1
         else:
             raise ValueError(clean_order)
-        return rank_of(pool, v, aside, True)
+        return rank_of(pool, v, aside, dedup)
 
     return rule
 
 
-RULES: dict[str, Rule] = {"default": _default, "random": _random, "loss-easy": _loss_easy}
+def _stage_dedup(pool: Pool, keep: float, seed: int) -> np.ndarray:
+    """The stage's sage-coverage with --dedup on: near-copies last."""
+    return np.where(pool.dup, -10.0, _default(pool, keep, seed))
+
+
+RULES: dict[str, Rule] = {
+    "default": _default,
+    "before": _before,
+    "stage-dedup": _stage_dedup,
+    "random": _random,
+    "loss-easy": _loss_easy,
+}
 
 
 def rule_named(name: str) -> Rule:
@@ -313,12 +359,14 @@ def rule_named(name: str) -> Rule:
     otsu-data/budget/dedup/0.75/10."""
     if name in RULES:
         return RULES[name]
-    if name.startswith("auto/"):
-        _, order, *rest = name.split("/")
-        kw = dict(zip(("threshold", "noisy_share", "strata"), map(float, rest), strict=False))
+    if name.startswith("auto"):
+        kind, order, *rest = name.split("/")
+        kw = dict(
+            zip(("threshold", "noisy_share", "strata", "floor"), map(float, rest), strict=False)
+        )
         if "strata" in kw:
             kw["strata"] = int(kw["strata"])
-        return auto(order, **kw)
+        return auto(order, **kw, dedup=kind == "auto")
     f, o, d, *rest = name.split("/")
     kw: dict = {}
     if rest:

@@ -11,7 +11,7 @@ environment exists (see setup_peers.sh), so that CORDS and TRAK are included.
 
 It does not run the other drivers, which each answer one question with their own flags and
 run on their own: loader.py, fd_speed.py, s3_read.py (needs an S3 endpoint), hostile_memory.py,
-scale_run.py, scale_select.py, ray_workers.py (needs ray), quality.py and quality_sweep.py
+scale_run.py, scale_select.py, ray_workers.py (needs ray), quality.py and quality_rank.py
 (docs/quality.md), dedup_study.py, and golden.py (before/after digests of a change).
 
 benchmarks/ is drivers (the scripts above, run as `python benchmarks/NAME.py`) over a small

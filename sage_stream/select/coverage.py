@@ -1,12 +1,21 @@
-"""The `sage-coverage` ranking: agreement and ridge leverage set the likely-wrong aside, the
-leverage of each gradient's direction draws among the rest.
+"""The `sage-coverage` ranking: a noisy pool easy first; otherwise agreement and ridge leverage
+set the likely-wrong aside, and the leverage of each gradient's direction draws among the rest.
 
 Where it sits: pass 2 records each sample's agreement (``score``) and its ridge leverage
 τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i (``coverage``; scores.ridge_leverage says how and why); selection
 ranks the candidates by them here, for both paths (reference.py, bounded.py).
 
-Select (`--scorer sage-coverage`): agreement and leverage say which samples are likely wrong, a
-seeded draw weighted by the leverage of each gradient's direction picks among the rest. τ ranges
+Noisy or not (issue 28: a mislabelled sample is not a rare one). A candidate is *unfit* when the
+proxy's loss on its label is above `UNFIT_LOSS` (it gives the label less than e^-0.05 ≈ 95%). A
+pool more than `NOISY_SHARE` of whose candidates are unfit has noisy labels (on the quality
+benchmark: 44-54% unfit with 20% of the labels flipped, at most 11% on clean pools): every
+candidate is then ranked easy first, lowest loss first (as `loss-easy`), which kept the fewest
+flipped labels and the best accuracy there (docs/quality.md); nothing is set aside. In a clean
+pool the large-gradient samples are hard or rare, not wrong, and the rule below applies.
+
+Select (`--scorer sage-coverage`, a clean pool): agreement and leverage say which samples are
+likely wrong, a seeded draw weighted by the leverage of each gradient's direction picks among
+the rest. τ ranges
 from ≈ 0 (one of many near-copies, or a sample the proxy already fits) to ≈ 1 (a sample no other
 sample supports); a mislabelled sample sits near the top, its large gradient pulling towards
 another class. So a candidate *passes* when its agreement is not among the lowest
@@ -19,10 +28,10 @@ of the gradient's direction, by Efraimidis–Spirakis keys in log form: log(w)/T
 hashed from the seed and key, so the draw is deterministic and independent of row order
 (`TEMPERATURE` = ∞: a uniform draw). The samples that fail come after every passing one, by
 agreement. With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters
-(the τ cap, each class's agreement cut, the exempt classes) come from two passes over the score
-parts (`with_data_params`), in memory of one part plus a histogram per class, so selection stays
-bounded (bounded.py) and every part is ranked by a function of its own rows. selection.parquet's
-`score` is the ranking value.
+(whether the pool is noisy, the τ cap, each class's agreement cut, the exempt classes) come from
+two passes over the score parts (`with_data_params`), in memory of one part plus a histogram per
+class, so selection stays bounded (bounded.py) and every part is ranked by a function of its own
+rows. selection.parquet's `score` is the ranking value (in a noisy pool 3 − loss/(1 + loss)).
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w;
 # none is (the default: 0.5, measured together with --dedup on and a uniform draw, lost to this
 # setting on the digits; docs/quality.md).
 MAX_CAPPED_SHARE = 1.0
+# Noisy labels (issue 28, chosen on benchmarks/quality_rank.py): more than NOISY_SHARE of the
+# candidates with a loss above UNFIT_LOSS (nats), and the pool is ranked easy first.
+UNFIT_LOSS = 0.05
+NOISY_SHARE = 0.25
 
 
 def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
@@ -60,7 +73,7 @@ def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
 
 AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1, 1]
 CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
-EXEMPT_COLUMN = "_cap_exempt"
+EXEMPT_COLUMN, NOISY_COLUMN = "_cap_exempt", "_noisy"
 
 
 @dataclass
@@ -69,11 +82,13 @@ class CoverageSums:
 
     tau_sum: int = 0  # Σ τ in units of 2^-32 (integers: exact, the same in any order)
     n: int = 0
+    unfit: int = 0  # candidates whose loss is above UNFIT_LOSS
     hist: dict[int, np.ndarray] = field(default_factory=dict)  # label -> (AGREEMENT_BINS,)
 
     def add(self, other: CoverageSums) -> CoverageSums:
         self.tau_sum += other.tau_sum
         self.n += other.n
+        self.unfit += other.unfit
         for label, h in other.hist.items():
             self.hist[label] = self.hist.get(label, 0) + h
         return self
@@ -81,7 +96,7 @@ class CoverageSums:
 
 def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     names = set(table.column_names)
-    missing = [c for c in ("score", "coverage", "label", "grad_norm") if c not in names]
+    missing = [c for c in ("score", "coverage", "label", "grad_norm", "loss") if c not in names]
     if missing:
         raise InputError(
             f"scores table lacks column(s) {', '.join(missing)}: --scorer sage-coverage needs "
@@ -96,6 +111,13 @@ def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
         )
     labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
     return score, tau, labels
+
+
+def _loss(table: pa.Table, ok: np.ndarray) -> np.ndarray:
+    loss = table["loss"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+    if np.isnan(loss[ok]).any():
+        raise InputError("--scorer sage-coverage needs a loss on every scored row; some are null")
+    return loss
 
 
 def _fixed_sum(tau: np.ndarray) -> int:
@@ -113,9 +135,11 @@ def _bins(score: np.ndarray) -> np.ndarray:
 
 
 def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
-    """One part's contribution: Σ τ, the candidates, and per class a histogram of agreement."""
+    """One part's contribution: Σ τ, the candidates, the unfit ones, and per class a histogram
+    of agreement."""
     score, tau, labels = _columns(table, ok)
-    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()))
+    unfit = int((_loss(table, ok)[ok] > UNFIT_LOSS).sum())
+    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), unfit)
     bins = _bins(score[ok])
     for label in np.unique(labels[ok]).tolist():
         members = labels[ok] == label
@@ -132,6 +156,7 @@ class Params:
     cap: float
     cut: dict[int, int]
     exempt: frozenset[int] = frozenset()
+    noisy: bool = False  # more than NOISY_SHARE of the candidates unfit: easy first
 
 
 def params(
@@ -144,7 +169,12 @@ def params(
     for label, h in got.hist.items():
         below = math.floor(quantile * int(h.sum()))
         cut[label] = int(np.searchsorted(np.cumsum(h), below, side="right"))
-    return Params(cap, cut)
+    return Params(cap, cut, noisy=is_noisy(got.unfit, got.n))
+
+
+def is_noisy(unfit: int, n: int, share: float = NOISY_SHARE) -> bool:
+    """More than `share` of the n candidates unfit (exact: integers and one product)."""
+    return unfit > share * n
 
 
 def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]:
@@ -160,7 +190,7 @@ def with_exempt(
     """`p` with the classes more than `share` of whose candidates are over the cap."""
     exempt = frozenset(c for c, h in got.hist.items()
                        if capped.get(c, 0) > share * int(h.sum()))  # fmt: skip
-    return Params(p.cap, p.cut, exempt)
+    return Params(p.cap, p.cut, exempt, p.noisy)
 
 
 def _per_label(labels: np.ndarray, values: dict[int, int], default: int) -> np.ndarray:
@@ -177,6 +207,7 @@ def with_params(table: pa.Table, p: Params) -> pa.Table:
     exempt = exempt.astype(bool)
     table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
     table = table.append_column(EXEMPT_COLUMN, pa.array(exempt))
+    table = table.append_column(NOISY_COLUMN, pa.array(np.full(len(labels), p.noisy)))
     return table.append_column(CUT_COLUMN, pa.array(cut))
 
 
@@ -211,6 +242,7 @@ class Filter:
 
     reasons: np.ndarray  # (n,) str: "" where the row passes, else a key of SET_ASIDE
     numbers: dict[str, np.ndarray]  # FILTER_COLUMNS -> (n,) float64, NaN where none
+    noisy: np.ndarray  # (n,) bool: the pool is noisy, ranked easy first, nothing set aside
 
     @property
     def passes(self) -> np.ndarray:
@@ -223,14 +255,17 @@ def row_filter(
     quantile: float = FILTER_QUANTILE,
     support: float = SUPPORT,
     capped_share: float = MAX_CAPPED_SHARE,
+    noisy_share: float = NOISY_SHARE,
 ) -> Filter:
     """Each row's filter: parameters from the columns `with_params` adds (a part of a bigger
-    table), else from this table itself (quantile, support and capped_share are used only then)."""
+    table), else from this table itself (quantile, support, capped_share and noisy_share are
+    used only then). In a noisy pool no row is set aside and the numbers are NaN."""
     score, tau, labels = _columns(table, ok)
     if CAP_COLUMN in table.column_names:
         cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
         cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
         exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+        noisy = table[NOISY_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
     else:
         got = part_sums(table, ok)
         p = params(got, quantile, support)
@@ -238,12 +273,14 @@ def row_filter(
         cap = np.full(len(score), p.cap)
         cut = _per_label(labels, p.cut, 0)
         exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
-    low = ~(_bins(score) >= cut)
-    over = ~(tau <= cap) & ~exempt
+        noisy = np.full(len(score), is_noisy(got.unfit, got.n, noisy_share))
+    low = ~(_bins(score) >= cut) & ~noisy
+    over = ~(tau <= cap) & ~exempt & ~noisy
     reasons = np.where(low, "agreement", np.where(over, "coverage", ""))
     edge = cut.astype(np.float64) / (AGREEMENT_BINS / 2) - 1.0  # bin b starts at b/2048 − 1
-    cap = np.where(exempt, np.nan, cap)  # an exempt class has no cap
-    return Filter(reasons, {"agreement_cut": edge, "coverage_cap": cap})
+    edge = np.where(noisy, np.nan, edge)  # a noisy pool has no filter
+    cap = np.where(exempt | noisy, np.nan, cap)  # an exempt class has no cap
+    return Filter(reasons, {"agreement_cut": edge, "coverage_cap": cap}, noisy)
 
 
 def coverage_ranking(
@@ -255,16 +292,19 @@ def coverage_ranking(
     support: float = SUPPORT,
     temperature: float = TEMPERATURE,
     capped_share: float = MAX_CAPPED_SHARE,
+    noisy_share: float = NOISY_SHARE,
 ) -> np.ndarray:
     """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
 
-    Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(τ/‖g‖²)/T + Gumbel (their class's
+    In a noisy pool every row gets 3 − loss/(1 + loss) ∈ (2, 3]: easy first. Otherwise rows
+    that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(τ/‖g‖²)/T + Gumbel (their class's
     weighted draw; the map keeps the order and bounds the range); rows that fail get their
     agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The filter
     is `row_filter`'s.
     """
     score, tau, _ = _columns(table, ok)
-    passes = row_filter(table, ok, quantile, support, capped_share).passes
+    found = row_filter(table, ok, quantile, support, capped_share, noisy_share)
+    passes = found.passes
     noise = gumbel_noise(table, seed)  # by content (content.py)
     norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
     with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing
@@ -273,4 +313,8 @@ def coverage_ranking(
     finite = np.where(np.isfinite(key), key, 0.0)
     bounded = np.where(np.isneginf(key), 2.0, 3.0 + finite / (1.0 + np.abs(finite)))
     values = np.where(passes, bounded, score)
+    loss = _loss(table, ok)
+    with np.errstate(invalid="ignore"):  # rows not in ok may have no loss
+        easy_first = 3.0 - loss / (1.0 + loss)
+    values = np.where(found.noisy, easy_first, values)
     return np.where(ok, values, np.nan)

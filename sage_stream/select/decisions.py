@@ -182,7 +182,8 @@ class Tally:
             numbers = self.numbers.get(label, {})
             entry: dict[str, Any] = {"label": label, "rows": sum(counts.values()),
                                      "kept": counts.get("kept", 0), "cut": _json(numbers.get("cut"))}  # fmt: skip
-            if scorer == "sage-coverage" and request.get("min_score") is None and numbers:
+            filtered = any(numbers.get(k) is not None for k in FILTER_COLUMNS)  # not noisy
+            if scorer == "sage-coverage" and request.get("min_score") is None and filtered:
                 entry.update({k: _json(numbers.get(k)) for k in FILTER_COLUMNS})
             entry["decisions"] = {d: counts[d] for d in DECISIONS if counts.get(d)}
             classes.append(entry)

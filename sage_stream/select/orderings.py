@@ -2,7 +2,7 @@
 
 Where it sits: both selection paths turn a table of score rows (the whole table, or one part)
 into ranking values here, then keep from the top. Every value is a function of its own row (and,
-for sage-coverage, of two data-wide parameters the bounded path adds as columns first), so a
+for sage-coverage, of data-wide parameters the bounded path adds as columns first), so a
 part can be ranked alone and the result does not depend on row order.
 """
 
@@ -23,7 +23,8 @@ SOURCE = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": "gr
 def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
     """Per-row ranking value (float64, shape ``(len(table),)``); higher is kept first.
 
-    ``sage-coverage`` → agreement filters, ridge leverage draws (``coverage.coverage_ranking``);
+    ``sage-coverage`` → a noisy pool easy first, else agreement filters and ridge leverage
+    draws (``coverage.coverage_ranking``);
     ``sage`` → score; ``loss`` → loss (hardest first); ``loss-easy`` → −loss; ``grad-norm`` →
     grad_norm; ``random`` → a value in [0, 1) from the seed and the sample's content digest
     (``content.draw_bits``; shard and key for rows without one), so

@@ -1,13 +1,17 @@
-"""The sage-coverage ranking: its filter, its seeded weighted draw, its errors."""
+"""The sage-coverage ranking: the noisy pool easy first, else its filter and its seeded
+weighted draw; its errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from sage_stream.errors import InputError
 from sage_stream.select import coverage
+from sage_stream.select.bounded import select_parts
+from sage_stream.select.parts import local_map
 from sage_stream.select.reference import select
 
 
@@ -20,7 +24,7 @@ def _table(n: int = 40) -> pa.Table:
             "label": [i % 2 for i in range(n)],
             "score": rng.uniform(-1, 1, n),
             "coverage": rng.uniform(0.09, 0.11, n),
-            "loss": rng.uniform(0, 2, n),
+            "loss": rng.uniform(0, 0.04, n),  # every loss under UNFIT_LOSS: a clean pool
             "grad_norm": rng.uniform(0, 2, n),
             "status": ["ok"] * n,
         }
@@ -116,7 +120,7 @@ def _rare_class(over: int) -> pa.Table:
     return pa.table({
         "__key__": [f"k{i:03d}" for i in range(n)], "__shard__": ["a.tar"] * n,
         "label": [0] * 40 + [1] * 4, "score": np.linspace(0.5, 0.9, n), "coverage": tau,
-        "loss": np.ones(n), "grad_norm": np.ones(n), "status": ["ok"] * n,
+        "loss": np.full(n, 0.01), "grad_norm": np.ones(n), "status": ["ok"] * n,
     })  # fmt: skip
 
 
@@ -132,3 +136,40 @@ def test_a_class_mostly_over_the_cap_is_exempt_with_a_capped_share():
     assert few[40] <= 1 and (few[41:] > 2).all()  # one of four over the cap: that one goes last
     default = coverage.coverage_ranking(_rare_class(4), ok, 0, quantile=0.0, support=1.0)
     assert (default[40:] <= 1).all()  # the default share (1.0) exempts no class
+
+
+def _with_loss(table: pa.Table, loss: np.ndarray) -> pa.Table:
+    return table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
+
+
+def test_a_pool_more_than_a_quarter_unfit_is_ranked_easy_first():
+    n = 40
+    loss = np.linspace(0.0, 0.04, n)
+    loss[:10] = np.linspace(0.06, 2.0, 10)  # 10 of 40 unfit: exactly a quarter, not noisy
+    ok = np.ones(n, dtype=bool)
+    quarter = coverage.coverage_ranking(_with_loss(_table(n), loss), ok, 0)
+    assert np.array_equal(quarter, coverage.coverage_ranking(_table(n), ok, 0))  # loss unused
+    loss[10] = 0.0500001  # 11 of 40: noisy
+    noisy = _with_loss(_table(n), loss)
+    values = coverage.coverage_ranking(noisy, ok, 0)
+    np.testing.assert_allclose(values, 3.0 - loss / (1.0 + loss))
+    for keep in (0.1, 0.3, 0.5):  # the same rows as loss-easy, whatever the seed
+        easy = select(noisy, keep=keep, scorer="loss-easy")["__key__"]
+        for seed in (0, 1):
+            assert select(noisy, keep=keep, scorer="sage-coverage", seed=seed)["__key__"].equals(easy)
+
+
+def test_noisy_is_decided_over_all_parts_by_the_bounded_path():
+    # Shard a.tar alone is clean (2 of 20 unfit), b.tar alone noisy: together 12 of 40 unfit.
+    n = 40
+    loss = np.full(n, 0.01)
+    loss[[0, 1]] = 0.5
+    loss[30:40] = 0.9
+    table = _with_loss(_table(n), loss)
+    parts = {s: table.filter(pc.equal(table["__shard__"], s)) for s in ("a.tar", "b.tar")}
+    got = select_parts(sorted(parts), local_map(parts.__getitem__), keep=0.3,
+                       scorer="sage-coverage", seed=0, memory_rows=4)  # fmt: skip
+    bounded = pa.concat_tables([part.kept for part in got])
+    assert bounded.equals(select(table, keep=0.3, scorer="sage-coverage", seed=0))
+    assert bounded["__key__"].equals(select(table, keep=0.3, scorer="loss-easy")["__key__"])
+    assert coverage.is_noisy(11, 40) and not coverage.is_noisy(10, 40)

@@ -28,6 +28,13 @@ def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
     return (pa.concat_tables(p.kept for p in got), pa.concat_tables(p.decisions for p in got))
 
 
+def clean(table: pa.Table) -> pa.Table:
+    """The table with its losses scaled under coverage.UNFIT_LOSS (ties kept): a clean pool,
+    so that sage-coverage's filter decides rather than its easy-first order for noisy pools."""
+    loss = np.asarray(table["loss"].to_pylist(), dtype=np.float64) * 0.001
+    return table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
+
+
 def fine(table: pa.Table) -> pa.Table:
     """The table with agreements off the grid: a class's lowest few are then below its cut."""
     score = np.random.default_rng(5).uniform(-1, 1, table.num_rows)
@@ -39,6 +46,7 @@ def fine(table: pa.Table) -> pa.Table:
 @pytest.mark.parametrize("ties", [True, False])
 def test_each_row_decided_as_computed_on_the_whole_table(scorer, amount, ties):
     table = random_table(seed=1) if ties else fine(random_table(seed=1))
+    table = clean(table) if scorer == "sage-coverage" else table
     kept, decisions = decided(table, scorer=scorer, **amount)
     ranked_by = "sage" if scorer == "sage-coverage" and "min_score" in amount else scorer
     reference = select(table, scorer=scorer, **amount)
@@ -92,3 +100,15 @@ def test_near_copies_name_the_sample_they_copy():
             dup["duplicate_of_shard"], dup["duplicate_of_key"])  # fmt: skip
     copies = {(d["__shard__"], d["__key__"]) for d in found}
     assert all(r["duplicate_of_key"] is None for n, r in rows.items() if n not in copies)
+
+
+def test_a_noisy_pool_sets_nothing_aside_and_records_no_filter():
+    # random_table's losses (rounded exponentials) are over UNFIT_LOSS for about 60% of rows: a
+    # noisy pool, ranked easy first (as loss-easy), so no row is decided by the filter.
+    table = fine(random_table(seed=1))
+    kept, decisions = decided(table, scorer="sage-coverage", keep=0.3)
+    easy = select(table, scorer="loss-easy", keep=0.3)
+    assert sorted(kept["__key__"].to_pylist()) == sorted(easy["__key__"].to_pylist())
+    assert set(decisions["decision"].to_pylist()) == {"kept", "below_cut", "error"}
+    assert decisions["agreement_cut"].null_count == decisions.num_rows
+    assert decisions["coverage_cap"].null_count == decisions.num_rows
