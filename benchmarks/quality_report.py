@@ -63,6 +63,8 @@ def difference_table(report: dict[str, Any]) -> list[str]:
     """Every scorer minus the random scorer, with the random scorer's spread, and the default's
     share of distinct originals (near-copies) or flipped labels (label noise) next to random's."""
     scorers = [s for s in report["scorers"] if s != "random"]
+    if not scorers or "random" not in report["scorers"]:  # nothing to set against random
+        return []
     lines = [
         "### Against random, every cell",
         "",

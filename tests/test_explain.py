@@ -23,7 +23,7 @@ COMMON = ["--device", "cpu", "--no-progress", "--ell", "8", "--loader-workers", 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
-    x, _, noisy = blobs(120)
+    x, _, noisy = blobs(120, flip=0.05)  # few flips: a clean pool, decided by the filter
     return {"root": root, "tar": write_tar_set(root / "tar", x, noisy, shards=2),
             "parquet": write_parquet_set(root / "pq", x, noisy, shards=2),
             "ckpt": train_checkpoint(root / "p.pt", x, noisy)}  # fmt: skip

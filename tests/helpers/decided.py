@@ -33,8 +33,9 @@ def expected(table: pa.Table, kept: pa.Table, scorer: str, keep: float | None,
         score = table["score"].to_numpy(zero_copy_only=False)
         tau = table["coverage"].to_numpy(zero_copy_only=False)
         bins = np.clip(((score + 1.0) * 2048).astype(np.int64), 0, 4095)
-        low = bins < np.array([p.cut.get(int(c), 0) for c in labels]) & ~p.noisy
-        over = (tau > p.cap) & ~p.noisy  # a noisy pool is ranked easy first, none set aside
+        filtered = not p.noisy  # a noisy pool is ranked easy first, none set aside
+        low = (bins < np.array([p.cut.get(int(c), 0) for c in labels])) & filtered
+        over = (tau > p.cap) & filtered
     rows = []
     for i in range(table.num_rows):
         if not ok[i]:

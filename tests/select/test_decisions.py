@@ -67,7 +67,7 @@ def test_each_row_decided_as_computed_on_the_whole_table(scorer, amount, ties):
 
 
 def test_the_tally_adds_up_to_the_decisions():
-    table = random_table(seed=2)
+    table = clean(random_table(seed=2))  # a clean pool: the filter's numbers are recorded
     _, decisions = decided(table, scorer="sage-coverage", keep=0.4)
     tally = Tally()
     for part in by_shard(decisions).values():
@@ -112,3 +112,7 @@ def test_a_noisy_pool_sets_nothing_aside_and_records_no_filter():
     assert set(decisions["decision"].to_pylist()) == {"kept", "below_cut", "error"}
     assert decisions["agreement_cut"].null_count == decisions.num_rows
     assert decisions["coverage_cap"].null_count == decisions.num_rows
+    tally = Tally()
+    tally.add(decisions)
+    classes = tally.summary({"keep": 0.3}, "sage-coverage")["classes"]
+    assert classes and not any("agreement_cut" in c or "coverage_cap" in c for c in classes)
