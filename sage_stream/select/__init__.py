@@ -3,8 +3,8 @@
     rules       what may be asked (scorer, balance, keep or min-score), checked once: `Rules`
     quotas      how a keep budget is shared between classes (--balance)
     orderings   each scorer's ranking value per candidate (higher kept first)
-    coverage    sage-coverage's ranking: a noisy pool easy first, else agreement and τ
-                filter, a seeded weighted draw
+    coverage    sage-coverage's ranking: agreement and τ filter, a seeded weighted draw (a
+                noisy-pool switch, measured, off)
     parts       one scores part prepared (candidates, checked, ranked); the count pass
     bounded     the stage's path: exact per-class cuts by passes over the parts, then the kept
                 rows part by part, in memory of one part

@@ -23,8 +23,7 @@ SOURCE = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": "gr
 def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
     """Per-row ranking value (float64, shape ``(len(table),)``); higher is kept first.
 
-    ``sage-coverage`` → a noisy pool easy first, else agreement filters and ridge leverage
-    draws (``coverage.coverage_ranking``);
+    ``sage-coverage`` → agreement filters, ridge leverage draws (``coverage.coverage_ranking``);
     ``sage`` → score; ``loss`` → loss (hardest first); ``loss-easy`` → −loss; ``grad-norm`` →
     grad_norm; ``random`` → a value in [0, 1) from the seed and the sample's content digest
     (``content.draw_bits``; shard and key for rows without one), so

@@ -142,6 +142,21 @@ def _with_loss(table: pa.Table, loss: np.ndarray) -> pa.Table:
     return table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
 
 
+@pytest.fixture
+def noisy_switch_on(monkeypatch):
+    """The noisy-pool switch, measured and off by default (NOISY_SHARE = 1.0), at 0.25."""
+    monkeypatch.setattr(coverage, "NOISY_SHARE", 0.25)
+
+
+def test_the_noisy_switch_is_off_by_default():
+    loss = np.full(40, 0.9)  # every candidate unfit: still the rule for a clean pool
+    ok = np.ones(40, dtype=bool)
+    got = coverage.coverage_ranking(_with_loss(_table(40), loss), ok, 0)
+    assert np.array_equal(got, coverage.coverage_ranking(_table(40), ok, 0))
+    assert not coverage.is_noisy(40, 40)
+
+
+@pytest.mark.usefixtures("noisy_switch_on")
 def test_a_pool_more_than_a_quarter_unfit_is_ranked_easy_first():
     n = 40
     loss = np.linspace(0.0, 0.04, n)
@@ -156,9 +171,12 @@ def test_a_pool_more_than_a_quarter_unfit_is_ranked_easy_first():
     for keep in (0.1, 0.3, 0.5):  # the same rows as loss-easy, whatever the seed
         easy = select(noisy, keep=keep, scorer="loss-easy")["__key__"]
         for seed in (0, 1):
-            assert select(noisy, keep=keep, scorer="sage-coverage", seed=seed)["__key__"].equals(easy)
+            assert select(noisy, keep=keep, scorer="sage-coverage", seed=seed)["__key__"].equals(
+                easy
+            )
 
 
+@pytest.mark.usefixtures("noisy_switch_on")
 def test_noisy_is_decided_over_all_parts_by_the_bounded_path():
     # Shard a.tar alone is clean (2 of 20 unfit), b.tar alone noisy: together 12 of 40 unfit.
     n = 40

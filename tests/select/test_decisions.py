@@ -11,7 +11,7 @@ from decided import expected
 from test_bounded import by_shard, random_table
 from test_dedup import parts_of, planted
 
-from sage_stream.select import dedup
+from sage_stream.select import coverage, dedup
 from sage_stream.select.bounded import select_parts
 from sage_stream.select.decisions import DECISION_SCHEMA, DECISIONS, Tally
 from sage_stream.select.parts import local_map
@@ -102,7 +102,8 @@ def test_near_copies_name_the_sample_they_copy():
     assert all(r["duplicate_of_key"] is None for n, r in rows.items() if n not in copies)
 
 
-def test_a_noisy_pool_sets_nothing_aside_and_records_no_filter():
+def test_a_noisy_pool_sets_nothing_aside_and_records_no_filter(monkeypatch):
+    monkeypatch.setattr(coverage, "NOISY_SHARE", 0.25)  # the switch, off by default
     # random_table's losses (rounded exponentials) are over UNFIT_LOSS for about 60% of rows: a
     # noisy pool, ranked easy first (as loss-easy), so no row is decided by the filter.
     table = fine(random_table(seed=1))
