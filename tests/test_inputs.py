@@ -11,13 +11,7 @@ from shardmaker import write_bytes
 from sage_stream.errors import InputError
 from sage_stream.inputs import expand_inputs
 from sage_stream.sample import ShardRef
-from sage_stream.storage import (
-    atomic_write,
-    filesystem,
-    join,
-    make_durable,
-    write_bytes_atomic,
-)
+from sage_stream.storage import atomic_write, filesystem, join, write_bytes_atomic
 
 
 def touch(*urls: str) -> None:
@@ -179,21 +173,6 @@ def test_atomic_write_appears_only_on_success(where, tmp_path, mem_url):
     write_bytes_atomic(url, b"again")
     assert fs.cat(path) == b"again"
     assert fs.ls(fs._parent(path), detail=False) == [path]
-
-
-def test_writes_made_durable_together_skip_their_own_fsyncs(tmp_path, monkeypatch):
-    calls: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
-    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
-    with atomic_write(str(tmp_path / "parts" / "a"), durable=False) as f:
-        f.write(b"a")
-    assert calls == [] and (tmp_path / "parts" / "a").read_bytes() == b"a"
-    make_durable(str(tmp_path / "parts"))
-    assert calls == ["sync"]
-    with atomic_write(str(tmp_path / "parts" / "b")) as f:  # durable: the file, then its folder
-        f.write(b"b")
-    assert calls == ["sync", "fsync", "fsync"]
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])

@@ -42,7 +42,7 @@ from typing import Any
 
 from ..errors import InputError, MismatchError, OutputExistsError, StorageError
 from ..formats import format_named
-from ..storage import atomic_write, exists, join, list_names, make_durable, open_input, remove
+from ..storage import atomic_write, exists, join, list_names, open_input, remove
 from ..storage.retry import RetryingReader
 from ..storage.uploads import abort_stale_uploads
 from .sketch_store import SketchStore
@@ -141,13 +141,9 @@ class OutputFolder:
     def open(self, url: str) -> RetryingReader:
         return open_input(url, self.storage_options)
 
-    def writer(self, url: str, durable: bool = True):  # noqa: ANN201 - atomic_write's
-        """All-or-nothing write of `url`; its temporary lives in _work/tmp/, never beside it.
-        `durable=False`: no fsync until `make_durable` (storage.atomic_write)."""
-        return atomic_write(url, self.storage_options, scratch=self.work(TMP), durable=durable)
-
-    def make_durable(self, url: str) -> None:
-        make_durable(url, self.storage_options)
+    def writer(self, url: str):  # noqa: ANN201 - storage.atomic_write's context manager
+        """All-or-nothing write of `url`; its temporary lives in _work/tmp/, never beside it."""
+        return atomic_write(url, self.storage_options, scratch=self.work(TMP))
 
     def write_bytes(self, url: str, data: bytes) -> None:
         with self.writer(url) as f:

@@ -203,9 +203,8 @@ def _pin_or_error(url: str, storage_options: dict | None) -> str:
 
 @contextlib.contextmanager
 def atomic_write(
-    url: str, storage_options: dict | None = None, scratch: str | None = None,
-    durable: bool = True,
-) -> Iterator[BinaryIO]:  # fmt: skip
+    url: str, storage_options: dict | None = None, scratch: str | None = None
+) -> Iterator[BinaryIO]:
     """Yield a binary file that appears at ``url`` only if the block exits without exception.
 
     On S3 and GCS the file is an upload opened with autocommit off: parts go up as they fill
@@ -217,8 +216,7 @@ def atomic_write(
 
     The temporary lives in folder ``scratch`` if given (see ``temporary_path``); on a local
     disk it is fsynced before the rename and the folder after it, so a committed name survives
-    a power cut with its bytes. With ``durable=False`` neither is (two fsyncs cost about 7 ms a
-    file here): for many small files made durable together afterwards (``make_durable``).
+    a power cut with its bytes.
     """
     fs, path = filesystem(normalize_url(url), storage_options)
     deferred = bool(set(_protocols(fs)) & _DEFERRED_COMMIT)
@@ -226,7 +224,7 @@ def atomic_write(
         if deferred:
             writer = _write_then_commit(fs, path, url)
         elif isinstance(fs, LocalFileSystem):
-            writer = _write_then_rename(path, temporary_path(fs, path, scratch), durable)
+            writer = _write_then_rename(path, temporary_path(fs, path, scratch))
         else:
             writer = _write_then_move(fs, path, url, temporary_path(fs, path, scratch))
         with writer as f:
@@ -263,7 +261,7 @@ def _write_then_commit(fs: fsspec.AbstractFileSystem, path: str, url: str) -> It
 
 
 @contextlib.contextmanager
-def _write_then_rename(path: str, tmp: str, durable: bool = True) -> Iterator[BinaryIO]:
+def _write_then_rename(path: str, tmp: str) -> Iterator[BinaryIO]:
     """Local disk: write, fsync, rename (atomic within one file system), fsync the folder."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -271,31 +269,13 @@ def _write_then_rename(path: str, tmp: str, durable: bool = True) -> Iterator[Bi
         with open(tmp, "wb") as f:
             yield f
             f.flush()
-            if durable:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    if durable:
-        fsync_folder(os.path.dirname(path))
-
-
-def make_durable(url: str, storage_options: dict | None = None) -> None:
-    """Everything written under local folder `url` with ``durable=False``, durable now: one
-    ``os.sync`` (tens of ms for thousands of files, where an fsync per file and folder cost
-    about 7 ms each). Object stores are durable at each commit: nothing to do there."""
-    fs, path = filesystem(normalize_url(url), storage_options)
-    if not isinstance(fs, LocalFileSystem):
-        return
-    if hasattr(os, "sync"):
-        os.sync()
-        return
-    for name in fs.ls(path, detail=False):  # no os.sync (Windows): file by file
-        with open(name, "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_folder(path)
+    fsync_folder(os.path.dirname(path))
 
 
 def fsync_folder(folder: str) -> None:

@@ -45,10 +45,10 @@ def arm() -> None:
     dying = {"select": "selection.parquet", "manifest": "manifest.json"}.get(POINT or "")
 
     @contextlib.contextmanager
-    def writer(self, url, durable=True):
+    def writer(self, url):
         if POINT == "index" and url == self.index:
             _die()
-        with real_writer(self, url, durable) as f:
+        with real_writer(self, url) as f:
             yield _Dying(f) if dying and url.endswith("/" + dying) else f
 
     def finish(self):
