@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,13 @@ from .config import (
     load_toml,
     make_config,
 )  # fmt: skip
-from .errors import InputError, SageError
+from .errors import (
+    SIGTERM_RECEIVED,
+    InputError,
+    SageError,
+    Terminated,
+    stopped_by_sigterm,
+)
 
 if TYPE_CHECKING:
     from .passes.emit import EmitResult
@@ -253,13 +258,6 @@ def _run_step(command: str, options: dict[str, Any]) -> str:
     return _summary(api.emit(config=cfg))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds exactly as Ctrl-C does."""
-
-
-_sigterm = threading.Event()  # set by the handler: Ray's blocking calls re-raise a plain Ctrl-C
-
-
 @contextlib.contextmanager
 def sigterm_stops_cleanly() -> Iterator[None]:
     """Turn SIGTERM into ``Terminated`` for the block (main thread only; else a no-op).
@@ -270,10 +268,10 @@ def sigterm_stops_cleanly() -> Iterator[None]:
 
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _sigterm.set()
+        SIGTERM_RECEIVED.set()
         raise Terminated
 
-    _sigterm.clear()
+    SIGTERM_RECEIVED.clear()
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)
@@ -327,7 +325,7 @@ def _main(argv: Sequence[str] | None) -> int:
         logging.getLogger("sage_stream").debug("traceback of the error", exc_info=exc)
         return 2
     except KeyboardInterrupt as exc:
-        if isinstance(exc, Terminated) or _sigterm.is_set():
+        if stopped_by_sigterm(exc):
             print("sage-stream: terminated by SIGTERM; the output is left resumable: run the "
                   "same command again", file=sys.stderr)  # fmt: skip
             return 143

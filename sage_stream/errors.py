@@ -8,6 +8,7 @@ traceback: these are problems with the input or the configuration, not bugs.
 from __future__ import annotations
 
 import numbers
+import threading
 
 
 class SageError(Exception):
@@ -68,3 +69,17 @@ def positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (cli.sigterm_stops_cleanly), so that it unwinds
+    exactly as Ctrl-C does."""
+
+
+SIGTERM_RECEIVED = threading.Event()  # set with Terminated: Ray's blocking calls re-raise it
+# as a plain KeyboardInterrupt, so the type alone cannot tell
+
+
+def stopped_by_sigterm(exc: KeyboardInterrupt) -> bool:
+    """Whether this interrupt is a SIGTERM (cli's exit code, stopped.json), not a Ctrl-C."""
+    return isinstance(exc, Terminated) or SIGTERM_RECEIVED.is_set()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SageError
+from ..errors import SageError, stopped_by_sigterm
 from .folder import OutputFolder
 
 log = logging.getLogger("sage_stream")
@@ -39,8 +39,8 @@ def recorded_stop(folder: OutputFolder, step: str) -> Iterator[Stage]:
     except SageError as exc:
         _record(folder, {"step": stage.step, "error": type(exc).__name__, "message": str(exc)})
         raise
-    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM (cli.Terminated)
-        name = "SIGTERM" if type(exc).__name__ == "Terminated" else "SIGINT"
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM (errors.Terminated)
+        name = "SIGTERM" if stopped_by_sigterm(exc) else "SIGINT"
         _record(folder, {"step": stage.step, "error": name, "message": f"stopped by {name}"})
         raise
 
