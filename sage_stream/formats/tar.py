@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from sage_stream.errors import InputError, ShardError
-from sage_stream.formats.tar_headers import CheckedTarInfo, skip_member_data
+from sage_stream.formats.tar_headers import CheckedTarInfo, read_member_data, skip_member_data
 from sage_stream.sample import Sample, ShardRef
 from sage_stream.storage.fs import open_shard
 
@@ -163,7 +163,7 @@ def _raw_samples(
                         pending.error = _size_problem(info, pending, max_member_bytes,
                                                       max_sample_bytes)  # fmt: skip
                     if pending.error is None:
-                        data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                        data = read_member_data(tf, info)
                         pending.size += len(data)
                 pending.add(info, fld, data)
             end = getattr(tf, "sage_end", "missing end-of-archive marker")

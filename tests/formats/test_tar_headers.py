@@ -147,3 +147,66 @@ def test_ordinary_pax_headers_read_as_the_stdlib_reads_them():
     for data in (archive(encoding="latin-1"),
                  archive(pax_headers={"hdrcharset": "BINARY"}, encoding="latin-1")):  # fmt: skip
         assert members(data, CheckedTarInfo) == members(data, tarfile.TarInfo)
+
+
+_FIELDS = ("name", "mode", "uid", "gid", "size", "mtime", "chksum", "type", "linkname", "uname",
+           "gname", "devmajor", "devminor", "_sparse_structs")  # fmt: skip
+
+
+def _parsed(cls: type, block: bytes) -> tuple:
+    import tarfile
+
+    try:
+        info = cls.frombuf(block, "utf-8", "surrogateescape")
+    except (tarfile.HeaderError, ValueError) as e:
+        return ("error", type(e).__name__, str(e))
+    return tuple(getattr(info, f, None) for f in _FIELDS)
+
+
+def _fuzzed_block(rng) -> bytes:
+    """A header block as writers make them (ustar, GNU, pax; prefixes, folders, links, names
+    with high bytes), then with number fields and bytes changed, checksum right or not."""
+    import tarfile
+
+    name = rng.choice(["a.npy", "d/", "x" * 99 + "/" + "y.cls", "caf\xe9.txt", "p/" * 60 + "z"])
+    info = tarfile.TarInfo(name)
+    info.type = rng.choice([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+                            tarfile.GNUTYPE_SPARSE, b"7", b"Z"])  # fmt: skip
+    info.size, info.mtime, info.mode = rng.randrange(8**11), rng.randrange(8**11), 0o644
+    info.linkname = rng.choice(["", "t\xe9"])
+    fmt = rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+    try:  # the member's own block: the last (GNU puts a long name's blocks first)
+        block = bytearray(info.tobuf(format=fmt, encoding="utf-8")[-512:])
+    except ValueError:  # a name ustar cannot hold
+        block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT)[-512:])
+    numbers = [(100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8)]
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        offset, width = rng.choice(numbers)
+        value = rng.choice([b" 644", b"644 ", b"+17", b"-17", b"1_7", b"0o17", b"89", b"\0" * 3,
+                            b"7\x0012", b"  ", b"\x80" + b"\1" * (width - 1), b"\xff" * width,
+                            bytes(rng.randrange(256) for _ in range(width))])  # fmt: skip
+        block[offset : offset + width] = value[:width].ljust(width, rng.choice([b"\0", b" "]))
+    if rng.random() < 0.2:
+        block[rng.randrange(512)] = rng.randrange(256)
+    block[148:156] = b" " * 8
+    total = rng.choice(["unsigned", "unsigned", "signed", "wrong"])
+    chksum = {"unsigned": sum(block), "wrong": sum(block) + 1,
+              "signed": sum(b - 256 if b > 127 else b for b in block)}[total]  # fmt: skip
+    block[148:156] = f"{chksum & 0o777777:06o}\0 ".encode()
+    return bytes(block)
+
+
+def test_the_quick_header_path_parses_as_tarfile_does():
+    # CheckedTarInfo.frombuf parses common blocks itself: on every block, the same fields or
+    # the same error as tarfile's own frombuf (the rest of the bounds never see a difference)
+    import random
+    import tarfile
+
+    from sage_stream.formats.tar_headers import CheckedTarInfo, _common_header
+
+    rng = random.Random(24)
+    blocks = [_fuzzed_block(rng) for _ in range(3000)] + [b"\0" * 512, b"\0" * 100, b""]
+    quick = sum(_common_header(b) is not None for b in blocks if len(b) == 512)
+    assert 500 < quick < len(blocks) - 500  # both paths are exercised
+    for block in blocks:
+        assert _parsed(CheckedTarInfo, block) == _parsed(tarfile.TarInfo, block), block
