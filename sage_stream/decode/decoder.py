@@ -30,6 +30,7 @@ from ..sample import Sample
 from . import fields
 from .fields import IMAGE_EXTENSIONS, NPY_MAGIC
 from .images import ImageTransform
+from .npy import load_npy
 
 Decoder = Callable[[Sample], tuple[Any, int]]  # input: a tensor, or a dict of tensors
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20  # Config.max_member_bytes's default
@@ -37,7 +38,7 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20  # Config.max_member_bytes's default
 
 def decode_npy(data: bytes) -> np.ndarray:
     """An array from ``.npy`` bytes; never unpickles (object arrays are a ValueError)."""
-    array = np.load(io.BytesIO(data), allow_pickle=False)
+    array = load_npy(data)
     if not isinstance(array, np.ndarray):  # np.load also opens .npz archives
         raise ValueError("not a single .npy array")
     if array.dtype.hasobject:
