@@ -36,10 +36,15 @@ import tarfile
 import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sage_stream.errors import InputError, ShardError
-from sage_stream.formats.tar_headers import CheckedTarInfo, read_member_data, skip_member_data
+from sage_stream.formats.tar_headers import (
+    CheckedTarInfo,
+    plain_header,
+    read_member_data,
+    skip_member_data,
+)
 from sage_stream.sample import Sample, ShardRef
 from sage_stream.storage.fs import open_shard
 
@@ -257,13 +262,21 @@ class TarShardWriter:
         The owner is always 0/"" and a copied mode goes through ``safe_mode``, so an output
         shard extracts without setuid/setgid bits or foreign owners whatever the input had.
         """
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
-        info.uname = info.gname = ""
-        if like is not None:
-            info.mtime, info.mode = like.mtime, safe_mode(like.mode)
-        self._tar.addfile(info, io.BytesIO(data))
+        mtime, mode = (like.mtime, safe_mode(like.mode)) if like is not None else (0, 0o644)
+        header = plain_header(name, len(data), mtime, mode)
+        if header is None:  # a name or number that needs a pax header: tarfile writes it
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), mtime, mode, 0, 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+            return
+        # the same bytes as addfile: header, data, NULs to the block; offset sets the end pad
+        tar: Any = self._tar
+        tar.fileobj.write(header)
+        tar.fileobj.write(data)
+        padding = -len(data) % tarfile.BLOCKSIZE
+        tar.fileobj.write(b"\0" * padding)
+        tar.offset += tarfile.BLOCKSIZE + len(data) + padding
 
     def close(self) -> None:
         self._tar.close()

@@ -29,6 +29,10 @@ makes sure that no header value decides how much work or memory a shard costs:
   ``IndexError`` from a short block, ...) becomes a header error, so the reader reports it as
   a corrupt shard instead of crashing.
 
+For writing, ``plain_header`` builds the header block of an output member the way
+``TarFile.addfile`` does in PAX format, where no pax header is needed (the bytes are tested
+equal to tarfile's); anything else is written by tarfile.
+
 The stream-end bookkeeping (``sage_end``: why the headers stopped) is explained in
 ``CheckedTarInfo.fromtarfile``.
 """
@@ -295,6 +299,31 @@ def _common_header(buf: bytes | bytearray) -> tuple[tuple[bytes, ...], list[int]
     if kind == tarfile.GNUTYPE_SPARSE or numbers[5] != 256 + sum(buf) - sum(buf[148:156]):
         return None
     return (name, linkname, uname, gname, prefix), numbers, kind
+
+
+def plain_header(name: str, size: int, mtime: float, mode: int) -> bytes | None:
+    """The header block ``TarFile.addfile`` writes in PAX format for a regular file with
+    owner 0/"" and no pax header; None where it would need one (a name that is not ASCII or
+    over 100 bytes, a float or out-of-range number): those go through tarfile.
+
+    The output shards' headers, built without tarfile's per-field encoding (a third of emit).
+    """
+    if type(size) is not int or type(mtime) is not int or type(mode) is not int:
+        return None
+    if not (name.isascii() and len(name) <= 100 and 0 <= size < 8**11 and 0 <= mtime < 8**11):
+        return None
+    block = b"".join((
+        name.encode("ascii").ljust(100, b"\0"),
+        b"%07o\0" % (mode & 0o7777),
+        b"0000000\0" * 2,  # uid, gid
+        b"%011o\0%011o\0" % (size, mtime),
+        b" " * 8,  # the checksum, as spaces while it is summed
+        tarfile.REGTYPE,
+        b"\0" * 100,  # linkname
+        tarfile.POSIX_MAGIC,
+        b"\0" * (32 + 32 + 8 + 8 + 155 + 12),  # uname, gname, devices, prefix, padding
+    ))  # fmt: skip
+    return block[:148] + b"%06o\0" % sum(block) + block[155:]
 
 
 def _mark_sparse(info: tarfile.TarInfo) -> None:

@@ -210,3 +210,50 @@ def test_the_quick_header_path_parses_as_tarfile_does():
     assert 500 < quick < len(blocks) - 500  # both paths are exercised
     for block in blocks:
         assert _parsed(CheckedTarInfo, block) == _parsed(tarfile.TarInfo, block), block
+
+
+def test_output_shards_are_the_bytes_tarfile_would_write():
+    # TarShardWriter writes plain headers itself (tar_headers.plain_header) and leaves the
+    # rest (non-ASCII or long names, float or huge mtimes) to tarfile: either way, the bytes
+    # of tarfile.addfile in PAX format, plain and gzipped
+    import gzip
+    import io
+    import random
+    import tarfile
+
+    from sage_stream.formats.tar import TarShardWriter, safe_mode
+
+    rng = random.Random(7)
+    members = []
+    for i in range(300):
+        name = rng.choice([f"k{i}.npy", "d/" * 30 + f"{i}.x", "x" * (96 - len(str(i))) + f"{i}.cls",
+                           f"caf\xe9{i}.txt", "y" * 120 + f"{i}.png", f"sp ace{i}.a b"])  # fmt: skip
+        like = tarfile.TarInfo(name)
+        like.mtime = rng.choice([0, 1_700_000_000, 1.5, 8**11, 8**11 - 1, True])
+        like.mode = rng.choice([0o644, 0o4755, 0o777, 0o7777, 0o1000])
+        data = rng.randbytes(rng.choice([0, 1, 511, 512, 513, 3000]))
+        members.append((name, data, like if rng.random() < 0.8 else None))
+
+    def ours(fileobj) -> None:
+        with TarShardWriter(fileobj) as writer:
+            for name, data, like in members:
+                writer.write_member(name, data, like=like)
+
+    def theirs(fileobj) -> None:  # what write_member did before, through tarfile
+        with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name, data, like in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                if like is not None:
+                    info.mtime, info.mode = like.mtime, safe_mode(like.mode)
+                tar.addfile(info, io.BytesIO(data))
+
+    for wrap in (lambda f: f, lambda f: gzip.GzipFile(fileobj=f, mode="wb", mtime=0)):
+        got, want = io.BytesIO(), io.BytesIO()
+        for write, buf in ((ours, got), (theirs, want)):
+            out = wrap(buf)
+            write(out)
+            if out is not buf:
+                out.close()
+        assert got.getvalue() == want.getvalue()
