@@ -202,10 +202,12 @@ def test_the_quick_header_path_parses_as_tarfile_does():
     import random
     import tarfile
 
-    from sage_stream.formats.tar_headers import CheckedTarInfo, _common_header
+    from sage_stream.formats.tar_headers import CheckedTarInfo, _byte_sum, _common_header
 
     rng = random.Random(24)
     blocks = [_fuzzed_block(rng) for _ in range(3000)] + [b"\0" * 512, b"\0" * 100, b""]
+    for block in [b"\xff" * 512, *(rng.randbytes(512) for _ in range(200)), *blocks[:100]]:
+        assert _byte_sum(block) == sum(block)
     quick = sum(_common_header(b) is not None for b in blocks if len(b) == 512)
     assert 500 < quick < len(blocks) - 500  # both paths are exercised
     for block in blocks:
