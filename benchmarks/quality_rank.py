@@ -83,8 +83,11 @@ def scores(data: str, name: str, cache: Path) -> Pool:
         dups = list(find_duplicates(["all"], local_map(lambda _: table)))
         dup_keys = pa.concat_tables(dups)["__key__"] if dups else pa.array([], pa.string())
         table = table.append_column("dup", pc.is_in(table["__key__"], dup_keys))
-        pq.write_table(table.drop_columns(["signature"]), path)
+        pq.write_table(table, path)
     table = pq.read_table(path)
+    if "signature" not in table.column_names:  # a cache from before the class-mean rule
+        path.unlink()
+        return scores(data, name, cache)
     col = {c: table[c].cast(pa.float64()).to_numpy(zero_copy_only=False) for c in COLUMNS
            if c in table.column_names}  # fmt: skip
     return Pool(table, col, table["label"].to_numpy(), table["dup"].to_numpy())
@@ -216,9 +219,10 @@ def _default(pool: Pool, keep: float, seed: int) -> np.ndarray:
 
 
 def _before(pool: Pool, keep: float, seed: int) -> np.ndarray:
-    """The default before issue 28's second round: its rule for clean pools, in every pool."""
+    """The default before issue 28's third round (agreement and τ filter, leverage draw): the
+    stage's rule for scores without signatures."""
     ok = np.ones(len(pool.label), bool)
-    return coverage.coverage_ranking(pool.table, ok, seed, noisy_share=np.inf)
+    return coverage.coverage_ranking(pool.table.drop_columns(["signature"]), ok, seed)
 
 
 def _random(pool: Pool, keep: float, seed: int) -> np.ndarray:
@@ -345,12 +349,35 @@ def _stage_dedup(pool: Pool, keep: float, seed: int) -> np.ndarray:
     return np.where(pool.dup, -10.0, _default(pool, keep, seed))
 
 
+def class_means_with(before_filter: bool, draw: bool, quantile: float = 0.05) -> Rule:
+    """The stage's class-mean filter (the default) combined with parts of the rule before it:
+    `before_filter` also sets aside what the agreement filter (lowest `quantile` per class)
+    and the τ cap set aside (with quantile 0: the τ cap only); `draw` draws the passing with
+    the leverage weights (τ/‖g‖²)^(1/3) instead of uniformly. Set-aside rows go last, the
+    class-mean ones by their class margin."""
+
+    def rule(pool: Pool, keep: float, seed: int) -> np.ndarray:
+        ok = np.ones(len(pool.label), bool)
+        margin = coverage.row_filter(pool.table, ok).numbers["class_margin"]
+        unsigned = pool.table.drop_columns(["signature"])
+        before = coverage.coverage_ranking(unsigned, ok, seed, quantile=quantile,
+                                           support=1.0 if before_filter else np.inf,
+                                           temperature=coverage.TEMPERATURE if draw else np.inf)  # fmt: skip
+        return np.where(margin < 0, before - 10.0 + margin, before)
+
+    return rule
+
+
 RULES: dict[str, Rule] = {
     "default": _default,
     "before": _before,
     "stage-dedup": _stage_dedup,
     "random": _random,
     "loss-easy": _loss_easy,
+    "class-means/draw": class_means_with(False, True, quantile=0.0),
+    "class-means+agreement/draw": class_means_with(False, True),
+    "class-means/uniform": class_means_with(False, False, quantile=0.0),
+    "class-means+tau/draw": class_means_with(True, True, quantile=0.0),
 }
 
 

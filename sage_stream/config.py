@@ -235,10 +235,9 @@ class Config:
         group=MODEL, metavar="N", kind=int, check=POSITIVE,
     )  # fmt: skip
     scorer: str = option(  # with --min-score: a threshold on the agreement, as sage
-        "sage-coverage", "sage-coverage (default: agreement and ridge leverage from the sketch "
-        "set aside the likely-wrong samples, a seeded draw weighted by the leverage of each "
-        "gradient's direction picks among the rest; with --min-score, a threshold on the "
-        "agreement), sage (highest agreement with the class consensus first), or a baseline: "
+        "sage-coverage", "sage-coverage (default: a sample whose head input lies nearer another "
+        "class's mean than its own is set aside as likely mislabelled, a seeded draw picks "
+        "among the rest; with --min-score, a threshold on the agreement), sage (highest agreement with the class consensus first), or a baseline: "
         "loss, loss-easy, grad-norm, random", steps=ALL, group=RUN, choices=SCORERS,
     )  # fmt: skip
     consensus: str = option("mean-gradient", "mean-gradient (default) or centroid",

@@ -2,7 +2,8 @@
 
 Where it sits: gradients → **signature** → scores/part-<shard>.parquet (columns `signature`
 and `margin`) → select (select/dedup.py finds near-copies by the signature; select/coverage.py
-sets aside samples whose label the proxy does not predict, by the margin).
+sets aside samples whose signature is nearer another class's mean than their own,
+select/classmeans.py).
 
 - `signature` (32 float32 numbers): a seeded ±1/√32 random projection of h, the input of the
   classifier's head (last-layer mode; null in params mode). Near-copies were found best in h

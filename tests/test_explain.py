@@ -87,7 +87,8 @@ def _inspect(out, key, capsys) -> str:
 
 def test_a_tar_run_decides_every_row_as_computed_directly(tar_out, capsys):
     got, summary = check_decisions(tar_out, "sage-coverage", keep=0.4)
-    assert {"kept", "below_cut", "coverage", "agreement"} <= {r["decision"] for r in got}
+    # the blobs' flipped labels: nearer another class's mean (the class-mean rule)
+    assert {"kept", "below_cut", "other_class"} <= {r["decision"] for r in got}
     manifest = json.loads((tar_out / "manifest.json").read_text())
     assert manifest["decisions"] == summary["totals"]
     assert main(["inspect", str(tar_out)]) == 0
@@ -96,16 +97,19 @@ def test_a_tar_run_decides_every_row_as_computed_directly(tar_out, capsys):
         assert f"class {c['label']}: {c['kept']} of {c['rows']} kept, cut " in text
 
 
-@pytest.mark.parametrize("decision", ["kept", "below_cut", "coverage", "agreement"])
+@pytest.mark.parametrize("decision", ["kept", "below_cut", "other_class"])
 def test_inspect_key_says_why(tar_out, capsys, decision):
     got, summary = check_decisions(tar_out, "sage-coverage", keep=0.4)
     row = next(r for r in got if r["decision"] == decision)
     text = _inspect(tar_out, row["__key__"], capsys)
     said = "KEPT: ranking value" if decision == "kept" else f"dropped ({decision})"
     assert said in text
-    number = {"kept": row["value"], "below_cut": row["cut"], "coverage": row["coverage_cap"],
-              "agreement": row["agreement_cut"]}[decision]  # fmt: skip
+    number = {"kept": row["value"], "below_cut": row["cut"], "other_class": row["class_margin"]}[
+        decision
+    ]
     assert f"{number:.6g}" in text
+    if decision == "other_class":
+        assert f"nearer the mean of class {row['nearer_class']:.0f}" in text
     c = next(c for c in summary["classes"] if c["label"] == row["label"])
     assert f"class {c['label']}: {c['kept']} of {c['rows']} kept, cut {c['cut']:.6g}" in text
 

@@ -58,8 +58,11 @@ def run_select(
     if rules.dedups:
         columns = [*columns, "signature"]
 
-    # the seeded draws are keyed by content where pass 2 recorded it (select/content.py)
+    # the seeded draws are keyed by content where pass 2 recorded it (select/content.py);
+    # sage-coverage's class means use the signatures where pass 2 recorded them (coverage.py)
     drawn = (DIGEST,) if rules.scorer in ("random", "sage-coverage") else ()
+    if rules.scorer == "sage-coverage" and not rules.dedups:
+        drawn = (*drawn, "signature")
 
     def read(name: str) -> pa.Table:
         try:

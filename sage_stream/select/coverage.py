@@ -1,37 +1,34 @@
-"""The `sage-coverage` ranking: agreement and ridge leverage set the likely-wrong aside, the
-leverage of each gradient's direction draws among the rest.
+"""The `sage-coverage` ranking: the likely-mislabelled set aside, a seeded draw among the rest.
 
-Where it sits: pass 2 records each sample's agreement (``score``) and its ridge leverage
-τ_i = g_iᵀ (BᵀB + λI)⁻¹ g_i (``coverage``; scores.ridge_leverage says how and why); selection
-ranks the candidates by them here, for both paths (reference.py, bounded.py).
+Where it sits: pass 2 records each sample's signature (a 32-number projection of h, the head's
+input; ``signature``), its agreement (``score``) and its ridge leverage τ_i = g_iᵀ (BᵀB +
+λI)⁻¹ g_i (``coverage``; scores.ridge_leverage); selection ranks the candidates by them here,
+for both paths (reference.py, bounded.py).
 
-A switch measured and left off (issue 28): rank a pool easy first (as `loss-easy`) when more
-than `NOISY_SHARE` of its candidates are *unfit*, their proxy loss above `UNFIT_LOSS`. With
-the quality benchmark's proxies (300 full-batch steps, near-memorising) it told noisy pools
-(44-54% unfit) from clean ones (at most 11%) and led under label noise; with the digits proxy
-trained 20 steps (test accuracy 0.87), 35% of a clean pool is unfit, the switch fires, and easy
-first fell 0.04-0.06 below random on clean data, where this rule is level with it
-(docs/quality.md). `NOISY_SHARE` = 1.0 keeps it off: no pool is called noisy.
+The rule (issue 28's third round, docs/quality.md). A candidate whose signature is nearer
+another class's mean than its own class's, in the Mahalanobis distance of the pooled
+within-class covariance (classmeans.py: linear discriminant analysis on h), is set aside as
+likely mislabelled (decision ``other_class``); the others are drawn uniformly without
+replacement, by Efraimidis–Spirakis keys of Gumbel noise hashed from the seed and the row's
+content, so the draw is deterministic and independent of row order and sharding. The samples
+set aside come after every passing one, by their class margin. Why: a proxy trained on noisy
+labels learns many of the flipped labels (their loss and gradients then look like a hard
+sample's), but h keeps them with their true class; the class means flagged 85-99% of the
+flipped labels with proxies trained 20 or 300 steps, and set aside 0.2-8% of clean pools.
 
-Select (`--scorer sage-coverage`): agreement and leverage say which samples are
-likely wrong, a seeded draw weighted by the leverage of each gradient's direction picks among
-the rest. τ ranges
-from ≈ 0 (one of many near-copies, or a sample the proxy already fits) to ≈ 1 (a sample no other
-sample supports); a mislabelled sample sits near the top, its large gradient pulling towards
-another class. So a candidate *passes* when its agreement is not among the lowest
-`FILTER_QUANTILE` of its class's and its τ is at most `SUPPORT` times the mean τ of all
-candidates, unless its class is exempt from the cap: a class more than `MAX_CAPPED_SHARE` of
-whose candidates are over the cap (1.0, the default: none; 0.5 would keep a rare or hard class
-from being set aside whole, but did not win on the benchmark). The passing samples are drawn
-without replacement, with probability proportional to w_i^(1/T), w_i = τ_i/‖g_i‖² the leverage
-of the gradient's direction, by Efraimidis–Spirakis keys in log form: log(w)/T + Gumbel noise
-hashed from the seed and key, so the draw is deterministic and independent of row order
-(`TEMPERATURE` = ∞: a uniform draw). The samples that fail come after every passing one, by
-agreement. With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters
-(whether the pool is noisy, the τ cap, each class's agreement cut, the exempt classes) come from
-two passes over the score parts (`with_data_params`), in memory of one part plus a histogram per
-class, so selection stays bounded (bounded.py) and every part is ranked by a function of its own
-rows. selection.parquet's `score` is the ranking value (in a noisy pool 3 − loss/(1 + loss)).
+Without signatures (scores of `--grad params`, or of an earlier version), or with fewer than
+two classes (unlabeled data), the rule before applies: a candidate passes when its agreement is not among the lowest `FILTER_QUANTILE` of its
+class's and its τ is at most `SUPPORT` times the mean τ of all candidates (unless its class is
+exempt: more than `MAX_CAPPED_SHARE` of it over the cap; 1.0, none), and the passing samples
+are drawn with probability ∝ w_i^(1/T), w_i = τ_i/‖g_i‖² the leverage of the gradient's
+direction (`TEMPERATURE`); the others follow by agreement. That rule set aside 9-25% of clean
+pools, their hardest samples, and kept 4-9% flipped labels with the benchmark's proxies.
+
+With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters (the class
+means and covariance, or the τ cap, each class's agreement cut and the exempt classes) come
+from two passes over the score parts (`with_data_params`), in memory of one part plus a few
+numbers per class, so selection stays bounded (bounded.py) and every part is ranked by a
+function of its own rows. selection.parquet's `score` is the ranking value.
 """
 
 from __future__ import annotations
@@ -45,10 +42,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from . import classmeans
 from .content import draw_bits
 from .rules import ok_mask
 
-# Chosen on benchmarks/quality.py (docs/quality.md): see there for the other values tried.
+# The rule without signatures, chosen on benchmarks/quality.py (docs/quality.md): see there
+# for the other values tried.
 FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
 TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; inf: uniform
@@ -56,11 +55,6 @@ TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w;
 # none is (the default: 0.5, measured together with --dedup on and a uniform draw, lost to this
 # setting on the digits; docs/quality.md).
 MAX_CAPPED_SHARE = 1.0
-# Noisy labels (issue 28, benchmarks/quality_rank.py): more than NOISY_SHARE of the candidates
-# with a loss above UNFIT_LOSS (nats), and the pool is ranked easy first. 1.0: never (the
-# default; 0.25 fires on clean pools when the proxy is less fitted, see the module docstring).
-UNFIT_LOSS = 0.05
-NOISY_SHARE = 1.0
 
 
 def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
@@ -74,7 +68,8 @@ def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
 
 AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1, 1]
 CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
-EXEMPT_COLUMN, NOISY_COLUMN = "_cap_exempt", "_noisy"
+EXEMPT_COLUMN = "_cap_exempt"
+MARGIN_COLUMN, NEARER_COLUMN = "_class_margin", "_nearer_class"  # with class means only
 
 
 @dataclass
@@ -83,13 +78,15 @@ class CoverageSums:
 
     tau_sum: int = 0  # Σ τ in units of 2^-32 (integers: exact, the same in any order)
     n: int = 0
-    unfit: int = 0  # candidates whose loss is above UNFIT_LOSS
     hist: dict[int, np.ndarray] = field(default_factory=dict)  # label -> (AGREEMENT_BINS,)
+    top: float = 0.0  # max |signature| over the candidates (classmeans.largest)
+    signed: bool = True  # every candidate has a signature: the class-mean rule applies
 
     def add(self, other: CoverageSums) -> CoverageSums:
         self.tau_sum += other.tau_sum
         self.n += other.n
-        self.unfit += other.unfit
+        self.top = max(self.top, other.top)
+        self.signed = self.signed and other.signed
         for label, h in other.hist.items():
             self.hist[label] = self.hist.get(label, 0) + h
         return self
@@ -114,13 +111,6 @@ def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return score, tau, labels
 
 
-def _loss(table: pa.Table, ok: np.ndarray) -> np.ndarray:
-    loss = table["loss"].cast(pa.float64()).to_numpy(zero_copy_only=False)
-    if np.isnan(loss[ok]).any():
-        raise InputError("--scorer sage-coverage needs a loss on every scored row; some are null")
-    return loss
-
-
 def _fixed_sum(tau: np.ndarray) -> int:
     """Σ τ in units of 2^-32, each τ clipped to [0, 2^24] (far above any cap): an integer sum,
     so that a whole table and its parts in any order give the same cap. Chunks of 64 rows keep
@@ -136,11 +126,12 @@ def _bins(score: np.ndarray) -> np.ndarray:
 
 
 def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
-    """One part's contribution: Σ τ, the candidates, the unfit ones, and per class a histogram
-    of agreement."""
+    """One part's contribution: Σ τ, the candidates, per class a histogram of agreement, and
+    the largest |signature| (or that some candidate has none)."""
     score, tau, labels = _columns(table, ok)
-    unfit = int((_loss(table, ok)[ok] > UNFIT_LOSS).sum())
-    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), unfit)
+    sig = classmeans.signatures(table, ok)
+    top = classmeans.largest(sig, ok) if sig is not None else 0.0
+    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), top=top, signed=sig is not None)
     bins = _bins(score[ok])
     for label in np.unique(labels[ok]).tolist():
         members = labels[ok] == label
@@ -150,14 +141,15 @@ def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
 
 @dataclass(frozen=True)
 class Params:
-    """The ranking's data-wide parameters: the τ cap, per class the lowest passing bin, and the
-    classes exempt from the cap (more than MAX_CAPPED_SHARE of them over it: a rare or hard
-    class, not a mislabelled few, so it is never set aside whole)."""
+    """The ranking's data-wide parameters: the class means (None without signatures: then the
+    rule before), the τ cap, per class the lowest passing bin, and the classes exempt from the
+    cap (more than MAX_CAPPED_SHARE of them over it)."""
 
     cap: float
     cut: dict[int, int]
     exempt: frozenset[int] = frozenset()
-    noisy: bool = False  # more than NOISY_SHARE of the candidates unfit: easy first
+    means: classmeans.ClassMeans | None = None
+    top: float = 0.0  # the signatures' fixed-point scale (classmeans.fixed)
 
 
 def params(
@@ -170,13 +162,7 @@ def params(
     for label, h in got.hist.items():
         below = math.floor(quantile * int(h.sum()))
         cut[label] = int(np.searchsorted(np.cumsum(h), below, side="right"))
-    return Params(cap, cut, noisy=is_noisy(got.unfit, got.n))
-
-
-def is_noisy(unfit: int, n: int, share: float | None = None) -> bool:
-    """More than `share` (default `NOISY_SHARE`, read at the call) of the n candidates unfit
-    (exact: integers and one product)."""
-    return unfit > (NOISY_SHARE if share is None else share) * n
+    return Params(cap, cut, top=got.top)
 
 
 def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]:
@@ -186,13 +172,27 @@ def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]
     return {int(c): int(n) for c, n in zip(*np.unique(over, return_counts=True), strict=True)}
 
 
+def mean_sums(table: pa.Table, ok: np.ndarray, top: float) -> classmeans.MeanSums:
+    """A part's fixed-point signature sums (the second pass's other partial)."""
+    sig = classmeans.signatures(table, ok)
+    assert sig is not None  # the first pass found every candidate signed
+    labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
+    return classmeans.part_sums(classmeans.fixed(sig, top), labels, ok)
+
+
 def with_exempt(
-    p: Params, got: CoverageSums, capped: dict[int, int], share: float = MAX_CAPPED_SHARE
+    p: Params,
+    got: CoverageSums,
+    capped: dict[int, int],
+    share: float = MAX_CAPPED_SHARE,
+    means: classmeans.MeanSums | None = None,
 ) -> Params:
-    """`p` with the classes more than `share` of whose candidates are over the cap."""
+    """`p` with the classes more than `share` of whose candidates are over the cap, and the
+    class means of `means` (the second pass's sums, when every candidate is signed)."""
     exempt = frozenset(c for c, h in got.hist.items()
                        if capped.get(c, 0) > share * int(h.sum()))  # fmt: skip
-    return Params(p.cap, p.cut, exempt, p.noisy)
+    found = classmeans.class_means(means) if means is not None else None
+    return Params(p.cap, p.cut, exempt, found, p.top)
 
 
 def _per_label(labels: np.ndarray, values: dict[int, int], default: int) -> np.ndarray:
@@ -209,8 +209,24 @@ def with_params(table: pa.Table, p: Params) -> pa.Table:
     exempt = exempt.astype(bool)
     table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
     table = table.append_column(EXEMPT_COLUMN, pa.array(exempt))
-    table = table.append_column(NOISY_COLUMN, pa.array(np.full(len(labels), p.noisy)))
+    if p.means is not None:
+        margin, nearer = _class_margins(table, p, labels)
+        table = table.append_column(MARGIN_COLUMN, pa.array(margin))
+        table = table.append_column(NEARER_COLUMN, pa.array(nearer))
     return table.append_column(CUT_COLUMN, pa.array(cut))
+
+
+def _class_margins(table: pa.Table, p: Params, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's class margin and nearest other class (classmeans.class_margin); rows that
+    are not candidates (no signature) get NaN and −1."""
+    assert p.means is not None
+    ok = ok_mask(table)
+    sig = classmeans.signatures(table, ok)
+    assert sig is not None  # the parameter passes found every candidate signed
+    margin, nearer = np.full(len(ok), np.nan), np.full(len(ok), -1, dtype=np.int64)
+    q = classmeans.fixed(sig[ok], p.top)
+    margin[ok], nearer[ok] = classmeans.class_margin(p.means, q, labels[ok])
+    return margin, nearer
 
 
 def with_data_params(map_parts: Any, names: list[str]) -> Any:
@@ -221,21 +237,33 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
         got.add(one)
     first = params(got)
     capped: dict[int, int] = {}
-    for counts in map_parts(lambda t: capped_counts(t, ok_mask(t), first.cap), names):
+    means = classmeans.MeanSums() if got.signed else None
+
+    def second(t: pa.Table) -> tuple[dict[int, int], classmeans.MeanSums | None]:
+        ok = ok_mask(t)
+        return capped_counts(t, ok, first.cap), mean_sums(t, ok, got.top) if got.signed else None
+
+    for counts, sums in map_parts(second, names):
         for c, n in counts.items():
             capped[c] = capped.get(c, 0) + n
-    found = with_exempt(first, got, capped)
+        if means is not None and sums is not None:
+            means.add(sums)
+    found = with_exempt(first, got, capped, means=means)
     return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
 
 
 # The filter's side of each row's decision (select/decisions.py): why a row is set aside (a
 # decision, and how inspect says it: fields of the scores row and the decision row, by name),
-# and the numbers recorded for every candidate (decision columns, NaN → null).
+# the numbers recorded for every candidate (decision columns, NaN → null): FILTER_COLUMNS are
+# the same for a whole class (in the per-class summary too), ROW_COLUMNS differ by row.
 SET_ASIDE = {
+    "other_class": "its signature is nearer the mean of class {nearer_class:.0f} than its own "
+    "class's (class margin {class_margin:.6g} < 0): likely mislabelled",
     "agreement": "agreement {score:.6g} below its class's agreement cut {agreement_cut:.6g}",
     "coverage": "coverage τ {coverage:.6g} over the cap {coverage_cap:.6g}",
 }
 FILTER_COLUMNS = ("agreement_cut", "coverage_cap")
+ROW_COLUMNS = ("class_margin", "nearer_class")
 
 
 @dataclass(frozen=True)
@@ -243,12 +271,22 @@ class Filter:
     """The filter, row by row: why a row is set aside, if it is, and the numbers that decide."""
 
     reasons: np.ndarray  # (n,) str: "" where the row passes, else a key of SET_ASIDE
-    numbers: dict[str, np.ndarray]  # FILTER_COLUMNS -> (n,) float64, NaN where none
-    noisy: np.ndarray  # (n,) bool: the pool is noisy, ranked easy first, nothing set aside
+    numbers: dict[str, np.ndarray]  # FILTER_COLUMNS and ROW_COLUMNS -> (n,) float64, NaN: none
+    by_class_means: bool  # the class-mean rule (else the rule without signatures)
 
     @property
     def passes(self) -> np.ndarray:
         return self.reasons == ""
+
+
+def _own_params(
+    table: pa.Table, ok: np.ndarray, quantile: float, support: float, capped_share: float
+) -> Params:
+    """The parameters of this table alone (the in-memory path, or a test's table)."""
+    got = part_sums(table, ok)
+    p = params(got, quantile, support)
+    means = mean_sums(table, ok, got.top) if got.signed and ok.any() else None
+    return with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share, means)
 
 
 def row_filter(
@@ -257,32 +295,33 @@ def row_filter(
     quantile: float = FILTER_QUANTILE,
     support: float = SUPPORT,
     capped_share: float = MAX_CAPPED_SHARE,
-    noisy_share: float | None = None,
 ) -> Filter:
     """Each row's filter: parameters from the columns `with_params` adds (a part of a bigger
-    table), else from this table itself (quantile, support, capped_share and noisy_share are
-    used only then). In a noisy pool no row is set aside and the numbers are NaN."""
+    table), else from this table itself (quantile, support and capped_share are used only
+    then, by the rule without signatures)."""
     score, tau, labels = _columns(table, ok)
-    if CAP_COLUMN in table.column_names:
-        cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
-        cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
-        exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
-        noisy = table[NOISY_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
-    else:
-        got = part_sums(table, ok)
-        p = params(got, quantile, support)
-        p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share)
-        cap = np.full(len(score), p.cap)
-        cut = _per_label(labels, p.cut, 0)
-        exempt = _per_label(labels, dict.fromkeys(p.exempt, 1), 0).astype(bool)
-        noisy = np.full(len(score), is_noisy(got.unfit, got.n, noisy_share))
-    low = ~(_bins(score) >= cut) & ~noisy
-    over = ~(tau <= cap) & ~exempt & ~noisy
+    if CAP_COLUMN not in table.column_names:
+        table = with_params(table, _own_params(table, ok, quantile, support, capped_share))
+    n = len(score)
+    nan = np.full(n, np.nan)
+    if MARGIN_COLUMN in table.column_names:  # the class-mean rule
+        margin = table[MARGIN_COLUMN].to_numpy(zero_copy_only=False)
+        nearer = table[NEARER_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
+        reasons = np.where(margin < 0, "other_class", "")
+        numbers = {"agreement_cut": nan, "coverage_cap": nan, "class_margin": margin,
+                   "nearer_class": np.where(nearer < 0, np.nan, nearer)}  # fmt: skip
+        return Filter(reasons, numbers, True)
+    cap = table[CAP_COLUMN].to_numpy(zero_copy_only=False)
+    cut = table[CUT_COLUMN].to_numpy(zero_copy_only=False)
+    exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+    low = ~(_bins(score) >= cut)
+    over = ~(tau <= cap) & ~exempt
     reasons = np.where(low, "agreement", np.where(over, "coverage", ""))
     edge = cut.astype(np.float64) / (AGREEMENT_BINS / 2) - 1.0  # bin b starts at b/2048 − 1
-    edge = np.where(noisy, np.nan, edge)  # a noisy pool has no filter
-    cap = np.where(exempt | noisy, np.nan, cap)  # an exempt class has no cap
-    return Filter(reasons, {"agreement_cut": edge, "coverage_cap": cap}, noisy)
+    cap = np.where(exempt, np.nan, cap)  # an exempt class has no cap
+    numbers = {"agreement_cut": edge, "coverage_cap": cap, "class_margin": nan,
+               "nearer_class": nan}  # fmt: skip
+    return Filter(reasons, numbers, False)
 
 
 def coverage_ranking(
@@ -294,29 +333,27 @@ def coverage_ranking(
     support: float = SUPPORT,
     temperature: float = TEMPERATURE,
     capped_share: float = MAX_CAPPED_SHARE,
-    noisy_share: float | None = None,
 ) -> np.ndarray:
     """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
 
-    In a noisy pool every row gets 3 − loss/(1 + loss) ∈ (2, 3]: easy first. Otherwise rows
-    that pass get 3 + k/(1 + |k|) ∈ (2, 4) with k = log(τ/‖g‖²)/T + Gumbel (their class's
-    weighted draw; the map keeps the order and bounds the range); rows that fail get their
-    agreement ∈ [−1, 1], after every passing row. Rows not in `ok` come back NaN. The filter
-    is `row_filter`'s.
+    Rows that pass get 3 + k/(1 + |k|) ∈ (2, 4), k their draw's key: Gumbel noise (the
+    class-mean rule: a uniform draw), or log(τ/‖g‖²)/T + Gumbel (the rule without signatures);
+    the map keeps the order and bounds the range. Rows set aside come after every passing
+    one: by their class margin ∈ [−1, 0), or by their agreement ∈ [−1, 1]. Rows not in `ok`
+    come back NaN. The filter is `row_filter`'s.
     """
     score, tau, _ = _columns(table, ok)
-    found = row_filter(table, ok, quantile, support, capped_share, noisy_share)
-    passes = found.passes
+    found = row_filter(table, ok, quantile, support, capped_share)
     noise = gumbel_noise(table, seed)  # by content (content.py)
-    norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
-    with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, drawn last of the passing
-        weight = np.log(np.clip(tau, 0.0, None)) - 2.0 * np.log(norm)  # log(τ/‖g‖²)
-    key = noise if np.isinf(temperature) else weight / temperature + noise
+    if found.by_class_means:
+        key, failed = noise, found.numbers["class_margin"]
+    else:
+        norm = table["grad_norm"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        with np.errstate(divide="ignore", invalid="ignore"):  # τ = 0: −inf, last of the passing
+            weight = np.log(np.clip(tau, 0.0, None)) - 2.0 * np.log(norm)  # log(τ/‖g‖²)
+        key = noise if np.isinf(temperature) else weight / temperature + noise
+        failed = score
     finite = np.where(np.isfinite(key), key, 0.0)
     bounded = np.where(np.isneginf(key), 2.0, 3.0 + finite / (1.0 + np.abs(finite)))
-    values = np.where(passes, bounded, score)
-    loss = _loss(table, ok)
-    with np.errstate(invalid="ignore"):  # rows not in ok may have no loss
-        easy_first = 3.0 - loss / (1.0 + loss)
-    values = np.where(found.noisy, easy_first, values)
+    values = np.where(found.passes, bounded, failed)
     return np.where(ok, values, np.nan)

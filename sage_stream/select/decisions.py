@@ -10,9 +10,13 @@ A row's decision is the first that applies of:
     error       status error: never a candidate
     kept        in selection.parquet
     duplicate   --dedup on: a near-copy of ``duplicate_of_key`` (ranked after its class)
-    agreement   sage-coverage: agreement below its class's ``agreement_cut``, set aside
-    coverage    sage-coverage: ridge leverage τ over ``coverage_cap``, set aside
-                (these two, and their numbers, are coverage.SET_ASIDE and FILTER_COLUMNS)
+    other_class sage-coverage: its signature is nearer another class's mean (``nearer_class``)
+                than its own: ``class_margin`` below 0, set aside as likely mislabelled
+    agreement   sage-coverage without signatures: agreement below its class's
+                ``agreement_cut``, set aside
+    coverage    sage-coverage without signatures: ridge leverage τ over ``coverage_cap``
+                (these three, and their numbers, are coverage.SET_ASIDE, FILTER_COLUMNS and
+                ROW_COLUMNS)
     min_score   --min-score: its value is below the threshold (``cut``)
     below_cut   ranked after its class's cut (value, then key and shard: ties by name)
 
@@ -32,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .coverage import FILTER_COLUMNS, SET_ASIDE, row_filter
+from .coverage import FILTER_COLUMNS, ROW_COLUMNS, SET_ASIDE, row_filter
 from .dedup import DUPLICATE
 from .orderings import recorded_score
 from .parts import Rows, group_of
@@ -51,9 +55,10 @@ DECISION_SCHEMA = pa.schema(
         ("decision", pa.string()),
         ("value", pa.float64()),  # the ranking value (selection.parquet's score); null: error
         ("cut", pa.float64()),  # its class's cut value, or the --min-score threshold
-        # sage-coverage's filter (coverage.FILTER_COLUMNS): its class's lowest passing
-        # agreement, the τ cap (null where the class is exempt); null for other scorers
-        *((name, pa.float64()) for name in FILTER_COLUMNS),
+        # sage-coverage's filter (coverage.FILTER_COLUMNS, ROW_COLUMNS): without signatures
+        # its class's lowest passing agreement and the τ cap (null where the class is exempt);
+        # with them the row's class margin and the nearest other class; null for other scorers
+        *((name, pa.float64()) for name in (*FILTER_COLUMNS, *ROW_COLUMNS)),
         ("duplicate_of_key", pa.string()),  # --dedup on: the sample it nearly copies
         ("duplicate_of_shard", pa.string()),
     ]
@@ -78,12 +83,14 @@ def decide_part(
     code = {d: i for i, d in enumerate(DECISIONS)}  # decisions as codes until the column
     decision = np.full(n, code["error"], dtype=np.int32)
     mine = np.where(kept, code["kept"], code["min_score" if min_score is not None else "below_cut"])
-    numbers = {name: np.full(n, np.nan) for name in FILTER_COLUMNS}
+    numbers = {name: np.full(n, np.nan) for name in (*FILTER_COLUMNS, *ROW_COLUMNS)}
     if scorer == "sage-coverage" and min_score is None:  # its filter's verdict and numbers
         f = row_filter(rows.table, np.ones(len(at), dtype=bool))
         for reason in SET_ASIDE:
             mine = np.where(~kept & (f.reasons == reason), code[reason], mine)
-        numbers = {name: _spread(f.numbers[name], at, n) for name in FILTER_COLUMNS}
+        numbers = {
+            name: _spread(f.numbers[name], at, n) for name in (*FILTER_COLUMNS, *ROW_COLUMNS)
+        }
     if DUPLICATE in rows.table.column_names:
         dup = rows.table[DUPLICATE].to_numpy(zero_copy_only=False).astype(bool)
         mine = np.where(~kept & dup, code["duplicate"], mine)
@@ -182,7 +189,7 @@ class Tally:
             numbers = self.numbers.get(label, {})
             entry: dict[str, Any] = {"label": label, "rows": sum(counts.values()),
                                      "kept": counts.get("kept", 0), "cut": _json(numbers.get("cut"))}  # fmt: skip
-            filtered = any(numbers.get(k) is not None for k in FILTER_COLUMNS)  # not noisy
+            filtered = any(numbers.get(k) is not None for k in FILTER_COLUMNS)  # τ rule
             if scorer == "sage-coverage" and request.get("min_score") is None and filtered:
                 entry.update({k: _json(numbers.get(k)) for k in FILTER_COLUMNS})
             entry["decisions"] = {d: counts[d] for d in DECISIONS if counts.get(d)}

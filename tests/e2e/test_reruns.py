@@ -103,7 +103,7 @@ def test_inspect_after_select_shows_the_new_selection(data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert '"scorer": "sage"' in text and '"keep": 0.2' in text  # before: the old selection
     assert "kept 60  dropped 240" in text and "run `sage-stream emit`" in text
-    assert "part-000.tar: seen 150 kept 30 errored 0 (shards/ holds 72)" in text
+    assert "part-000.tar: seen 150 kept 30 errored 0 (shards/ holds 71)" in text
 
 
 def test_nothing_scored_names_the_broken_shard(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The sage-coverage ranking: the noisy pool easy first, else its filter and its seeded
-weighted draw; its errors."""
+"""The sage-coverage ranking: the class-mean filter and its uniform seeded draw; without
+signatures the agreement and τ filter and its weighted draw; its errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from decided import class_margin
 
 from sage_stream.errors import InputError
 from sage_stream.select import coverage
@@ -138,56 +139,88 @@ def test_a_class_mostly_over_the_cap_is_exempt_with_a_capped_share():
     assert (default[40:] <= 1).all()  # the default share (1.0) exempts no class
 
 
-def _with_loss(table: pa.Table, loss: np.ndarray) -> pa.Table:
-    return table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
+def _signed(n: int = 300, flipped: tuple[int, ...] = (3, 125, 247), seed: int = 5) -> pa.Table:
+    """Three classes of signatures around three means (class = i % 3), `flipped` rows given
+    the next class's label: their signatures stay with their true class."""
+    rng = np.random.default_rng(seed)
+    true = np.arange(n) % 3
+    centres = rng.normal(0, 3, (3, 32))
+    sig = (centres[true] + rng.normal(0, 1, (n, 32))).astype(np.float32)
+    labels = true.copy()
+    labels[list(flipped)] = (true[list(flipped)] + 1) % 3
+    base = _table(n)
+    base = base.set_column(base.schema.get_field_index("label"), "label", pa.array(labels))
+    return base.append_column("signature", pa.array(list(sig), pa.list_(pa.float32(), 32)))
 
 
-@pytest.fixture
-def noisy_switch_on(monkeypatch):
-    """The noisy-pool switch, measured and off by default (NOISY_SHARE = 1.0), at 0.25."""
-    monkeypatch.setattr(coverage, "NOISY_SHARE", 0.25)
+def test_the_class_mean_filter_matches_a_direct_computation():
+    table = _signed()
+    ok = np.ones(table.num_rows, dtype=bool)
+    f = coverage.row_filter(table, ok)
+    assert f.by_class_means
+    np.testing.assert_allclose(f.numbers["class_margin"], class_margin(table, ok), atol=1e-5)
+    assert sorted(np.flatnonzero(f.reasons == "other_class")) == [3, 125, 247]  # the flipped
+    true = np.arange(300) % 3
+    np.testing.assert_array_equal(f.numbers["nearer_class"][[3, 125, 247]], true[[3, 125, 247]])
+    assert np.isnan(f.numbers["coverage_cap"]).all() and np.isnan(f.numbers["agreement_cut"]).all()
 
 
-def test_the_noisy_switch_is_off_by_default():
-    loss = np.full(40, 0.9)  # every candidate unfit: still the rule for a clean pool
-    ok = np.ones(40, dtype=bool)
-    got = coverage.coverage_ranking(_with_loss(_table(40), loss), ok, 0)
-    assert np.array_equal(got, coverage.coverage_ranking(_table(40), ok, 0))
-    assert not coverage.is_noisy(40, 40)
+def test_set_aside_rows_go_last_and_the_rest_is_a_uniform_seeded_draw():
+    table = _signed()
+    ok = np.ones(table.num_rows, dtype=bool)
+    values = coverage.coverage_ranking(table, ok, 0)
+    aside = np.isin(np.arange(300), [3, 125, 247])
+    assert values[aside].max() < 0 <= 2 < values[~aside].min()
+    # The passing rows' order is the Gumbel noise's alone: τ and ‖g‖ do not weigh the draw.
+    noise = coverage.gumbel_noise(table, 0)
+    assert np.array_equal(np.argsort(values[~aside]), np.argsort(noise[~aside]))
+    for keep in (0.2, 0.5):
+        kept = set(select(table, keep=keep, scorer="sage-coverage")["__key__"].to_pylist())
+        assert not kept & {f"k{i:03d}" for i in (3, 125, 247)}
 
 
-@pytest.mark.usefixtures("noisy_switch_on")
-def test_a_pool_more_than_a_quarter_unfit_is_ranked_easy_first():
-    n = 40
-    loss = np.linspace(0.0, 0.04, n)
-    loss[:10] = np.linspace(0.06, 2.0, 10)  # 10 of 40 unfit: exactly a quarter, not noisy
-    ok = np.ones(n, dtype=bool)
-    quarter = coverage.coverage_ranking(_with_loss(_table(n), loss), ok, 0)
-    assert np.array_equal(quarter, coverage.coverage_ranking(_table(n), ok, 0))  # loss unused
-    loss[10] = 0.0500001  # 11 of 40: noisy
-    noisy = _with_loss(_table(n), loss)
-    values = coverage.coverage_ranking(noisy, ok, 0)
-    np.testing.assert_allclose(values, 3.0 - loss / (1.0 + loss))
-    for keep in (0.1, 0.3, 0.5):  # the same rows as loss-easy, whatever the seed
-        easy = select(noisy, keep=keep, scorer="loss-easy")["__key__"]
-        for seed in (0, 1):
-            assert select(noisy, keep=keep, scorer="sage-coverage", seed=seed)["__key__"].equals(
-                easy
-            )
+def test_without_signatures_the_rule_before_applies():
+    table = _signed()
+    ok = np.ones(table.num_rows, dtype=bool)
+    nulls = pa.array([None] * 300, pa.list_(pa.float32(), 32))
+    unsigned = table.set_column(table.schema.get_field_index("signature"), "signature", nulls)
+    for t in (unsigned, table.drop_columns(["signature"])):
+        f = coverage.row_filter(t, ok)
+        assert not f.by_class_means and np.isnan(f.numbers["class_margin"]).all()
+        np.testing.assert_array_equal(
+            coverage.coverage_ranking(t, ok, 0), coverage.coverage_ranking(_table(300).set_column(
+                2, "label", t["label"]), ok, 0))  # fmt: skip
 
 
-@pytest.mark.usefixtures("noisy_switch_on")
-def test_noisy_is_decided_over_all_parts_by_the_bounded_path():
-    # Shard a.tar alone is clean (2 of 20 unfit), b.tar alone noisy: together 12 of 40 unfit.
-    n = 40
-    loss = np.full(n, 0.01)
-    loss[[0, 1]] = 0.5
-    loss[30:40] = 0.9
-    table = _with_loss(_table(n), loss)
-    parts = {s: table.filter(pc.equal(table["__shard__"], s)) for s in ("a.tar", "b.tar")}
-    got = select_parts(sorted(parts), local_map(parts.__getitem__), keep=0.3,
-                       scorer="sage-coverage", seed=0, memory_rows=4)  # fmt: skip
-    bounded = pa.concat_tables([part.kept for part in got])
-    assert bounded.equals(select(table, keep=0.3, scorer="sage-coverage", seed=0))
-    assert bounded["__key__"].equals(select(table, keep=0.3, scorer="loss-easy")["__key__"])
-    assert coverage.is_noisy(11, 40) and not coverage.is_noisy(10, 40)
+def test_the_class_means_are_the_same_over_any_parts_and_order():
+    table = _signed(90, flipped=(1, 40, 77))
+    table = table.set_column(1, "__shard__", pa.array([f"s{i % 4}.tar" for i in range(90)]))
+    whole = select(table, keep=0.3, scorer="sage-coverage", seed=2)
+    parts = {s: table.filter(pc.equal(table["__shard__"], s)) for s in ("s2.tar", "s0.tar",
+                                                                         "s3.tar", "s1.tar")}  # fmt: skip
+    got = select_parts(list(parts), local_map(parts.__getitem__), keep=0.3,
+                       scorer="sage-coverage", seed=2, memory_rows=8)  # fmt: skip
+    bounded = pa.concat_tables([part.kept for part in got]).sort_by("__key__")
+    assert bounded["__key__"].equals(whole.sort_by("__key__")["__key__"])
+    # The integer sums of disjoint parts add up to the whole table's, exactly.
+    ok = np.ones(90, dtype=bool)
+    top = coverage.part_sums(table, ok).top
+    summed = coverage.classmeans.MeanSums()
+    for part in parts.values():
+        summed.add(coverage.mean_sums(part, np.ones(part.num_rows, dtype=bool), top))
+    once = coverage.mean_sums(table, ok, top)
+    assert summed.n == once.n and (summed.outer == once.outer).all()
+    assert all((summed.total[c] == once.total[c]).all() for c in once.n)
+
+
+def test_a_class_of_one_is_never_another_classes_mean_and_one_class_keeps_the_rule_before():
+    table = _signed(31, flipped=())
+    labels = np.arange(31) % 3
+    labels[30] = 7  # a class of one sample
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    f = coverage.row_filter(table, np.ones(31, dtype=bool))
+    assert not np.isin(f.numbers["nearer_class"], [7]).any()
+    assert f.numbers["class_margin"][30] == 1.0  # its own mean is itself
+    # One class (unlabeled data): no other class to be nearer to, so the rule before applies.
+    one = table.set_column(table.schema.get_field_index("label"), "label", pa.array([0] * 31))
+    assert not coverage.row_filter(one, np.ones(31, dtype=bool)).by_class_means

@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from decided import expected
+from decided import class_margin, expected
 from test_bounded import by_shard, random_table
 from test_dedup import parts_of, planted
 
-from sage_stream.select import coverage, dedup
+from sage_stream.select import dedup
 from sage_stream.select.bounded import select_parts
 from sage_stream.select.decisions import DECISION_SCHEMA, DECISIONS, Tally
 from sage_stream.select.parts import local_map
 from sage_stream.select.reference import select
+from sage_stream.select.rules import ok_mask
 
 
 def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
@@ -29,8 +30,8 @@ def decided(table: pa.Table, **kwargs) -> tuple[pa.Table, pa.Table]:
 
 
 def clean(table: pa.Table) -> pa.Table:
-    """The table with its losses scaled under coverage.UNFIT_LOSS (ties kept): a clean pool,
-    so that sage-coverage's filter decides rather than its easy-first order for noisy pools."""
+    """The table with its losses scaled down (ties kept): the pool of the second round's
+    noisy-pool switch, kept so that the recorded cases stay the same."""
     loss = np.asarray(table["loss"].to_pylist(), dtype=np.float64) * 0.001
     return table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
 
@@ -102,18 +103,42 @@ def test_near_copies_name_the_sample_they_copy():
     assert all(r["duplicate_of_key"] is None for n, r in rows.items() if n not in copies)
 
 
-def test_a_noisy_pool_sets_nothing_aside_and_records_no_filter(monkeypatch):
-    monkeypatch.setattr(coverage, "NOISY_SHARE", 0.25)  # the switch, off by default
-    # random_table's losses (rounded exponentials) are over UNFIT_LOSS for about 60% of rows: a
-    # noisy pool, ranked easy first (as loss-easy), so no row is decided by the filter.
-    table = fine(random_table(seed=1))
-    kept, decisions = decided(table, scorer="sage-coverage", keep=0.3)
-    easy = select(table, scorer="loss-easy", keep=0.3)
-    assert sorted(kept["__key__"].to_pylist()) == sorted(easy["__key__"].to_pylist())
-    assert set(decisions["decision"].to_pylist()) == {"kept", "below_cut", "error"}
-    assert decisions["agreement_cut"].null_count == decisions.num_rows
-    assert decisions["coverage_cap"].null_count == decisions.num_rows
+def signed(table: pa.Table, flipped: int = 12, seed: int = 4) -> pa.Table:
+    """The table with signatures around its classes' centres; `flipped` candidates' labels
+    moved to the next class (their signatures stay): the class-mean rule decides."""
+    rng = np.random.default_rng(seed)
+    labels = np.array(table["label"].to_pylist())
+    centres = rng.normal(0, 3, (labels.max() + 1, 32))
+    sig = centres[labels] + rng.normal(0, 1, (len(labels), 32))
+    moved = rng.choice(np.flatnonzero(ok_mask(table)), flipped, replace=False)
+    labels[moved] = (labels[moved] + 1) % (labels.max() + 1)
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    column = pa.array(list(sig.astype(np.float32)), pa.list_(pa.float32(), 32))
+    if "signature" in table.column_names:
+        return table.set_column(table.schema.get_field_index("signature"), "signature", column)
+    return table.append_column("signature", column)
+
+
+@pytest.mark.parametrize("keep", [0.3, 1.0])
+def test_the_class_mean_rule_records_each_rows_margin_and_nearer_class(keep):
+    table = signed(fine(random_table(seed=1)))
+    kept, decisions = decided(table, scorer="sage-coverage", keep=keep)
+    reference = select(table, scorer="sage-coverage", keep=keep)
+    assert sorted(kept["__key__"].to_pylist()) == sorted(reference["__key__"].to_pylist())
+    want = expected(table, reference, "sage-coverage", keep, None)
+    by_name = {(r["__shard__"], r["__key__"]): r for r in decisions.to_pylist()}
+    margin = class_margin(table, ok_mask(table))
+    for i, name in enumerate(zip(table["__shard__"].to_pylist(), table["__key__"].to_pylist(),
+                                 strict=True)):  # fmt: skip
+        got = by_name[name]
+        assert got["decision"] == want[i][0]
+        if want[i][0] != "error":
+            assert got["class_margin"] == pytest.approx(margin[i], abs=1e-5)
+            assert got["agreement_cut"] is None and got["coverage_cap"] is None
+    aside = [r for r in decisions.to_pylist() if r["decision"] == "other_class"]
+    assert (len(aside) >= 10) == (keep < 1.0)  # at keep 1.0 everything is kept
+    assert all(r["class_margin"] < 0 and r["nearer_class"] != r["label"] for r in aside)
     tally = Tally()
     tally.add(decisions)
-    classes = tally.summary({"keep": 0.3}, "sage-coverage")["classes"]
+    classes = tally.summary({"keep": keep}, "sage-coverage")["classes"]
     assert classes and not any("agreement_cut" in c or "coverage_cap" in c for c in classes)
