@@ -48,7 +48,7 @@ def _model_steps(
     from .passes.finished import finished_manifest
     from .passes.loop import build_context  # loads the model: its fingerprint is the identity
 
-    rules = Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed)  # checked
+    rules = Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed, cfg.dedup)
     pinned = [dataclasses.replace(r, pin=p) for r, p in zip(refs, pins, strict=True)]
     ctx = build_context(cfg, pinned)
     identity = run_identity(cfg, pinned, ctx.fingerprint)

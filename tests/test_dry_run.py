@@ -41,3 +41,18 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     assert main(["select", "--out", str(out), "--keep", "0.1", "--dry-run"]) == 0
     assert "over the scores of 2 shard(s)" in capsys.readouterr().out
     assert _files(out) == before  # not a file added, removed or rewritten
+
+
+def test_a_finished_run_is_another_command_once_dedup_differs(tmp_path, capsys):
+    x, _, noisy = blobs(60)
+    urls = write_tar_set(tmp_path / "in", x, noisy, shards=2)
+    ckpt = train_checkpoint(tmp_path / "p.pt", x, noisy)
+    run = ["run", *urls, "--model", "tiny:mlp", "--checkpoint", ckpt, "--out",
+           str(tmp_path / "out"), "--keep", "0.5", *COMMON]  # fmt: skip
+    assert main([*run, "--dedup", "on"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--dedup", "on", "--dry-run"]) == 0
+    assert "finished run of this command" in capsys.readouterr().out
+    assert main([*run, "--dry-run"]) == 0  # before: --dedup off read as the same command
+    text = capsys.readouterr().out
+    assert "finished run of this command" not in text and "select: would choose" in text

@@ -33,8 +33,8 @@ def finished_manifest(ctx: StageContext, rules: Rules) -> dict[str, Any] | None:
         return None
     if manifest.get("config") != run_config(cfg):
         return None
-    recorded = manifest.get("selection") or {}
-    if any(recorded.get(k) != v for k, v in rules.params().items()):
+    recorded, asked = manifest.get("selection") or {}, rules.params()
+    if any(recorded.get(k) != asked.get(k) for k in {*asked, "dedup"}):  # dedup: only if on
         return None
     return manifest
 
