@@ -10,7 +10,7 @@ Two rows of docs/benchmarks.md §8, each a ratio or a per-shard figure inside on
 The score parts are written once by `scale_select.write_scores` (the columns pass 2 writes). Each
 case runs in a fresh child process and reports the CPU seconds of the call itself (imports not
 counted, including the API and torch that `sage_stream.select`, a lazy attribute, imports:
-1.3-2 s; `time.process_time`, one thread), so a machine shared with other jobs gives fair
+about 1.3 s; `time.process_time`, one thread), so a machine shared with other jobs gives fair
 ratios. `--package DIR` runs the children against another checkout of the package (the
 "before" column); the data and the baseline stay the same.
 
