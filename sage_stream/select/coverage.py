@@ -70,6 +70,7 @@ AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1,
 CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
 EXEMPT_COLUMN = "_cap_exempt"
 MARGIN_COLUMN, NEARER_COLUMN = "_class_margin", "_nearer_class"  # with class means only
+MEMO_BYTES = 256 * 2**20  # parts with their class margins kept across the selection's passes
 
 
 @dataclass
@@ -248,8 +249,29 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
             capped[c] = capped.get(c, 0) + n
         if means is not None and sums is not None:
             means.add(sums)
-    found = with_exempt(first, got, capped, means=means)
-    return lambda fn, chosen: map_parts(lambda t: fn(with_params(t, found)), chosen)
+    ready = _Prepared(with_exempt(first, got, capped, means=means))
+    return lambda fn, chosen: map_parts(lambda t: fn(ready(t)), chosen)
+
+
+class _Prepared:
+    """`with_params` of each part, computed once while the results fit `MEMO_BYTES`: the
+    later passes get the same table objects back from select/cache.py, and the class margins
+    are the costly part (a part's distances to every class mean). Keyed by the part object,
+    which the memo keeps alive, so a key never names another part."""
+
+    def __init__(self, p: Params) -> None:
+        self.p, self.held = p, 0
+        self.memo: dict[int, tuple[pa.Table, pa.Table]] = {}
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        hit = self.memo.get(id(table))
+        if hit is not None and hit[0] is table:
+            return hit[1]
+        out = with_params(table, self.p)
+        if self.p.means is not None and self.held + out.nbytes <= MEMO_BYTES:
+            self.memo[id(table)] = (table, out)
+            self.held += out.nbytes
+        return out
 
 
 # The filter's side of each row's decision (select/decisions.py): why a row is set aside (a
