@@ -6,13 +6,11 @@
     emit(inputs, out=...)                       emit    -> OUT/shards/, manifest, index, _SUCCESS
     run(inputs, model=..., out=..., keep=0.3)   all of the above
 
-Each function takes the options of `Config` that its step uses as keyword arguments (the CLI's
-flags with `_` for `-`), or a ready `Config` as `config=`, and returns a small result object.
-A keyword given beats `config=` (`run(config=cfg, ell=256)` runs with ℓ = 256). The
-signatures are written out for help() and IDEs; tests/test_options.py checks them against
-`Config` (names, the steps that use them, defaults). The CLI is a thin layer over these; `run`
-calls the same internal steps, in one executor, so that Ray actors load the model once for
-both passes.
+Each function takes the options of `Config` its step uses as keywords (the CLI's flags with
+`_` for `-`), or a `Config` as `config=` (a keyword given beats it), and returns a small result.
+The signatures are written out for help() and IDEs; tests/test_options.py checks them against
+`Config`. The CLI is a thin layer over these; `run` calls the same steps in one executor, so
+that Ray actors load the model once for both passes. `select` never imports torch.
 """
 
 from __future__ import annotations
@@ -23,11 +21,10 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, make_config
 from .errors import InputError
-from .executors import Executor, open_executor
 from .inputs import expand_inputs
 from .outputs.folder import output_of
 from .outputs.identity import pinned, run_config, run_identity, run_inputs
@@ -37,12 +34,14 @@ from .outputs.stopped import Stage, recorded_stop
 from .outputs.tables import read_part
 from .passes.checks import nothing_scored
 from .passes.emit import EmitResult
-from .passes.finished import finished_manifest, recorded_results
-from .passes.loop import StageContext, build_context
-from .passes.score import ScoreResult
 from .passes.select import SelectResult, run_select
-from .passes.sketch import SketchResult
 from .select.rules import SKETCHED, Rules
+
+if TYPE_CHECKING:  # these import torch: `select` alone never loads it
+    from .executors import Executor
+    from .passes.loop import StageContext
+    from .passes.score import ScoreResult
+    from .passes.sketch import SketchResult
 
 log = logging.getLogger("sage_stream")
 InputURLs = str | Sequence[str]
@@ -62,6 +61,8 @@ class RunResult:
 def _claim(cfg: Config) -> StageContext:
     """Load the model and list the inputs: reading needs no lease, and a bad input or model
     is reported before OUT is touched."""
+    from .passes.loop import build_context
+
     refs = pinned(expand_inputs(cfg.inputs, cfg.storage_options), cfg)
     output_of(cfg).refuse_inputs_inside(refs)
     return build_context(cfg, refs)
@@ -100,6 +101,8 @@ def _sketch_stats(cfg: Config) -> dict[str, Any] | None:
 
 
 def _run(cfg: Config) -> RunResult:
+    from .passes.finished import finished_manifest, recorded_results
+
     rules = _rules(cfg)  # a run that cannot select is refused before it starts
     ctx = _claim(cfg)
     with hold(output_of(cfg), cfg.force_unlock):
@@ -111,8 +114,14 @@ def _run(cfg: Config) -> RunResult:
             return _run_held(cfg, ctx, stage)
 
 
+def _executor(cfg: Config) -> Any:
+    from .executors import open_executor  # torch comes with it: not for `select` alone
+
+    return open_executor(cfg)
+
+
 def _run_held(cfg: Config, ctx: StageContext, stage: Stage) -> RunResult:
-    with open_executor(cfg) as executor:
+    with _executor(cfg) as executor:
         sketched = executor.sketch(ctx) if cfg.scorer in SKETCHED else None
         stage.step = "score"
         scored = executor.score(ctx, _stored_sketch(ctx))
@@ -130,7 +139,7 @@ def _pass(cfg: Config, name: str, step: Callable[[Executor, StageContext], Any])
     ctx = _claim(cfg)
     with hold(output_of(cfg), cfg.force_unlock):
         _take(ctx)
-        with recorded_stop(ctx.out, name), open_executor(cfg) as executor:
+        with recorded_stop(ctx.out, name), _executor(cfg) as executor:
             return step(executor, ctx)
 
 
@@ -326,7 +335,7 @@ def emit(
     with hold(folder, cfg.force_unlock), recorded_stop(folder, "emit"):
         refs = run_inputs(cfg, folder)
         folder.clear_success()
-        with open_executor(cfg) as executor_:
+        with _executor(cfg) as executor_:
             return executor_.emit(cfg, refs, _sketch_stats(cfg))
 
 

@@ -57,6 +57,11 @@ def test_inspect_does_not_start_torch(finished):
     assert _probe("inspect", str(finished), "--key", key(0)) == "0 -"  # one sample's decision
 
 
+def test_select_does_not_start_torch(finished):
+    # a reselect reads scores and writes selection and decisions: no model, no torch (1.4 s)
+    assert _probe("select", "--out", str(finished), "--keep", "0.25") == "0 -"
+
+
 def test_every_module_imports_on_its_own():
     names = [m.name for m in pkgutil.walk_packages(sage_stream.__path__, "sage_stream.")]
     for name in names:
