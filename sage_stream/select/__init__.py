@@ -3,8 +3,12 @@
     rules       what may be asked (scorer, balance, keep or min-score), checked once: `Rules`
     quotas      how a keep budget is shared between classes (--balance)
     orderings   each scorer's ranking value per candidate (higher kept first)
-    coverage    sage-coverage's ranking: agreement and τ filter, a seeded weighted draw (a
-                noisy-pool switch, measured, off)
+    coverage    sage-coverage's ranking: the likely mislabelled set aside (classmeans: a
+                signature nearer another class's mean), a uniform seeded draw among the rest;
+                without signatures the agreement and τ filter and a weighted draw
+    classmeans  class means and pooled covariance of the signatures, exact over any parts
+    dedup       near-copies within a class (--dedup on)
+    decisions   why each row was kept or not (OUT/decisions.parquet)
     parts       one scores part prepared (candidates, checked, ranked); the count pass
     bounded     the stage's path: exact per-class cuts by passes over the parts, then the kept
                 rows part by part, in memory of one part
