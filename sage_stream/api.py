@@ -56,11 +56,8 @@ class RunResult:
 
 
 # --- the steps, on a Config -------------------------------------------------------------------
-
-
 def _claim(cfg: Config) -> StageContext:
-    """Load the model and list the inputs: reading needs no lease, and a bad input or model
-    is reported before OUT is touched."""
+    """Load the model and list the inputs (no lease: a bad input is reported before OUT is)."""
     from .passes.loop import build_context
 
     refs = pinned(expand_inputs(cfg.inputs, cfg.storage_options), cfg)
@@ -70,7 +67,7 @@ def _claim(cfg: Config) -> StageContext:
 
 def _take(ctx: StageContext) -> None:
     """Claim OUT, under its lease: refuse a different earlier run before touching it."""
-    cfg = ctx.cfg
+    cfg = ctx.cfg  # the run's
     ctx.out.refuse_foreign(cfg.inputs)
     ctx.out.claim(run_identity(cfg, ctx.refs, ctx.fingerprint), run_config(cfg), cfg.overwrite)
     ctx.out.clear_success()
