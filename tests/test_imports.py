@@ -57,6 +57,13 @@ def test_inspect_does_not_start_torch(finished):
     assert _probe("inspect", str(finished), "--key", key(0)) == "0 -"  # one sample's decision
 
 
+def test_reading_scores_never_aborts_at_exit(finished):
+    # pq.read_table on an open file went through pyarrow.dataset, whose threads could still run
+    # at exit: a third of these runs aborted (exit 134) with pyarrow 26 before the fix.
+    for _ in range(6):
+        assert _probe("inspect", str(finished / "scores")) == "0 -"
+
+
 def test_select_does_not_start_torch(finished):
     # a reselect reads scores and writes selection and decisions: no model, no torch (1.4 s)
     assert _probe("select", "--out", str(finished), "--keep", "0.25") == "0 -"

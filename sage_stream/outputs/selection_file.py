@@ -105,8 +105,8 @@ class SelectionFile:
         return frozenset(self.read(shard, ["__key__"])["__key__"].to_pylist())
 
     def _read_all(self) -> pa.Table:
-        with self.folder.open(self.url) as f:
-            return pq.read_table(f).replace_schema_metadata(None)
+        with self.folder.open(self.url) as f:  # not pq.read_table: see outputs/tables.read_table
+            return pq.ParquetFile(f).read().replace_schema_metadata(None)
 
 
 def _split_by_shard(table: pa.Table) -> dict[str, pa.Table]:
