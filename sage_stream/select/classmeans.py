@@ -93,11 +93,12 @@ def part_sums(q: np.ndarray, labels: np.ndarray, ok: np.ndarray) -> MeanSums:
     for start in range(0, len(q), 1 << FIXED_BITS):
         outer = outer + exact_gram(q[start : start + (1 << FIXED_BITS)])
     out.outer = outer
-    distinct, inverse = np.unique(labels, return_inverse=True)
+    distinct, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    totals = np.zeros((len(distinct), q.shape[1]), dtype=np.int64)  # |Σ| ≤ 2^20 · rows: exact
+    np.add.at(totals, inverse.reshape(-1), q)  # one pass over the rows, whatever the classes
     for i, label in enumerate(distinct.tolist()):
-        members = q[inverse.reshape(-1) == i]
-        out.n[int(label)] = len(members)
-        out.total[int(label)] = members.sum(axis=0).astype(object)
+        out.n[int(label)] = int(counts[i])
+        out.total[int(label)] = totals[i].astype(object)
     return out
 
 

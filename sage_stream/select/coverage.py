@@ -1,38 +1,32 @@
 """The `sage-coverage` ranking: the likely-mislabelled set aside, a seeded draw among the rest.
 
-Where it sits: pass 2 records each sample's signature (a 32-number projection of h, the head's
-input; ``signature``), its agreement (``score``) and its ridge leverage τ_i = g_iᵀ (BᵀB +
-λI)⁻¹ g_i (``coverage``; scores.ridge_leverage); selection ranks the candidates by them here,
-for both paths (reference.py, bounded.py).
+Where it sits: pass 2 records each sample's signature (32 numbers of h, the head's input),
+agreement (``score``) and ridge leverage τ (``coverage``; scores.ridge_leverage); selection
+ranks the candidates by them here, for both paths (reference.py, bounded.py).
 
 The rule (issue 28's third round, docs/quality.md). A candidate whose signature is nearer
 another class's mean than its own class's, in the Mahalanobis distance of the pooled
-within-class covariance (classmeans.py: linear discriminant analysis on h), is set aside as
-likely mislabelled (decision ``other_class``); the others are drawn uniformly without
-replacement, by Efraimidis–Spirakis keys of Gumbel noise hashed from the seed and the row's
-content, so the draw is deterministic and independent of row order and sharding. The samples
-set aside come after every passing one, by their class margin. Why: a proxy trained on noisy
-labels learns many of the flipped labels (their loss and gradients then look like a hard
-sample's), but h keeps them with their true class; the class means flagged 85-99% of the
-flipped labels with proxies trained 20 or 300 steps, and set aside 0.2-8% of clean pools.
+within-class covariance (classmeans.py), is set aside as likely mislabelled (decision
+``other_class``), after every passing one, by its class margin; the others are drawn uniformly
+by Efraimidis–Spirakis keys of Gumbel noise hashed from the seed and the row's content, so the
+draw does not depend on row order or sharding. A proxy trained on noisy labels learns many of
+the flipped labels, but h keeps them with their true class.
 
-Without signatures (scores of `--grad params`, or of an earlier version), or with fewer than
-two classes (unlabeled data), the rule before applies: a candidate passes when its agreement is not among the lowest `FILTER_QUANTILE` of its
-class's and its τ is at most `SUPPORT` times the mean τ of all candidates (unless its class is
-exempt: more than `MAX_CAPPED_SHARE` of it over the cap; 1.0, none), and the passing samples
-are drawn with probability ∝ w_i^(1/T), w_i = τ_i/‖g_i‖² the leverage of the gradient's
-direction (`TEMPERATURE`); the others follow by agreement. That rule set aside 9-25% of clean
-pools, their hardest samples, and kept 4-9% flipped labels with the benchmark's proxies.
+Without signatures (`--grad params`, older scores), with one class (unlabeled data), or when
+more than `MAX_SET_ASIDE` of the candidates would be set aside, the rule before applies: a
+candidate passes when its agreement is not among the lowest `FILTER_QUANTILE` of its class's and
+its τ is at most `SUPPORT` times the mean τ (unless more than `MAX_CAPPED_SHARE` of its class is
+over the cap), and the passing are drawn with probability ∝ (τ/‖g‖²)^(1/T), the leverage of the
+gradient's direction; the others follow by agreement.
 
-With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters (the class
-means and covariance, or the τ cap, each class's agreement cut and the exempt classes) come
-from two passes over the score parts (`with_data_params`), in memory of one part plus a few
-numbers per class, so selection stays bounded (bounded.py) and every part is ranked by a
-function of its own rows. selection.parquet's `score` is the ranking value.
+With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters come from
+passes over the score parts (`with_data_params`), in memory of one part plus a few numbers per
+class, so every part is ranked by a function of its own rows.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,14 +40,14 @@ from . import classmeans
 from .content import draw_bits
 from .rules import ok_mask
 
-# The rule without signatures, chosen on benchmarks/quality.py (docs/quality.md): see there
-# for the other values tried.
+log = logging.getLogger("sage_stream")
+
+# The rule without signatures, chosen on benchmarks/quality.py (docs/quality.md).
 FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
 TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; inf: uniform
-# A class with more than this share of its candidates over the τ cap is exempt from it. 1.0:
-# none is (the default: 0.5, measured together with --dedup on and a uniform draw, lost to this
-# setting on the digits; docs/quality.md).
+# A class with more than this share of its candidates over the τ cap is exempt from it; 1.0:
+# none is (0.5 lost to it on the digits; docs/quality.md).
 MAX_CAPPED_SHARE = 1.0
 
 
@@ -67,10 +61,13 @@ def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
 
 
 AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1, 1]
-CAP_COLUMN, CUT_COLUMN = "_coverage_cap", "_agreement_cut"  # added by `with_params`
-EXEMPT_COLUMN = "_cap_exempt"
+CAP_COLUMN, CUT_COLUMN, EXEMPT_COLUMN = "_coverage_cap", "_agreement_cut", "_cap_exempt"
 MARGIN_COLUMN, NEARER_COLUMN = "_class_margin", "_nearer_class"  # with class means only
 MEMO_BYTES = 256 * 2**20  # parts with their class margins kept across the selection's passes
+# More than this share of the candidates nearer another class's mean, and the signatures do not
+# separate the classes (say hundreds of classes in 32 numbers): the rule without them applies.
+# The quality benchmark's pools: at most 30% with 20% of the labels flipped, 0.2-8% clean.
+MAX_SET_ASIDE = 0.5
 
 
 @dataclass
@@ -250,7 +247,28 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
         if means is not None and sums is not None:
             means.add(sums)
     ready = _Prepared(with_exempt(first, got, capped, means=means))
+    if ready.p.means is not None:  # the margins are kept (memo): the ranking reuses them
+        flagged = sum(map_parts(lambda t: _flagged(ready(t)), names))
+        ready = _Prepared(_separating(ready.p, flagged, got.n)) if flagged else ready
     return lambda fn, chosen: map_parts(lambda t: fn(ready(t)), chosen)
+
+
+def _flagged(table: pa.Table) -> int:
+    """Rows of a `with_params` part nearer another class's mean (0 without class means)."""
+    if MARGIN_COLUMN not in table.column_names:
+        return 0
+    return int((table[MARGIN_COLUMN].to_numpy(zero_copy_only=False) < 0).sum())  # NaN: no
+
+
+def _separating(p: Params, flagged: int, n: int) -> Params:
+    """`p`, without its class means if more than MAX_SET_ASIDE of the n candidates are
+    nearer another class's mean (exact: integers and one product)."""
+    if p.means is None or flagged <= MAX_SET_ASIDE * n:
+        return p
+    log.warning("sage-coverage: %d of %d candidates (%.0f%%) lie nearer another class's mean "
+                "than their own: their signatures do not separate the classes, so the agreement "
+                "and coverage filter is used instead", flagged, n, 100.0 * flagged / n)  # fmt: skip
+    return Params(p.cap, p.cut, p.exempt, None, p.top)
 
 
 class _Prepared:
@@ -308,7 +326,8 @@ def _own_params(
     got = part_sums(table, ok)
     p = params(got, quantile, support)
     means = mean_sums(table, ok, got.top) if got.signed and ok.any() else None
-    return with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share, means)
+    p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share, means)
+    return _separating(p, _flagged(with_params(table, p)), got.n) if p.means is not None else p
 
 
 def row_filter(

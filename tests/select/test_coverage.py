@@ -224,3 +224,26 @@ def test_a_class_of_one_is_never_another_classes_mean_and_one_class_keeps_the_ru
     # One class (unlabeled data): no other class to be nearer to, so the rule before applies.
     one = table.set_column(table.schema.get_field_index("label"), "label", pa.array([0] * 31))
     assert not coverage.row_filter(one, np.ones(31, dtype=bool)).by_class_means
+
+
+def test_signatures_that_do_not_separate_the_classes_fall_back_to_the_rule_before(caplog):
+    # 300 signatures of one cloud under 10 random labels: most lie nearer another class's mean,
+    # so the class means say nothing and the agreement and τ filter decides, on both paths.
+    table = _signed(300, flipped=())
+    labels = np.random.default_rng(1).integers(0, 10, 300)
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    sig = np.random.default_rng(2).normal(0, 1, (300, 32)).astype(np.float32)
+    column = pa.array(list(sig), pa.list_(pa.float32(), 32))
+    table = table.set_column(table.schema.get_field_index("signature"), "signature", column)
+    ok = np.ones(300, dtype=bool)
+    assert (class_margin(table, ok) < 0).mean() > coverage.MAX_SET_ASIDE
+    assert not coverage.row_filter(table, ok).by_class_means
+    unsigned = table.drop_columns(["signature"])
+    whole = select(table, keep=0.3, scorer="sage-coverage")
+    assert whole.equals(select(unsigned, keep=0.3, scorer="sage-coverage"))
+    parts = {s: table.filter(pc.equal(table["__shard__"], s)) for s in ("a.tar", "b.tar")}
+    got = select_parts(list(parts), local_map(parts.__getitem__), keep=0.3,
+                       scorer="sage-coverage", seed=0, memory_rows=16)  # fmt: skip
+    bounded = pa.concat_tables([part.kept for part in got]).sort_by("__key__")
+    assert bounded["__key__"].equals(whole.sort_by("__key__")["__key__"])
+    assert "do not separate the classes" in caplog.text
