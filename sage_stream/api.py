@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +112,7 @@ def _run(cfg: Config) -> RunResult:
             return _run_held(cfg, ctx, stage)
 
 
-def _executor(cfg: Config) -> Any:
+def _executor(cfg: Config) -> AbstractContextManager[Executor]:
     from .executors import open_executor  # torch comes with it: not for `select` alone
 
     return open_executor(cfg)

@@ -51,7 +51,8 @@ def signatures(table: pa.Table, ok: np.ndarray) -> np.ndarray | None:
     if k * len(cand) != len(flat):  # lists of different lengths: not signatures
         return None
     out = np.zeros((len(ok), k))
-    out[ok] = flat.reshape(-1, k) if k else out[ok]
+    if k:
+        out[ok] = flat.reshape(-1, k)
     return out
 
 
@@ -114,8 +115,8 @@ def exact_gram(q: np.ndarray) -> np.ndarray:
     ab = a.T @ b
     parts = [(a.T @ a, 2 * half), (ab + ab.T, half), (b.T @ b, 0)]
     out = np.zeros(a.shape[1:] * 2, dtype=object)
-    for gram, shift in parts:
-        out = out + np.vectorize(lambda v, s=shift: int(v) << s, otypes=[object])(gram)
+    for gram, shift in parts:  # each entry an integer below 2^53: int64, then Python ints
+        out = out + gram.astype(np.int64).astype(object) * (1 << shift)
     return out
 
 

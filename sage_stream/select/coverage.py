@@ -46,9 +46,7 @@ log = logging.getLogger("sage_stream")
 FILTER_QUANTILE = 0.05  # per class, at most this share of lowest agreement goes last
 SUPPORT = 1.0  # τ above SUPPORT × mean τ: unsupported, goes last
 TEMPERATURE = 3.0  # T in w^(1/T), w = τ/‖g‖²: 1 draws in proportion to w; inf: uniform
-# A class with more than this share of its candidates over the τ cap is exempt from it; 1.0:
-# none is (0.5 lost to it on the digits; docs/quality.md).
-MAX_CAPPED_SHARE = 1.0
+MAX_CAPPED_SHARE = 1.0  # a class more than this over the τ cap is exempt (1.0: none; 0.5 lost)
 
 
 def gumbel_noise(table: pa.Table, seed: int) -> np.ndarray:
@@ -170,12 +168,17 @@ def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]
     return {int(c): int(n) for c, n in zip(*np.unique(over, return_counts=True), strict=True)}
 
 
+def _signed(table: pa.Table, ok: np.ndarray) -> np.ndarray:
+    """The part's signatures, which the first parameter pass found on every candidate."""
+    if (sig := classmeans.signatures(table, ok)) is None:
+        raise InputError("a scores part lost its signatures between the selection's passes")
+    return sig
+
+
 def mean_sums(table: pa.Table, ok: np.ndarray, top: float) -> classmeans.MeanSums:
     """A part's fixed-point signature sums (the second pass's other partial)."""
-    sig = classmeans.signatures(table, ok)
-    assert sig is not None  # the first pass found every candidate signed
     labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
-    return classmeans.part_sums(classmeans.fixed(sig, top), labels, ok)
+    return classmeans.part_sums(classmeans.fixed(_signed(table, ok), top), labels, ok)
 
 
 def with_exempt(
@@ -208,22 +211,20 @@ def with_params(table: pa.Table, p: Params) -> pa.Table:
     table = table.append_column(CAP_COLUMN, pa.array(np.full(len(labels), p.cap)))
     table = table.append_column(EXEMPT_COLUMN, pa.array(exempt))
     if p.means is not None:
-        margin, nearer = _class_margins(table, p, labels)
+        margin, nearer = _class_margins(table, p.means, p.top, labels)
         table = table.append_column(MARGIN_COLUMN, pa.array(margin))
         table = table.append_column(NEARER_COLUMN, pa.array(nearer))
     return table.append_column(CUT_COLUMN, pa.array(cut))
 
 
-def _class_margins(table: pa.Table, p: Params, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's class margin and nearest other class (classmeans.class_margin); rows that
-    are not candidates (no signature) get NaN and −1."""
-    assert p.means is not None
+def _class_margins(
+    table: pa.Table, means: classmeans.ClassMeans, top: float, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's class margin and nearest other class (classmeans); NaN and −1 off candidates."""
     ok = ok_mask(table)
-    sig = classmeans.signatures(table, ok)
-    assert sig is not None  # the parameter passes found every candidate signed
     margin, nearer = np.full(len(ok), np.nan), np.full(len(ok), -1, dtype=np.int64)
-    q = classmeans.fixed(sig[ok], p.top)
-    margin[ok], nearer[ok] = classmeans.class_margin(p.means, q, labels[ok])
+    q = classmeans.fixed(_signed(table, ok)[ok], top)
+    margin[ok], nearer[ok] = classmeans.class_margin(means, q, labels[ok])
     return margin, nearer
 
 
@@ -248,8 +249,8 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
             means.add(sums)
     ready = _Prepared(with_exempt(first, got, capped, means=means))
     if ready.p.means is not None:  # the margins are kept (memo): the ranking reuses them
-        flagged = sum(map_parts(lambda t: _flagged(ready(t)), names))
-        ready = _Prepared(_separating(ready.p, flagged, got.n)) if flagged else ready
+        kept = _separating(ready.p, sum(map_parts(lambda t: _flagged(ready(t)), names)), got.n)
+        ready = ready if kept is ready.p else _Prepared(kept)
     return lambda fn, chosen: map_parts(lambda t: fn(ready(t)), chosen)
 
 
@@ -261,8 +262,7 @@ def _flagged(table: pa.Table) -> int:
 
 
 def _separating(p: Params, flagged: int, n: int) -> Params:
-    """`p`, without its class means if more than MAX_SET_ASIDE of the n candidates are
-    nearer another class's mean (exact: integers and one product)."""
+    """`p` without class means if more than MAX_SET_ASIDE of the n candidates are flagged."""
     if p.means is None or flagged <= MAX_SET_ASIDE * n:
         return p
     log.warning("sage-coverage: %d of %d candidates (%.0f%%) lie nearer another class's mean "
@@ -272,10 +272,8 @@ def _separating(p: Params, flagged: int, n: int) -> Params:
 
 
 class _Prepared:
-    """`with_params` of each part, computed once while the results fit `MEMO_BYTES`: the
-    later passes get the same table objects back from select/cache.py, and the class margins
-    are the costly part (a part's distances to every class mean). Keyed by the part object,
-    which the memo keeps alive, so a key never names another part."""
+    """`with_params` of each part once while they fit `MEMO_BYTES` (its class margins are the
+    cost; select/cache.py hands later passes the same part objects, kept alive as keys)."""
 
     def __init__(self, p: Params) -> None:
         self.p, self.held = p, 0
@@ -319,15 +317,17 @@ class Filter:
         return self.reasons == ""
 
 
-def _own_params(
+def _with_own_params(
     table: pa.Table, ok: np.ndarray, quantile: float, support: float, capped_share: float
-) -> Params:
-    """The parameters of this table alone (the in-memory path, or a test's table)."""
+) -> pa.Table:
+    """`with_params` of this table's own parameters (the in-memory path, or a test's table)."""
     got = part_sums(table, ok)
     p = params(got, quantile, support)
     means = mean_sums(table, ok, got.top) if got.signed and ok.any() else None
     p = with_exempt(p, got, capped_counts(table, ok, p.cap), capped_share, means)
-    return _separating(p, _flagged(with_params(table, p)), got.n) if p.means is not None else p
+    ready = with_params(table, p)
+    kept = _separating(p, _flagged(ready), got.n)
+    return ready if kept is p else with_params(table, kept)
 
 
 def row_filter(
@@ -342,7 +342,7 @@ def row_filter(
     then, by the rule without signatures)."""
     score, tau, labels = _columns(table, ok)
     if CAP_COLUMN not in table.column_names:
-        table = with_params(table, _own_params(table, ok, quantile, support, capped_share))
+        table = _with_own_params(table, ok, quantile, support, capped_share)
     n = len(score)
     nan = np.full(n, np.nan)
     if MARGIN_COLUMN in table.column_names:  # the class-mean rule
