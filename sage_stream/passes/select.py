@@ -26,8 +26,8 @@ from ..outputs.folder import OutputFolder
 from ..outputs.lease import check as check_lease
 from ..outputs.selection_file import write_selection_parts
 from ..outputs.tables import read_part
-from ..select.bounded import select_parts
-from ..select.cache import PartCache
+from ..select.batches import Batches
+from ..select.bounded import select_units
 from ..select.content import DIGEST
 from ..select.decisions import Tally
 from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
@@ -74,12 +74,13 @@ def run_select(
                 "score` (or --dedup off, for the near-copy signature)"
             ) from None
 
-    read = PartCache(read)  # one read per part while they fit (select/cache.py)
+    parts = Batches(read, shards)  # each part read once, joined in batches (select/batches.py)
     if rules.scorer in SKETCHED:
-        _check_has_sage_scores(folder, shards, read)
+        _check_has_sage_scores(folder, shards, parts.part)
     params: dict[str, Any] = rules.params()
     recorded = folder.recorded_config() or {}
-    warnings = run_warnings(rules.scorer, recorded.get("checkpoint", checkpoint), shards, read)
+    warnings = run_warnings(rules.scorer, recorded.get("checkpoint", checkpoint), shards,
+                            parts.part)  # fmt: skip
     for warning in warnings:
         log.warning("%s", warning)
     if warnings:  # recorded only when there are some: a sound run's selection is unchanged
@@ -87,8 +88,9 @@ def run_select(
     with contextlib.ExitStack() as stack:
         dups = None
         if rules.dedups:  # found first: one pass for the stats, then bucket by bucket
-            dups = stack.enter_context(Duplicates(find_duplicates(shards, local_map(read))))
-        result = _select_and_write(folder, rules, shards, read, params, dups)
+            found = find_duplicates(shards, local_map(parts.part))  # part by part: float sums
+            dups = stack.enter_context(Duplicates(found))
+        result = _select_and_write(folder, rules, parts, params, dups)
     result.warnings = [*warnings, *result.warnings]
     return result
 
@@ -96,13 +98,12 @@ def run_select(
 def _select_and_write(
     folder: OutputFolder,
     rules: Rules,
-    shards: list[str],
-    read: Callable[[str], pa.Table],
+    parts: Batches,
     params: dict[str, Any],
     dups: Duplicates | None,
 ) -> SelectResult:
-    chosen = select_parts(shards, local_map(read), keep=rules.keep, balance=rules.balance,
-                          min_score=rules.min_score, scorer=rules.scorer,
+    chosen = select_units(parts.batches, parts.map, lambda b: b.names, keep=rules.keep,
+                          balance=rules.balance, min_score=rules.min_score, scorer=rules.scorer,
                           seed=rules.seed, duplicates=dups)  # fmt: skip
     scored = 0
     tally = Tally()
@@ -117,14 +118,15 @@ def _select_and_write(
         def counted() -> Iterator[tuple[str, pa.Table]]:
             nonlocal scored
             first = True
-            for part in chosen:
+            for unit in chosen:
                 if first:
                     start()
                     first = False
-                scored += part.candidates
-                sinks[0].write(part.shard, part.decisions)  # the same pass: no rows held
-                tally.add(part.decisions)
-                yield part.shard, part.kept
+                tally.add(unit.decisions)  # once per batch of parts
+                for part in unit.parts:
+                    scored += part.candidates
+                    sinks[0].write(part.shard, part.decisions)  # the same pass: no rows held
+                    yield part.shard, part.kept
             if first:
                 start()
 

@@ -12,31 +12,33 @@ whatever N is:
             ``memory_rows``, one pass collects them and sorts them in memory. Rows tied on
             the exact value are narrowed the same way by the bytes of their key
     write   one pass: per part, the rows ranked at or before their class's cut, and every
-            row's decision (kept, or why not: decisions.py)
+            row's decision (kept, or why not: decisions.py; kept.py)
 
 A *cut* is a row position in the ranking (value descending, then key, then shard): a row is
 kept iff it ranks at or before its class's cut. Every pass works on one part at a time and
 returns a partial (counts, histograms, collected rows) that simply adds up, so the passes can
-run shard-parallel (`map_parts`) and merge on the driver. A part is prepared for every pass
-(parts.py): its candidates, checked, and their ranking values.
+run shard-parallel (`map_parts`) and merge on the driver. A part is prepared (parts.py: its
+candidates, checked, and their ranking values) once and kept for the later passes while the
+prepared parts fit `PREPARED_BYTES`. The passes run over units (`select_units`): a part, or a
+batch of consecutive parts joined into one table (batches.py), which every pass treats as one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import InputError
-from .coverage import with_data_params
-from .decisions import decide_part
-from .dedup import Duplicates, with_duplicates
+from .coverage import data_params
+from .dedup import Duplicates
+from .kept import Cut, Part, Unit, kept_unit
 from .orderings import recorded_score
 from .parts import (
     Counts,
@@ -49,9 +51,11 @@ from .parts import (
     prepare,
 )
 from .quotas import class_quotas, overall_quota
-from .rules import OUTPUT_SCHEMA, Rules
+from .rules import Rules
 
 MEMORY_ROWS = 1 << 18  # rows collected at once to finish a search in memory
+PREPARED_BYTES = 512 * 2**20  # prepared units kept across the passes (`Prepared`)
+MapRows = Callable[[Callable[[Rows], object], list[Any]], Iterable[object]]  # MapParts, prepared
 HISTOGRAM_CELLS = 1 << 22  # classes × buckets of one radix pass (int64: 32 MiB)
 
 
@@ -229,24 +233,22 @@ def _searches(counts: Counts, keep: float, balance: str) -> dict[int | None, Sea
 
 
 def find_cuts(
-    names: list[str],
-    map_parts: MapParts,
+    names: list[Any],
+    map_rows: MapRows,
     *,
     keep: float,
     balance: str,
-    scorer: str,
-    seed: int,
     memory_rows: int = MEMORY_ROWS,
 ) -> Cuts:
     """Each class's cut for a `keep` fraction split by `balance` (see the module)."""
     counts = Counts()
-    for got in map_parts(lambda t: count_part(prepare(t, scorer, seed)), names):
+    for got in map_rows(count_part, names):
         counts.add(got)  # type: ignore[arg-type]
     plan = _searches(counts, keep, balance)
     open_ = [s for s in plan.values() if isinstance(s, Search)]
     bits = max(4, min(16, int(math.log2(HISTOGRAM_CELLS / max(1, len(open_))))))
     while open_:
-        _step(open_, names, map_parts, scorer, seed, memory_rows, bits)
+        _step(open_, names, map_rows, memory_rows, bits)
         open_ = [s for s in open_ if s.cut is None]
     cuts: dict[int | None, tuple[int, str, str] | str] = {}
     for label, s in plan.items():
@@ -255,12 +257,12 @@ def find_cuts(
     return Cuts(cuts, counts.total, {k: v for k, v in lowest.items() if v is not None})
 
 
-def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: str, seed: int,
-          memory_rows: int, bits: int) -> None:  # fmt: skip
+def _step(open_: list[Search], names: list[Any], map_rows: MapRows, memory_rows: int,
+          bits: int) -> None:  # fmt: skip
     """One pass over the parts that moves every open search forward."""
     if sum(s.in_play for s in open_) <= memory_rows or all(s.exact_key for s in open_):
         found: list[list[tuple[int, str, str]]] = [[] for _ in open_]
-        for got in map_parts(lambda t: collect_part(prepare(t, scorer, seed), open_), names):
+        for got in map_rows(lambda r: collect_part(r, open_), names):
             for mine, rows in zip(found, got, strict=True):  # type: ignore[call-overload]
                 mine.extend(rows)
         for s, rows in zip(open_, found, strict=True):
@@ -269,7 +271,7 @@ def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: st
     ranged = [s for s in open_ if s.high > s.low]
     if ranged:
         total = np.zeros((len(ranged), 1 << bits), dtype=np.int64)
-        for got in map_parts(lambda t: radix_part(prepare(t, scorer, seed), ranged, bits), names):
+        for got in map_rows(lambda r: radix_part(r, ranged, bits), names):
             total += got  # type: ignore[arg-type]
         for s, hist in zip(ranged, total, strict=True):
             _narrow_range(s, hist, bits)
@@ -278,80 +280,76 @@ def _step(open_: list[Search], names: list[str], map_parts: MapParts, scorer: st
         return
     tied = [s for s in open_ if not s.exact_key]
     total = np.zeros((len(tied), 257), dtype=np.int64)
-    for got in map_parts(lambda t: tie_part(prepare(t, scorer, seed), tied), names):
+    for got in map_rows(lambda r: tie_part(r, tied), names):
         total += got  # type: ignore[arg-type]
     for s, hist in zip(tied, total, strict=True):
         _narrow_tie(s, hist)
 
 
-# --- the write pass ---------------------------------------------------------------------------
+# --- the driver -------------------------------------------------------------------------------
 
 
-class Part(NamedTuple):
-    """What the write pass returns for one part."""
+class Prepared:
+    """Each unit made ready (near-copies marked, sage-coverage's parameters) and prepared
+    (parts.prepare) once, while the prepared units fit `PREPARED_BYTES`: the search's passes
+    and the write pass then reuse them. Keyed by the unit's table object, which the batches
+    (batches.py) hand every pass while they hold it; a unit past the budget is prepared again."""
 
-    shard: str
-    kept: pa.Table  # OUTPUT_SCHEMA rows, sorted by shard then key
-    candidates: int
-    decisions: pa.Table  # decisions.DECISION_SCHEMA, one row per scores row, in its order
+    def __init__(self, ready: Callable[[pa.Table], pa.Table], scorer: str, seed: int) -> None:
+        self.ready, self.scorer, self.seed = ready, scorer, seed
+        self.memo: dict[int, tuple[pa.Table, pa.Table, Rows]] = {}
+        self.held = 0
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Rows]:
+        hit = self.memo.get(id(table))
+        if hit is not None and hit[0] is table:
+            return hit[1], hit[2]
+        full = self.ready(table)
+        rows = prepare(full, self.scorer, self.seed)
+        size = full.nbytes + 24 * len(rows.values)  # + values, order, labels
+        size += 0 if rows.table is full else rows.table.nbytes
+        if self.held + size <= PREPARED_BYTES:
+            self.memo[id(table)] = (table, full, rows)
+            self.held += size
+        return full, rows
 
 
-def kept_part(
-    table: pa.Table,
+def select_units(
+    units: list[Any],
+    map_parts: MapParts,
+    names_of: Callable[[Any], tuple[str, ...]],
     *,
-    cuts: Cuts | None,
-    min_score: float | None,
-    scorer: str,
-    seed: int,
+    keep: float | None = None,
+    balance: str = "proportional",
+    min_score: float | None = None,
+    scorer: str = "sage",
+    seed: int = 0,
+    memory_rows: int = MEMORY_ROWS,
     duplicates: Duplicates | None = None,
-) -> Part:
-    """One part's kept rows as ``__key__, __shard__, label, score``, sorted by shard then key,
-    its number of candidates and every row's decision (decisions.py); shard left blank."""
-    rows = prepare(table, scorer, seed)
-    if min_score is not None:
-        mask = rows.values >= min_score
-    elif cuts is not None:
-        mask = _kept_mask(rows, cuts)
-    else:
-        raise ValueError("kept_part needs cuts or min_score")  # a bug, not bad input
-    idx = np.flatnonzero(mask)
-    cand = rows.table.take(idx)
-    score = recorded_score(rows.values[idx], scorer)
-    columns = [cand["__key__"], cand["__shard__"], cand["label"], pa.array(score, pa.float64())]
-    out = pa.Table.from_arrays(
-        [c.cast(f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)], schema=OUTPUT_SCHEMA
-    )
-    if out.num_rows > 1:
-        out = out.take(pc.sort_indices(out, sort_keys=[("__shard__", "ascending"),
-                                                       ("__key__", "ascending")]))  # fmt: skip
-    decided = decide_part(table, rows, mask, scorer=scorer, min_score=min_score,
-                          cuts=None if cuts is None else cuts.values(scorer),
-                          duplicates=duplicates)  # fmt: skip
-    return Part("", out, len(rows.values), decided)
+) -> Iterator[Unit]:
+    """`select_parts` over units of parts in shard-name order (`names_of`: a unit's parts),
+    each a part or a batch of them (batches.py): per unit, its parts' kept rows and decisions."""
+    rules = Rules(keep, min_score, balance, scorer, seed)
+    ready: Callable[[pa.Table], pa.Table] = lambda t: t  # noqa: E731
+    mark = ready = duplicates.mark if duplicates is not None else ready  # near-copies go last
+    scorer = rules.ranked_by  # with a threshold, sage-coverage's is on the agreement
+    if scorer == "sage-coverage":  # its ranking needs data-wide numbers: passes first
+        params = data_params(map_parts, units)  # (not of the near-copy marks)
+        ready = params if duplicates is None else lambda t: params(mark(t))
+    prepared = Prepared(ready, scorer, seed)
+    map_rows: MapRows = lambda fn, chosen: map_parts(lambda t: fn(prepared(t)[1]), chosen)  # noqa: E731
+    cut = None
+    if keep is not None:
+        cuts = find_cuts(units, map_rows, keep=keep, balance=balance, memory_rows=memory_rows)
+        cut = Cut(cuts.by_label, cuts.values(scorer))
+    for unit in units:  # one unit at a time: its names go with its table
+        write = functools.partial(_write, prepared=prepared, names=names_of(unit), cuts=cut,
+                                  min_score=min_score, scorer=scorer, duplicates=duplicates)  # fmt: skip
+        yield from map_parts(write, [unit])  # type: ignore[misc]
 
 
-def _kept_mask(rows: Rows, cuts: Cuts) -> np.ndarray:
-    """Boolean (n,): the rows ranked at or before their class's cut."""
-    labels = list(cuts.by_label)
-    group = group_of(rows, labels)
-    g = np.maximum(group, 0)
-    kind = np.array([c if isinstance(c, str) else "cut" for c in cuts.by_label.values()])
-    value = np.array([0 if isinstance(c, str) else c[0] for c in cuts.by_label.values()],
-                     dtype=np.uint64)  # fmt: skip
-    known = group >= 0
-    is_cut = known & (kind[g] == "cut")
-    mask = known & (kind[g] == "all") | is_cut & (rows.order > value[g])
-    at = np.flatnonzero(is_cut & (rows.order == value[g]))
-    if len(at):
-        names = [("", "") if isinstance(c, str) else (c[1], c[2]) for c in cuts.by_label.values()]
-        key = pa.array([names[i][0] for i in g[at].tolist()], pa.string())
-        shard = pa.array([names[i][1] for i in g[at].tolist()], pa.string())
-        keys, shards = rows.table["__key__"].take(at), rows.table["__shard__"].take(at)
-        before = pc.or_(
-            pc.less(keys, key), pc.and_(pc.equal(keys, key), pc.less_equal(shards, shard))
-        )
-        mask[at[np.asarray(before.to_numpy(zero_copy_only=False), dtype=bool)]] = True
-    return mask
+def _write(table: pa.Table, prepared: Prepared, names: tuple[str, ...], **kwargs: Any) -> Unit:
+    return kept_unit(*prepared(table), names, **kwargs)
 
 
 def select_parts(
@@ -369,18 +367,8 @@ def select_parts(
     """For each part, in shard-name order: its kept rows, the rows `reference.select` keeps on
     all parts at once (same arguments), its candidates and its decisions. With `duplicates`
     (dedup.py, found over the same parts) every duplicate ranks after its class's others."""
-    rules = Rules(keep, min_score, balance, scorer, seed)
-    names = sorted(names)
-    if duplicates is not None:
-        map_parts = with_duplicates(map_parts, duplicates)
-    scorer = rules.ranked_by  # with a threshold, sage-coverage's is on the agreement
-    if scorer == "sage-coverage":  # its ranking needs two data-wide numbers: one pass first
-        map_parts = with_data_params(map_parts, names)
-    cuts = None
-    if keep is not None:
-        cuts = find_cuts(names, map_parts, keep=keep, balance=balance, scorer=scorer, seed=seed,
-                         memory_rows=memory_rows)  # fmt: skip
-    write = lambda t: kept_part(t, cuts=cuts, min_score=min_score, scorer=scorer, seed=seed,  # noqa: E731
-                                duplicates=duplicates)  # fmt: skip
-    for name, got in zip(names, map_parts(write, names), strict=True):
-        yield got._replace(shard=name)  # type: ignore[attr-defined]
+    units = select_units(sorted(names), map_parts, lambda name: (name,), keep=keep,
+                         balance=balance, min_score=min_score, scorer=scorer, seed=seed,
+                         memory_rows=memory_rows, duplicates=duplicates)  # fmt: skip
+    for unit in units:
+        yield from unit.parts

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from . import classmeans
 from .content import draw_bits
-from .rules import ok_mask
+from .rules import PART, ok_mask
 
 log = logging.getLogger("sage_stream")
 
@@ -181,13 +182,8 @@ def mean_sums(table: pa.Table, ok: np.ndarray, top: float) -> classmeans.MeanSum
     return classmeans.part_sums(classmeans.fixed(_signed(table, ok), top), labels, ok)
 
 
-def with_exempt(
-    p: Params,
-    got: CoverageSums,
-    capped: dict[int, int],
-    share: float = MAX_CAPPED_SHARE,
-    means: classmeans.MeanSums | None = None,
-) -> Params:
+def with_exempt(p: Params, got: CoverageSums, capped: dict[int, int],
+                share: float = MAX_CAPPED_SHARE, means: classmeans.MeanSums | None = None) -> Params:  # fmt: skip
     """`p` with the classes more than `share` of whose candidates are over the cap, and the
     class means of `means` (the second pass's sums, when every candidate is signed)."""
     exempt = frozenset(c for c, h in got.hist.items()
@@ -217,20 +213,23 @@ def with_params(table: pa.Table, p: Params) -> pa.Table:
     return table.append_column(CUT_COLUMN, pa.array(cut))
 
 
-def _class_margins(
-    table: pa.Table, means: classmeans.ClassMeans, top: float, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's class margin and nearest other class (classmeans); NaN and −1 off candidates."""
+def _class_margins(table: pa.Table, means: classmeans.ClassMeans, top: float,
+                   labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each row's class margin and nearest other class (classmeans); NaN and −1 off candidates.
+    Part by part in a batch (batches.py): a product's last bits depend on its rows."""
     ok = ok_mask(table)
     margin, nearer = np.full(len(ok), np.nan), np.full(len(ok), -1, dtype=np.int64)
-    q = classmeans.fixed(_signed(table, ok)[ok], top)
-    margin[ok], nearer[ok] = classmeans.class_margin(means, q, labels[ok])
+    q, at, own = classmeans.fixed(_signed(table, ok)[ok], top), np.flatnonzero(ok), labels[ok]
+    ids = table[PART].to_numpy()[ok] if PART in table.column_names else np.zeros(len(at))
+    bounds = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(at)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        margin[at[a:b]], nearer[at[a:b]] = classmeans.class_margin(means, q[a:b], own[a:b])
     return margin, nearer
 
 
-def with_data_params(map_parts: Any, names: list[str]) -> Any:
-    """A MapParts (parts.py) whose parts carry the parameters, found first by one pass of
-    `map_parts` over the parts: memory is one part plus a histogram per class."""
+def data_params(map_parts: Any, names: list[Any]) -> Callable[[pa.Table], pa.Table]:
+    """A part -> the part with the parameters (`with_params`), found first by passes of
+    `map_parts` (parts.py) over the parts: memory is one part plus a histogram per class."""
     got = CoverageSums()
     for one in map_parts(lambda t: part_sums(t, ok_mask(t)), names):
         got.add(one)
@@ -251,7 +250,7 @@ def with_data_params(map_parts: Any, names: list[str]) -> Any:
     if ready.p.means is not None:  # the margins are kept (memo): the ranking reuses them
         kept = _separating(ready.p, sum(map_parts(lambda t: _flagged(ready(t)), names)), got.n)
         ready = ready if kept is ready.p else _Prepared(kept)
-    return lambda fn, chosen: map_parts(lambda t: fn(ready(t)), chosen)
+    return ready
 
 
 def _flagged(table: pa.Table) -> int:
@@ -273,7 +272,7 @@ def _separating(p: Params, flagged: int, n: int) -> Params:
 
 class _Prepared:
     """`with_params` of each part once while they fit `MEMO_BYTES` (its class margins are the
-    cost; select/cache.py hands later passes the same part objects, kept alive as keys)."""
+    cost; select/batches.py hands later passes the same part objects, kept alive as keys)."""
 
     def __init__(self, p: Params) -> None:
         self.p, self.held = p, 0
@@ -284,9 +283,10 @@ class _Prepared:
         if hit is not None and hit[0] is table:
             return hit[1]
         out = with_params(table, self.p)
-        if self.p.means is not None and self.held + out.nbytes <= MEMO_BYTES:
+        added = out.nbytes - table.nbytes  # the new columns: the others are the part's own
+        if self.p.means is not None and self.held + added <= MEMO_BYTES:
             self.memo[id(table)] = (table, out)
-            self.held += out.nbytes
+            self.held += added
         return out
 
 

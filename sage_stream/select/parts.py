@@ -14,18 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .classmeans import SIGNATURE
+from .coverage import CAP_COLUMN as PARAMS
 from .dedup import demote
 from .orderings import ranking_values
-from .rules import COLUMNS, check_columns, ok_mask
+from .rules import COLUMNS, PART, check_columns, ok_mask
 
 ReadPart = Callable[[str], pa.Table]  # shard name -> its scores part (the COLUMNS at least)
-MapParts = Callable[[Callable[[pa.Table], object], list[str]], Iterable[object]]
+# Runs a per-part function over units of parts (shard names, or batches.py's batches of
+# consecutive parts joined into one table): one result per unit, partials that add up.
+MapParts = Callable[[Callable[[pa.Table], object], list[Any]], Iterable[object]]
 
 
 def local_map(read: ReadPart) -> MapParts:
@@ -54,7 +59,12 @@ class Rows:
 def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
     """One part's candidates, checked as `reference.select` checks the whole table."""
     check_columns(table, COLUMNS)
-    cand = table.filter(pa.array(ok_mask(table)))
+    if SIGNATURE in table.column_names and (
+        scorer != "sage-coverage" or PARAMS in table.column_names
+    ):
+        table = table.drop_columns([SIGNATURE])  # used only by a ranking without its params
+    ok = ok_mask(table)
+    cand = table if ok.all() else table.filter(pa.array(ok))  # no copy when all are candidates
     for column in ("__key__", "__shard__"):
         if cand[column].null_count:
             raise InputError(
@@ -87,6 +97,11 @@ def _check_unique(cand: pa.Table) -> None:
         return
     names = pc.binary_join_element_wise(cand["__shard__"], cand["__key__"], "\0")
     if len(pc.unique(names)) == cand.num_rows:
+        return
+    if PART in cand.column_names:  # a batch: each part is checked alone, as if read alone
+        ids = cand[PART].to_numpy(zero_copy_only=False)
+        for part in np.unique(ids).tolist():
+            _check_unique(cand.filter(pa.array(ids == part)).drop_columns([PART]))
         return
     order = pc.sort_indices(cand, sort_keys=[("__shard__", "ascending"), ("__key__", "ascending")])
     ranked = names.take(order).to_pylist()

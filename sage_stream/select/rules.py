@@ -28,6 +28,7 @@ DEDUP = ("off", "on")  # near-copy removal (dedup.py), for any scorer
 
 # The scores/ columns both selection paths read (sage-coverage reads `coverage` as well).
 COLUMNS = ["__key__", "__shard__", "label", "status", "score", "loss", "grad_norm"]
+PART = "_part"  # a batch's column: each row's part, by position in the batch (batches.py)
 OUTPUT_SCHEMA = pa.schema(
     [
         ("__key__", pa.string()),
