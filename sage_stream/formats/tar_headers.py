@@ -60,6 +60,11 @@ _PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 # version, uname, gname, devmajor, devminor, prefix (and 12 bytes of padding).
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s")
 # Errors that tarfile's own header code lets escape on malformed input.
+# Number fields seen before (raw field bytes -> value, -1 if not plain octal): most repeat
+# from header to header (mode, owner, mtime, devices; sizes within a dataset), and a lookup is
+# a fifth of the strip-check-convert. Cleared when full, so a shard cannot grow it.
+_OCTAL_FIELDS: dict[bytes, int] = {}
+_OCTAL_FIELDS_MAX = 4096
 _PARSE_ERRORS = (ValueError, IndexError, OverflowError, LookupError, TypeError, RecursionError)
 
 
@@ -289,15 +294,29 @@ def _common_header(buf: bytes | bytearray) -> tuple[tuple[bytes, ...], list[int]
     (name, mode, uid, gid, size, mtime, chksum, kind, linkname, _magic, _version, uname,
      gname, devmajor, devminor, prefix) = _USTAR.unpack_from(buf)  # fmt: skip
     numbers = []
+    known = _OCTAL_FIELDS
     for raw in (mode, uid, gid, size, mtime, chksum, devmajor, devminor):
-        digits = raw.rstrip(b" \0")  # tarfile's nti in the common case: octal digits, then
-        if digits.translate(None, b"01234567"):  # only spaces and NULs (else tarfile's path)
+        number = known.get(raw)
+        if number is None:
+            number = _plain_octal(raw)
+            if len(known) >= _OCTAL_FIELDS_MAX:  # bounded whatever a shard's headers hold
+                known.clear()
+            known[raw] = number
+        if number < 0:
             return None
-        numbers.append(int(digits or b"0", 8))
+        numbers.append(number)
     # tarfile accepts the unsigned or the signed sum; only the unsigned one is taken here
     if kind == tarfile.GNUTYPE_SPARSE or numbers[5] != 256 + _byte_sum(buf) - sum(buf[148:156]):
         return None
     return (name, linkname, uname, gname, prefix), numbers, kind
+
+
+def _plain_octal(raw: bytes) -> int:
+    """tarfile's nti in the common case (octal digits, then only spaces and NULs), else -1."""
+    digits = raw.rstrip(b" \0")
+    if digits.translate(None, b"01234567"):  # anything else goes to tarfile's path
+        return -1
+    return int(digits or b"0", 8)
 
 
 def _byte_sum(buf: bytes | bytearray) -> int:

@@ -100,3 +100,38 @@ def test_a_broken_stream_yields_the_complete_samples_first():
         for item in decoded_batches(stream(), decoder, batch_size=8, num_classes=3):
             got.append(item)
     assert kinds(got) == ["B3"]
+
+
+def _digest_by_byte_view(x, label: int) -> int:
+    """content_digest's definition, spelled out: label, then per field its header and bytes."""
+    import hashlib
+
+    h = hashlib.sha256(str(label).encode())
+    for name, t in sorted(x.items()) if isinstance(x, dict) else [("", x)]:
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.arange(32, dtype=torch.float32),
+        torch.arange(24, dtype=torch.float32).reshape(2, 3, 4),
+        torch.arange(24, dtype=torch.float32).reshape(4, 6).T,  # strided: the copy path
+        torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, ::2],
+        torch.zeros(0, 3),
+        torch.arange(5, dtype=torch.float32).bfloat16(),  # no numpy dtype: the byte view
+        torch.arange(5, dtype=torch.float32).half(),
+        torch.tensor([True, False, True]),
+        torch.tensor(3.5),
+        torch.arange(6, dtype=torch.float32).requires_grad_(),
+        {"input_ids": torch.arange(9), "attention_mask": torch.ones(9, dtype=torch.int32)},
+    ],
+    ids=lambda x: "dict" if isinstance(x, dict) else f"{x.dtype}-{tuple(x.shape)}",
+)
+def test_content_digest_hashes_the_values_in_memory_order_whatever_the_layout(x):
+    from sage_stream.decode.batches import content_digest
+
+    assert content_digest(x, 7) == _digest_by_byte_view(x, 7)
+    assert content_digest(x, 7) != content_digest(x, 6)  # the label is part of the content

@@ -212,6 +212,21 @@ def test_the_quick_header_path_parses_as_tarfile_does():
     assert 500 < quick < len(blocks) - 500  # both paths are exercised
     for block in blocks:
         assert _parsed(CheckedTarInfo, block) == _parsed(tarfile.TarInfo, block), block
+    for block in blocks:  # a second time: the number fields now come from the cache
+        assert _parsed(CheckedTarInfo, block) == _parsed(tarfile.TarInfo, block), block
+
+
+def test_the_number_field_cache_stays_bounded_whatever_the_headers():
+    from sage_stream.formats import tar_headers
+
+    for size in range(3 * tar_headers._OCTAL_FIELDS_MAX):  # every header a new size
+        block = bytearray(512)
+        block[124:136] = f"{size:011o}\0".encode()
+        block[148:156] = f"{256 + sum(block) - 0:06o}\0 ".encode()
+        tar_headers._common_header(bytes(block))
+        assert len(tar_headers._OCTAL_FIELDS) <= tar_headers._OCTAL_FIELDS_MAX
+    assert tar_headers._plain_octal(b"0000644\0") == 0o644
+    assert tar_headers._plain_octal(b"00 644\0") == -1  # a space inside: tarfile's path
 
 
 def test_output_shards_are_the_bytes_tarfile_would_write():
