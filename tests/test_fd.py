@@ -249,6 +249,7 @@ def test_rows_is_a_copy_without_finalizing():
         torch.tensor([[0.0] * 7 + [float("nan")]]),
         torch.tensor([[1.0] * 7 + [float("inf")]]),
         np.full((2, 8), 1e300),  # overflows float32
+        torch.tensor([[1.0] * 8, [1e20] + [0.0] * 7]),  # finite, but its square is not
     ],
 )
 def test_bad_rows_raise_input_error(bad):
