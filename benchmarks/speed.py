@@ -180,8 +180,27 @@ def fd_rows(s: dict, clock: Clock, device: str) -> dict:
         if dim == s["fd_limit_dim"]:
             limit = blas_limit(clock, ell, dim, device) * s["shrinks"]
             row.update(limit_s=round(limit, 3), fd_over_limit=round(limit / ours, 4))
+        if dim == s["fd_limit_dim"]:
+            row["buffer_sweep"] = buffer_sweep(clock, ell, dim, device)
         out[str(dim)] = row
         del rows, batches
+    return out
+
+
+def buffer_sweep(clock: Clock, ell: int, dim: int, device: str) -> dict:
+    """The shrink's cost per new row when it runs every b rows instead of every ℓ + 1 (the
+    package's 2ℓ buffer): one `_shrink` of the ℓ − 1 orthogonal rows of a previous shrink plus
+    b new rows, eigh included. The cheapest b is the shrink frequency to use on this device."""
+    from sage_stream.fd import _shrink
+
+    rows = decaying_rows(ell - 1 + 2 * ell, dim, seed=dim + 1, device=device)
+    b0, _, _ = _shrink(rows[: 2 * ell], ell)  # ℓ − 1 orthogonal rows, as after a shrink
+    out, reps = {}, 3
+    for new in (ell // 4, ell // 2, ell + 1, 2 * ell):
+        buf = torch.cat([b0, rows[2 * ell - 1 :][:new]])
+        sec = clock(lambda buf=buf: [_shrink(buf, ell, b0.shape[0]) for _ in range(reps)]) / reps
+        out[str(new)] = {"ms_per_shrink": round(1e3 * sec, 2),
+                         "us_per_row": round(1e6 * sec / new, 2)}  # fmt: skip
     return out
 
 
