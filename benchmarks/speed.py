@@ -193,11 +193,11 @@ def buffer_sweep(clock: Clock, ell: int, dim: int, device: str) -> dict:
     b new rows, eigh included. The cheapest b is the shrink frequency to use on this device."""
     from sage_stream.fd import _shrink
 
-    rows = decaying_rows(ell - 1 + 2 * ell, dim, seed=dim + 1, device=device)
+    rows = decaying_rows(4 * ell, dim, seed=dim + 1, device=device)
     b0, _, _ = _shrink(rows[: 2 * ell], ell)  # ℓ − 1 orthogonal rows, as after a shrink
     out, reps = {}, 3
     for new in (ell // 4, ell // 2, ell + 1, 2 * ell):
-        buf = torch.cat([b0, rows[2 * ell - 1 :][:new]])
+        buf = torch.cat([b0, rows[2 * ell : 2 * ell + new]])
         sec = clock(lambda buf=buf: [_shrink(buf, ell, b0.shape[0]) for _ in range(reps)]) / reps
         out[str(new)] = {"ms_per_shrink": round(1e3 * sec, 2),
                          "us_per_row": round(1e6 * sec / new, 2)}  # fmt: skip
