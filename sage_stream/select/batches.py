@@ -32,6 +32,8 @@ from .rules import PART
 
 CACHE_BYTES = 256 * 2**20  # batches kept across passes (about 3·10^6 rows w/o signature)
 BATCH_BYTES = 64 * 2**20  # a batch's Arrow bytes at most (one part larger than this: alone)
+BATCH_ROWS = 1 << 16  # parts are joined only while the batch has fewer rows: a larger part
+# costs little per pass for its rows, and joining would copy it
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,20 @@ class Batches:
         self._read = read
         self._budget = CACHE_BYTES if budget is None else budget
         self._held: dict[int, pa.Table] = {}
-        self._where: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> batch, first row, rows
         self.held_bytes = 0
         self.batches: list[Batch] = []
         limit = BATCH_BYTES if batch_bytes is None else batch_bytes
         pending: list[tuple[str, pa.Table]] = []
-        size = 0
+        size = rows = 0
         for name in sorted(names):
             table = read(name)
-            if pending and (size + table.nbytes > limit or table.schema != pending[0][1].schema):
+            full = size + table.nbytes > limit or rows + table.num_rows > BATCH_ROWS
+            if pending and (full or table.schema != pending[0][1].schema):
                 self._seal(pending)
-                pending, size = [], 0
+                pending, size, rows = [], 0, 0
             pending.append((name, table))
-            size += table.nbytes
+            size, rows = size + table.nbytes, rows + table.num_rows
         if pending:
             self._seal(pending)
 
@@ -75,8 +78,8 @@ class Batches:
         batch = Batch(len(self.batches), tuple(n for n, _ in pending),
                       tuple(t.num_rows for _, t in pending))  # fmt: skip
         self.batches.append(batch)
-        for name in batch.names:
-            self._where[name] = batch.index
+        for name, start, rows in zip(batch.names, batch.bounds(), batch.rows, strict=False):
+            self._where[name] = (batch.index, start, rows)
         table = _join([t for _, t in pending], batch.rows)
         if self.held_bytes + table.nbytes <= self._budget:
             self._held[batch.index] = table
@@ -91,14 +94,11 @@ class Batches:
 
     def part(self, name: str) -> pa.Table:
         """One part, as `read` gives it (a slice of its batch while the batch is held)."""
-        index = self._where.get(name)
-        held = self._held.get(index) if index is not None else None
-        if held is None or index is None:
+        index, start, rows = self._where.get(name, (-1, 0, 0))
+        held = self._held.get(index)
+        if held is None:
             return self._read(name)
-        batch = self.batches[index]
-        at = batch.names.index(name)
-        start = batch.bounds()[at]
-        return held.slice(start, batch.rows[at]).drop_columns([PART])
+        return held.slice(start, rows).drop_columns([PART])
 
     def map(self, fn: Callable[[pa.Table], object], batches: list[Batch]) -> Iterator[object]:
         """fn of each batch's table, in order (a MapParts over batches: parts.py)."""

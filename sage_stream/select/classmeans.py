@@ -43,7 +43,17 @@ def signatures(table: pa.Table, ok: np.ndarray) -> np.ndarray | None:
     candidate has none (params mode, scores of an older version, no column)."""
     if SIGNATURE not in table.column_names:
         return None if ok.any() else np.zeros((len(ok), 0))
-    cand = table[SIGNATURE].filter(pa.array(ok))
+    column = table[SIGNATURE]
+    if column.null_count and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all():
+        return None  # checked before any copy: scores without signatures have them all null
+    if pa.types.is_fixed_size_list(column.type) and ok.any():  # as pass 2 writes them
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        k = arr.type.list_size  # the values of the rows in order, null rows' slots included
+        flat = arr.values.slice(arr.offset * k, len(arr) * k).to_numpy(zero_copy_only=False)
+        out = np.zeros((len(ok), k))
+        out[ok] = flat.reshape(-1, k)[ok] if k else out[ok]
+        return out
+    cand = column.filter(pa.array(ok))
     if cand.null_count:
         return None
     flat = pc.list_flatten(cand).to_numpy(zero_copy_only=False).astype(np.float64)

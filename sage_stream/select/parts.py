@@ -95,7 +95,11 @@ def from_ordered_bits(order: int) -> float:
 def _check_unique(cand: pa.Table) -> None:
     if cand.num_rows < 2:
         return
-    names = pc.binary_join_element_wise(cand["__shard__"], cand["__key__"], "\0")
+    shards = cand["__shard__"]  # one shard per part as pass 2 writes it: its keys suffice
+    one = pc.min_max(shards)
+    if one["min"] == one["max"] and len(pc.unique(cand["__key__"])) == cand.num_rows:
+        return
+    names = pc.binary_join_element_wise(shards, cand["__key__"], "\0")
     if len(pc.unique(names)) == cand.num_rows:
         return
     if PART in cand.column_names:  # a batch: each part is checked alone, as if read alone
