@@ -7,14 +7,18 @@ Two rows of docs/benchmarks.md §8, each a ratio or a per-shard figure inside on
              sort by (label, score), take the top 30%, write them (`baseline`)
     shards   the same select over 5,000 one-row parts: seconds per shard
 
-The score parts are written once by `scale_select.write_scores` (the columns pass 2 writes). Each
-case runs in a fresh child process and reports the CPU seconds of the call itself (imports not
-counted, including the API and torch that `sage_stream.select`, a lazy attribute, imports:
-about 1.3 s; `time.process_time`, one thread), so a machine shared with other jobs gives fair
-ratios. `--package DIR` runs the children against another checkout of the package (the
-"before" column); the data and the baseline stay the same.
+The score parts are written once by `scale_select.write_scores` (the columns pass 2 writes, the
+signature column null, as `--grad params` writes it). Real runs of the default scorer carry
+signatures, and `sage-coverage` then runs its class-mean filter: each row also has a `signed`
+variant, the same parts with signatures (`classmeans_cost.with_signatures`). Each case runs in
+a fresh child process and reports the CPU seconds of the call itself (imports not counted,
+including the API that `sage_stream.select`, a lazy attribute, imports; `time.process_time`,
+one thread), so a machine shared with other jobs gives fair ratios. `--runs N` repeats every
+case N times, select and baseline alternating, and reports each run's ratio and the median.
+`--package DIR` runs the children against another checkout of the package (the "before"
+column); the data and the baseline stay the same.
 
-    python benchmarks/select_speed.py                    # both rows (a few minutes)
+    python benchmarks/select_speed.py                    # both rows, signed or not (minutes)
     python benchmarks/select_speed.py --quick            # 20,000 rows, 200 shards: a smoke run
 """
 
@@ -23,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from classmeans_cost import with_signatures  # noqa: E402
 from common import cpu_parser, work_dir, write_results  # noqa: E402
 from scale_select import run_child, write_scores  # noqa: E402
 
@@ -63,10 +69,29 @@ def run_case(case: str, out: Path, keep: float, package: str | None) -> dict:
     return run_child(case, out, keep, 3600, script=__file__, pythonpath=package)
 
 
+def signed(out: Path) -> Path:
+    """A copy of OUT `out` whose score parts carry signatures (made once, reused)."""
+    dst = out.parent / f"{out.name}-signed"
+    if not (dst / "scores.done").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        with_signatures(out, dst)
+    return dst
+
+
+def _cpu(results: list[dict]) -> list[float | None]:
+    return [r["cpu_s"] if r.get("status") == "ok" else None for r in results]
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
 def main() -> None:
     p = cpu_parser(__doc__.splitlines()[0])
     p.add_argument("--keep", type=float, default=0.3)
     p.add_argument("--package", default=None, help="checkout whose sage_stream the children run")
+    p.add_argument("--runs", type=int, default=3, help="runs of every case, alternating")
+    p.add_argument("--tag", default=None, help="results/select_speed-TAG-cpu.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -77,18 +102,29 @@ def main() -> None:
     root = work_dir(args, "select_speed")
     rows_out = write_scores(root / "rows", n, n // parts)
     shards_out = write_scores(root / "shards", shards, 1)
-    body: dict = {"package": args.package or "this checkout"}
-    select = run_case("select", rows_out, args.keep, args.package)
-    base = run_case("baseline", rows_out, args.keep, None)
-    body["rows"] = {"n": n, "parts": parts, "select": select, "baseline": base}
-    if select["status"] == base["status"] == "ok":
-        body["rows"]["ratio"] = round(select["cpu_s"] / base["cpu_s"], 2)
-    per = run_case("select", shards_out, args.keep, args.package)
-    body["shards"] = {"shards": shards, "select": per}
-    if per["status"] == "ok":
-        body["shards"]["ms_per_shard"] = round(1000 * per["cpu_s"] / shards, 2)
+    data = {"rows": rows_out, "rows_signed": signed(rows_out), "shards": shards_out,
+            "shards_signed": signed(shards_out)}  # fmt: skip
+    got: dict[str, list[dict]] = {name: [] for name in (*data, "baseline")}
+    for _ in range(args.runs):  # alternating, so that the load falls on every case alike
+        for name, out in data.items():
+            got[name].append(run_case("select", out, args.keep, args.package))
+            if name == "rows":
+                got["baseline"].append(run_case("baseline", rows_out, args.keep, None))
+    body: dict = {"package": args.package or "this checkout", "runs": args.runs}
+    base = _cpu(got["baseline"])
+    for name in ("rows", "rows_signed"):
+        cpu = _cpu(got[name])
+        ratios = [round(s / b, 2) for s, b in zip(cpu, base, strict=True) if s and b]
+        body[name] = {"n": n, "parts": parts, "select": got[name], "baseline": got["baseline"],
+                      "select_cpu_s_median": _median([c for c in cpu if c]),
+                      "baseline_cpu_s_median": _median([b for b in base if b]),
+                      "ratios": ratios, "ratio_median": _median(ratios)}  # fmt: skip
+    for name in ("shards", "shards_signed"):
+        ms = [round(1000 * c / shards, 3) for c in _cpu(got[name]) if c]
+        body[name] = {"shards": shards, "select": got[name], "ms_per_shard": ms,
+                      "ms_per_shard_median": _median(ms)}  # fmt: skip
     print(json.dumps(body, indent=1), flush=True)
-    write_results(args, "select_speed", body)
+    write_results(args, f"select_speed-{args.tag}" if args.tag else "select_speed", body)
 
 
 if __name__ == "__main__":

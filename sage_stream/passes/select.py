@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
@@ -28,11 +29,12 @@ from ..outputs.selection_file import write_selection_parts
 from ..outputs.tables import read_part
 from ..select.batches import Batches
 from ..select.bounded import select_units
+from ..select.classmeans import SIGNATURE
 from ..select.content import DIGEST
 from ..select.decisions import Tally
 from ..select.dedup import DUPLICATES_SCHEMA, Duplicates, find_duplicates
 from ..select.parts import local_map
-from ..select.rules import COLUMNS, SKETCHED, Rules
+from ..select.rules import COLUMNS, SKETCHED, Rules, ok_mask
 from ..select.warn import run_warnings
 
 log = logging.getLogger("sage_stream")
@@ -60,19 +62,26 @@ def run_select(
 
     # the seeded draws are keyed by content where pass 2 recorded it (select/content.py);
     # sage-coverage's class means use the signatures where pass 2 recorded them (coverage.py)
-    drawn = (DIGEST,) if rules.scorer in ("random", "sage-coverage") else ()
-    if rules.scorer == "sage-coverage" and not rules.dedups:
-        drawn = (*drawn, "signature")
+    drawn = (DIGEST,) if rules.ranked_by in ("random", "sage-coverage") else ()
+    signed = rules.ranked_by == "sage-coverage" and not rules.dedups
 
     def read(name: str) -> pa.Table:
+        nonlocal signed
         try:
-            return read_part(folder, name, list(columns), drawn)[0]
+            table = read_part(
+                folder, name, list(columns), (*drawn, SIGNATURE) if signed else drawn
+            )[0]
         except (KeyError, pa.ArrowInvalid) as exc:  # a column this version's pass 2 writes
             raise InputError(
                 f"the scores of shard {name!r} under {folder.url} lack a column this selection "
                 f"needs ({exc}): they were made by an earlier version; rerun `sage-stream "
                 "score` (or --dedup off, for the near-copy signature)"
             ) from None
+        # one candidate without a signature, and the class-mean rule is off for every part
+        # (coverage.CoverageSums.signed): the others' are not read (all null, as `--grad
+        # params` writes them, they cost pyarrow more to read than the rest of the part)
+        signed = signed and not _lacks_signatures(table)
+        return table
 
     parts = Batches(read, shards)  # each part read once, joined in batches (select/batches.py)
     if rules.scorer in SKETCHED:
@@ -160,6 +169,17 @@ def _nothing_kept(rules: Rules, scored: int) -> str:
             "empty shards; give a larger --keep or a lower --min-score")  # fmt: skip
 
 
+def _lacks_signatures(table: pa.Table) -> bool:
+    """Whether a candidate of the part has no signature (classmeans.signatures is then None)."""
+    ok = ok_mask(table)
+    if not ok.any() or SIGNATURE not in table.column_names:
+        return bool(ok.any())
+    column = table[SIGNATURE]
+    return (
+        column.null_count > 0 and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all()
+    )
+
+
 def _check_has_sage_scores(
     folder: OutputFolder, shards: list[str], read: Callable[[str], pa.Table]
 ) -> None:
@@ -167,8 +187,6 @@ def _check_has_sage_scores(
 
     Error rows never have a score, so a part of error rows only (a hostile shard) says nothing.
     """
-    import pyarrow.compute as pc
-
     for name in shards:
         part = read(name)
         ok = part.filter(pc.equal(part["status"], "ok"))

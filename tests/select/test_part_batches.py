@@ -126,3 +126,33 @@ def test_errors_are_those_of_the_first_part_that_has_one():
     with pytest.raises(InputError) as batch:
         _batched(Batches(parts.__getitem__, names), keep=0.3, scorer="sage")
     assert str(batch.value) == str(one.value) and "scored more than once" in str(one.value)
+
+
+def test_select_reads_no_more_signatures_once_a_candidate_lacks_one(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import sage_stream
+    from sage_stream.passes import select as step
+
+    parts = _parts(6, "sage-coverage", True)
+    names = sorted(parts)[1:]  # the shards with rows
+    unsigned = parts[names[2]]
+    nulls = pa.nulls(unsigned.num_rows, unsigned.schema.field("signature").type)
+    parts[names[2]] = unsigned.set_column(unsigned.schema.get_field_index("signature"),
+                                          "signature", nulls)  # fmt: skip
+    (tmp_path / "scores").mkdir()
+    for name in names:
+        pq.write_table(parts[name], tmp_path / "scores" / f"part-{name}.parquet")
+    asked = []
+    read_part = step.read_part
+    monkeypatch.setattr(
+        step, "read_part", lambda *a: asked.append("signature" in a[3]) or read_part(*a)
+    )
+    sage_stream.select(out=str(tmp_path), keep=0.3, scorer="sage-coverage")
+    assert asked[:4] == [True, True, True, False] and not any(asked[3:])
+
+    expected = _per_part({n: parts[n] for n in names}, keep=0.3, scorer="sage-coverage")
+    got = pq.read_table(tmp_path / "selection.parquet").replace_schema_metadata(None)
+    assert got.equals(pa.concat_tables(p.kept for p in expected))
+    decisions = pq.read_table(tmp_path / "decisions.parquet").replace_schema_metadata(None)
+    assert decisions.equals(pa.concat_tables(p.decisions for p in expected))
