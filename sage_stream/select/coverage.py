@@ -63,9 +63,8 @@ AGREEMENT_BINS = 4096  # the agreement filter's cut is found to 2/4096 of [−1,
 CAP_COLUMN, CUT_COLUMN, EXEMPT_COLUMN = "_coverage_cap", "_agreement_cut", "_cap_exempt"
 MARGIN_COLUMN, NEARER_COLUMN = "_class_margin", "_nearer_class"  # with class means only
 MEMO_BYTES = 256 * 2**20  # parts with their class margins kept across the selection's passes
-# More than this share of the candidates nearer another class's mean, and the signatures do not
-# separate the classes (say hundreds of classes in 32 numbers): the rule without them applies.
-# The quality benchmark's pools: at most 30% with 20% of the labels flipped, 0.2-8% clean.
+# Over this share of candidates nearer another class's mean: signatures that do not separate the
+# classes (hundreds in 32 numbers), the rule without them applies (quality pools: <= 30%).
 MAX_SET_ASIDE = 0.5
 
 
@@ -374,6 +373,7 @@ def coverage_ranking(
     support: float = SUPPORT,
     temperature: float = TEMPERATURE,
     capped_share: float = MAX_CAPPED_SHARE,
+    found: Filter | None = None,
 ) -> np.ndarray:
     """Ranking value per row (float64, higher kept first) for `--scorer sage-coverage`.
 
@@ -381,10 +381,10 @@ def coverage_ranking(
     class-mean rule: a uniform draw), or log(τ/‖g‖²)/T + Gumbel (the rule without signatures);
     the map keeps the order and bounds the range. Rows set aside come after every passing
     one: by their class margin ∈ [−1, 0), or by their agreement ∈ [−1, 1]. Rows not in `ok`
-    come back NaN. The filter is `row_filter`'s.
+    come back NaN. The filter is `row_filter`'s (`found`, where the caller has it already).
     """
     score, tau, _ = _columns(table, ok)
-    found = row_filter(table, ok, quantile, support, capped_share)
+    found = found or row_filter(table, ok, quantile, support, capped_share)
     noise = gumbel_noise(table, seed)  # by content (content.py)
     if found.by_class_means:
         key, failed = noise, found.numbers["class_margin"]

@@ -85,7 +85,7 @@ def decide_part(
     mine = np.where(kept, code["kept"], code["min_score" if min_score is not None else "below_cut"])
     numbers = {name: np.full(n, np.nan) for name in (*FILTER_COLUMNS, *ROW_COLUMNS)}
     if scorer == "sage-coverage" and min_score is None:  # its filter's verdict and numbers
-        f = row_filter(rows.table, np.ones(len(at), dtype=bool))
+        f = rows.filter or row_filter(rows.table, np.ones(len(at), dtype=bool))
         for reason in SET_ASIDE:
             mine = np.where(~kept & (f.reasons == reason), code[reason], mine)
         numbers = {

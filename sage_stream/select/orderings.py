@@ -13,14 +13,16 @@ import pyarrow as pa
 
 from ..errors import InputError
 from .content import draw_bits, unit_floats
-from .coverage import coverage_ranking
+from .coverage import Filter, coverage_ranking
 from .rules import SCORERS, check_choice, check_columns, ok_mask
 
 # The scores/ column each scorer ranks by (random needs none: it hashes shard and key).
 SOURCE = {"sage": "score", "loss": "loss", "loss-easy": "loss", "grad-norm": "grad_norm"}
 
 
-def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
+def ranking_values(
+    table: pa.Table, scorer: str, seed: int = 0, found: Filter | None = None
+) -> np.ndarray:
     """Per-row ranking value (float64, shape ``(len(table),)``); higher is kept first.
 
     ``sage-coverage`` → agreement filters, ridge leverage draws (``coverage.coverage_ranking``);
@@ -28,7 +30,8 @@ def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
     grad_norm; ``random`` → a value in [0, 1) from the seed and the sample's content digest
     (``content.draw_bits``; shard and key for rows without one), so
     it depends neither on row order nor on which other rows exist. Rows that are not candidates
-    may come back NaN; a candidate without the needed value is an InputError.
+    may come back NaN; a candidate without the needed value is an InputError. `found`:
+    sage-coverage's filter of this table (coverage.row_filter), where the caller has it.
     """
     check_choice("scorer", scorer, SCORERS)
     if scorer == "random":
@@ -36,7 +39,7 @@ def ranking_values(table: pa.Table, scorer: str, seed: int = 0) -> np.ndarray:
         return random_values(table, seed)
     if scorer == "sage-coverage":
         check_columns(table, ("status",))
-        return coverage_ranking(table, ok_mask(table), seed)
+        return coverage_ranking(table, ok_mask(table), seed, found=found)
     column = SOURCE[scorer]
     check_columns(table, ("status", column))
     values = table[column].cast(pa.float64()).to_numpy(zero_copy_only=False)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from .classmeans import SIGNATURE
 from .coverage import CAP_COLUMN as PARAMS
+from .coverage import Filter, row_filter
 from .dedup import demote
 from .orderings import ranking_values
 from .rules import COLUMNS, PART, check_columns, ok_mask
@@ -54,6 +55,7 @@ class Rows:
     order: np.ndarray  # (n,) uint64, same order as values (−0.0 and 0.0 equal)
     labels: np.ndarray | None  # (n,) int64, None when a label is null (checked by the caller)
     null_labels: int
+    filter: Filter | None = None  # sage-coverage's, from the part's params: decisions reuse it
 
 
 def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
@@ -71,11 +73,14 @@ def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
                 f"scored rows must all have a {column!r}; {cand[column].null_count} are null"
             )
     _check_unique(cand)
-    values = demote(cand, ranking_values(cand, scorer, seed))  # near-copies last, if marked
+    found = None  # sage-coverage's filter from the params columns: once for both uses
+    if scorer == "sage-coverage" and PARAMS in cand.column_names:
+        found = row_filter(cand, np.ones(cand.num_rows, dtype=bool))
+    values = demote(cand, ranking_values(cand, scorer, seed, found))  # near-copies last
     labels = cand["label"]
     nulls = labels.null_count
     as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    return Rows(cand, values, ordered_bits(values), as_int, nulls)
+    return Rows(cand, values, ordered_bits(values), as_int, nulls, found)
 
 
 def ordered_bits(values: np.ndarray) -> np.ndarray:
@@ -170,6 +175,12 @@ def group_of(rows: Rows, labels: list[int | None]) -> np.ndarray:
     if rows.labels is None:
         raise InputError(f"{rows.null_labels} scored samples without a label: use --balance none")
     known = np.array(labels, dtype=np.int64)
+    if len(known) and len(rows.labels) and min(known.min(), rows.labels.min()) >= 0:
+        top = max(known.max(), rows.labels.max())
+        if top < 1 << 20:  # small labels: a lookup table instead of a search per row
+            lookup = np.full(top + 1, -1, dtype=np.int64)
+            lookup[known[::-1]] = np.arange(len(known) - 1, -1, -1)  # the first of equals
+            return lookup[rows.labels]
     sorter = np.argsort(known, kind="stable")
     pos = np.searchsorted(known, rows.labels, sorter=sorter)
     pos = np.minimum(pos, max(len(known) - 1, 0))
