@@ -67,8 +67,9 @@ def signatures(table: pa.Table, ok: np.ndarray) -> np.ndarray | None:
 
 
 def largest(sig: np.ndarray, ok: np.ndarray) -> float:
-    """max |s| over the candidates (0 when none): sets the fixed-point scale."""
-    return float(np.abs(sig[ok]).max()) if ok.any() and sig.size else 0.0
+    """max |s| over the candidates (0 when none): sets the fixed-point scale. The other rows of
+    `sig` are zeros (`signatures`), so the maximum over every row is the same, without a copy."""
+    return float(np.maximum(sig.max(), -sig.min())) if ok.any() and sig.size else 0.0
 
 
 def fixed(sig: np.ndarray, top: float) -> np.ndarray:
