@@ -32,7 +32,7 @@ from .rules import PART
 
 CACHE_BYTES = 256 * 2**20  # batches kept across passes (about 3·10^6 rows w/o signature)
 BATCH_BYTES = 64 * 2**20  # a batch's Arrow bytes at most (one part larger than this: alone)
-BATCH_ROWS = 1 << 16  # parts are joined only while the batch has fewer rows: a larger part
+BATCH_ROWS = 1 << 13  # parts are joined only while the batch has fewer rows: a larger part
 # costs little per pass for its rows, and joining would copy it
 
 

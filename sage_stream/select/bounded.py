@@ -297,21 +297,19 @@ class Prepared:
 
     def __init__(self, ready: Callable[[pa.Table], pa.Table], scorer: str, seed: int) -> None:
         self.ready, self.scorer, self.seed = ready, scorer, seed
-        self.memo: dict[int, tuple[pa.Table, pa.Table, Rows]] = {}
+        self.memo: dict[int, tuple[pa.Table, Rows]] = {}
         self.held = 0
 
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Rows]:
+    def __call__(self, table: pa.Table) -> Rows:
         hit = self.memo.get(id(table))
         if hit is not None and hit[0] is table:
-            return hit[1], hit[2]
-        full = self.ready(table)
-        rows = prepare(full, self.scorer, self.seed)
-        size = full.nbytes + 24 * len(rows.values)  # + values, order, labels
-        size += 0 if rows.table is full else rows.table.nbytes
+            return hit[1]
+        rows = prepare(self.ready(table), self.scorer, self.seed)
+        size = table.nbytes + rows.table.nbytes + 24 * len(rows.values)  # + values, order, labels
         if self.held + size <= PREPARED_BYTES:
-            self.memo[id(table)] = (table, full, rows)
+            self.memo[id(table)] = (table, rows)
             self.held += size
-        return full, rows
+        return rows
 
 
 def select_units(
@@ -337,7 +335,7 @@ def select_units(
         params = data_params(map_parts, units)  # (not of the near-copy marks)
         ready = params if duplicates is None else lambda t: params(mark(t))
     prepared = Prepared(ready, scorer, seed)
-    map_rows: MapRows = lambda fn, chosen: map_parts(lambda t: fn(prepared(t)[1]), chosen)  # noqa: E731
+    map_rows: MapRows = lambda fn, chosen: map_parts(lambda t: fn(prepared(t)), chosen)  # noqa: E731
     cut = None
     if keep is not None:
         cuts = find_cuts(units, map_rows, keep=keep, balance=balance, memory_rows=memory_rows)
@@ -349,7 +347,7 @@ def select_units(
 
 
 def _write(table: pa.Table, prepared: Prepared, names: tuple[str, ...], **kwargs: Any) -> Unit:
-    return kept_unit(*prepared(table), names, **kwargs)
+    return kept_unit(table, prepared(table), names, **kwargs)
 
 
 def select_parts(

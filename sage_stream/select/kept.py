@@ -59,7 +59,8 @@ def kept_unit(
     duplicates: Duplicates | None = None,
 ) -> Unit:
     """The unit's kept rows as ``__key__, __shard__, label, score`` and its decisions, cut into
-    its parts `names` (by PART where there are several). `rows` are its candidates."""
+    its parts `names` (by PART where there are several). `table` is the unit as read, `rows`
+    its candidates, ranked (parts.prepare)."""
     if min_score is not None:
         mask = rows.values >= min_score
     elif cuts is not None:

@@ -24,7 +24,7 @@ from ..errors import InputError
 from .classmeans import SIGNATURE
 from .coverage import CAP_COLUMN as PARAMS
 from .coverage import Filter, row_filter
-from .dedup import demote
+from .dedup import DUPLICATE, demote
 from .orderings import ranking_values
 from .rules import COLUMNS, PART, check_columns, ok_mask
 
@@ -50,12 +50,15 @@ def local_map(read: ReadPart) -> MapParts:
 class Rows:
     """The candidate rows of one part: names, labels and ranking values."""
 
-    table: pa.Table  # candidates only (status ok)
+    table: pa.Table  # candidates only (status ok); once ranked, only KEPT_COLUMNS
     values: np.ndarray  # (n,) float64 ranking value
     order: np.ndarray  # (n,) uint64, same order as values (−0.0 and 0.0 equal)
     labels: np.ndarray | None  # (n,) int64, None when a label is null (checked by the caller)
     null_labels: int
     filter: Filter | None = None  # sage-coverage's, from the part's params: decisions reuse it
+
+
+KEPT_COLUMNS = ("__key__", "__shard__", "label", PART, DUPLICATE)  # of the candidates, ranked
 
 
 def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
@@ -77,6 +80,8 @@ def prepare(table: pa.Table, scorer: str, seed: int) -> Rows:
     if scorer == "sage-coverage" and PARAMS in cand.column_names:
         found = row_filter(cand, np.ones(cand.num_rows, dtype=bool))
     values = demote(cand, ranking_values(cand, scorer, seed, found))  # near-copies last
+    if found is not None or scorer != "sage-coverage":  # all the later passes read of them
+        cand = cand.select([c for c in cand.column_names if c in KEPT_COLUMNS])
     labels = cand["label"]
     nulls = labels.null_count
     as_int = None if nulls else labels.cast(pa.int64()).to_numpy(zero_copy_only=False)
