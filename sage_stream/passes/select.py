@@ -189,9 +189,9 @@ def _check_has_sage_scores(
     """
     for name in shards:
         part = read(name)
-        ok = part.filter(pc.equal(part["status"], "ok"))
-        if ok.num_rows:
-            if ok["score"].null_count == ok.num_rows:
+        ok = ok_mask(part)
+        if ok.any():  # only the score column filtered: the whole part was a copy of every column
+            if part["score"].filter(pa.array(ok)).null_count == int(ok.sum()):
                 raise InputError(
                     f"the scores under {folder.url} have no SAGE score: run `sage-stream sketch` "
                     "and `score`, or choose another --scorer"

@@ -156,3 +156,25 @@ def test_select_reads_no_more_signatures_once_a_candidate_lacks_one(tmp_path, mo
     assert got.equals(pa.concat_tables(p.kept for p in expected))
     decisions = pq.read_table(tmp_path / "decisions.parquet").replace_schema_metadata(None)
     assert decisions.equals(pa.concat_tables(p.decisions for p in expected))
+
+
+def test_scores_without_a_sage_score_are_refused_by_the_first_part_with_a_candidate(tmp_path):
+    import pyarrow.parquet as pq
+
+    import sage_stream
+
+    parts = _parts(7, "sage", False)
+    names = sorted(parts)[1:4]
+    first = parts[names[0]]  # error rows only: says nothing, even without scores
+    first = first.set_column(first.schema.get_field_index("status"), "status",
+                             pa.array(["error"] * first.num_rows))  # fmt: skip
+    (tmp_path / "scores").mkdir()
+    for name in names[1:]:
+        table = parts[name]
+        nulls = pa.nulls(table.num_rows, pa.float64())
+        parts[name] = table.set_column(table.schema.get_field_index("score"), "score", nulls)
+    for name, table in ((names[0], first), *((n, parts[n]) for n in names[1:])):
+        pq.write_table(table, tmp_path / "scores" / f"part-{name}.parquet")
+    with pytest.raises(InputError, match="have no SAGE score"):
+        sage_stream.select(out=str(tmp_path), keep=0.3, scorer="sage")
+    assert sage_stream.select(out=str(tmp_path), keep=0.3, scorer="loss").kept > 0
