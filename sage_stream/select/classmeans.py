@@ -47,11 +47,9 @@ def signatures(table: pa.Table, ok: np.ndarray) -> np.ndarray | None:
     if column.null_count and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all():
         return None  # checked before any copy: scores without signatures have them all null
     if pa.types.is_fixed_size_list(column.type) and ok.any():  # as pass 2 writes them
-        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        k = arr.type.list_size  # the values of the rows in order, null rows' slots included
-        flat = arr.values.slice(arr.offset * k, len(arr) * k).to_numpy(zero_copy_only=False)
-        out = np.zeros((len(ok), k))
-        out[ok] = flat.reshape(-1, k)[ok] if k else out[ok]
+        stored = _stored(column)
+        out = np.zeros((len(ok), stored.shape[1]))
+        out[ok] = stored[ok]
         return out
     cand = column.filter(pa.array(ok))
     if cand.null_count:
@@ -64,6 +62,27 @@ def signatures(table: pa.Table, ok: np.ndarray) -> np.ndarray | None:
     if k:
         out[ok] = flat.reshape(-1, k)
     return out
+
+
+def _stored(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n, K) values of a fixed_size_list column as stored (null rows' slots included)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    k = arr.type.list_size
+    flat = arr.values.slice(arr.offset * k, len(arr) * k).to_numpy(zero_copy_only=False)
+    return flat.reshape(len(arr), k)
+
+
+def top(table: pa.Table, ok: np.ndarray) -> float | None:
+    """`largest(signatures(table, ok), ok)`, None where that is None; for signatures as pass 2
+    writes them, from the stored float32 values (max and abs are exact) without a copy."""
+    column = table[SIGNATURE] if SIGNATURE in table.column_names else None
+    if column is None or not ok.any() or not pa.types.is_fixed_size_list(column.type):
+        sig = signatures(table, ok)
+        return None if sig is None else largest(sig, ok)
+    if column.null_count and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all():
+        return None
+    cand = _stored(column)[ok]
+    return float(np.maximum(cand.max(), -cand.min())) if cand.size else 0.0
 
 
 def largest(sig: np.ndarray, ok: np.ndarray) -> float:

@@ -125,9 +125,8 @@ def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
     """One part's contribution: Σ τ, the candidates, per class a histogram of agreement, and
     the largest |signature| (or that some candidate has none)."""
     score, tau, labels = _columns(table, ok)
-    sig = classmeans.signatures(table, ok)
-    top = classmeans.largest(sig, ok) if sig is not None else 0.0
-    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), top=top, signed=sig is not None)
+    top = classmeans.top(table, ok)  # None: a candidate has no signature
+    out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), top=top or 0.0, signed=top is not None)
     bins = _bins(score[ok])
     for label in np.unique(labels[ok]).tolist():
         members = labels[ok] == label
