@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import InputError
+
 SIGNATURE = "signature"
 FIXED_BITS = 20  # |q| ≤ 2^20: a product ≤ 2^40, a sum over 2^20 rows < 2^61 in int64
 CELLS = 1 << 22  # row × class distances computed at once (32 MiB of float64)
@@ -78,11 +80,26 @@ def top(table: pa.Table, ok: np.ndarray) -> float | None:
     column = table[SIGNATURE] if SIGNATURE in table.column_names else None
     if column is None or not ok.any() or not pa.types.is_fixed_size_list(column.type):
         sig = signatures(table, ok)
-        return None if sig is None else largest(sig, ok)
+        return None if sig is None else _finite(largest(sig, ok), table, ok)
     if column.null_count and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all():
         return None
     cand = _stored(column)[ok]
-    return float(np.maximum(cand.max(), -cand.min())) if cand.size else 0.0
+    return _finite(float(np.maximum(cand.max(), -cand.min())) if cand.size else 0.0, table, ok)
+
+
+def _finite(value: float, table: pa.Table, ok: np.ndarray) -> float:
+    """`value` if finite; else an InputError naming the first candidate whose signature holds
+    NaN or inf (pass 2 never writes one; a NaN would make the scale depend on the part order)."""
+    if np.isfinite(value):
+        return value
+    sig = signatures(table, ok)
+    bad = ok & ~np.isfinite(sig).all(axis=1) if sig is not None else ok
+    i = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+    where = {c: table[c][i].as_py() for c in ("__shard__", "__key__") if c in table.column_names}
+    raise InputError(
+        f"scores of shard {where.get('__shard__')!r}, key {where.get('__key__')!r}: its near-copy "
+        "signature holds NaN or inf, which pass 2 never writes: score that shard again"
+    )
 
 
 def largest(sig: np.ndarray, ok: np.ndarray) -> float:

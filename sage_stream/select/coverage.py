@@ -20,7 +20,7 @@ over the cap), and the passing are drawn with probability ∝ (τ/‖g‖²)^(1/
 gradient's direction; the others follow by agreement.
 
 With `--dedup on`, near-copies go last first (dedup.py). The data-wide parameters come from
-passes over the score parts (`with_data_params`), in memory of one part plus a few numbers per
+passes over the score parts (`data_params`), in memory of one part plus a few numbers per
 class, so every part is ranked by a function of its own rows.
 """
 
@@ -281,10 +281,11 @@ class _Prepared:
         if hit is not None and hit[0] is table:
             return hit[1]
         out = with_params(table, self.p)
-        added = out.nbytes - table.nbytes  # the new columns: the others are the part's own
-        if self.p.means is not None and self.held + added <= MEMO_BYTES:
+        # counted whole: an entry pins its part, which select/batches.py may not hold (past
+        # its budget every pass reads the part again, and the entry is never used again)
+        if self.p.means is not None and self.held + out.nbytes <= MEMO_BYTES:
             self.memo[id(table)] = (table, out)
-            self.held += added
+            self.held += out.nbytes
         return out
 
 

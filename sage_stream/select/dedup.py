@@ -82,6 +82,9 @@ def _candidates(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
         )
     flat = pc.list_flatten(sig).to_numpy(zero_copy_only=False).astype(np.float64)
     labels = pc.fill_null(cand["label"], -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not cand.num_rows:  # a part of error rows only, or empty: reshape(0, -1) would fail
+        width = sig.type.list_size if pa.types.is_fixed_size_list(sig.type) else 0
+        return cand, labels, np.zeros((0, width))
     return cand, labels, flat.reshape(cand.num_rows, -1)
 
 
@@ -287,11 +290,6 @@ class Duplicates:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def with_duplicates(map_parts: MapParts, dups: Duplicates) -> MapParts:
-    """A MapParts whose parts carry the DUPLICATE column."""
-    return lambda fn, chosen: map_parts(lambda t: fn(dups.mark(t)), chosen)
 
 
 def demote(table: pa.Table, values: np.ndarray) -> np.ndarray:

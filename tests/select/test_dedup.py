@@ -129,3 +129,19 @@ def test_scores_without_signatures_are_a_clear_error():
                              pa.nulls(table.num_rows, SIG))  # fmt: skip
     with pytest.raises(InputError, match="--dedup off"):
         found(nulls)
+
+
+def test_a_part_without_candidates_is_no_error():
+    # a shard of error rows only (or none at all) has no candidates: reshape(0, -1) once
+    # raised a bare ValueError there
+    table, _ = planted()
+    parts = parts_of(table)
+    errors = parts["s1"].set_column(
+        parts["s1"].schema.get_field_index("status"), "status",
+        pa.array(["error"] * parts["s1"].num_rows),
+    )  # fmt: skip
+    parts = {**parts, "s1": errors, "s9": parts["s2"].slice(0, 0)}
+    got = list(dedup.find_duplicates(list(parts), local_map(parts.__getitem__)))
+    rows = pa.concat_tables(got) if got else dedup.DUPLICATES_SCHEMA.empty_table()
+    assert "s1" not in set(rows["__shard__"].to_pylist())
+    assert rows.num_rows > 0  # the other shards' copies are still found

@@ -178,3 +178,47 @@ def test_scores_without_a_sage_score_are_refused_by_the_first_part_with_a_candid
     with pytest.raises(InputError, match="have no SAGE score"):
         sage_stream.select(out=str(tmp_path), keep=0.3, scorer="sage")
     assert sage_stream.select(out=str(tmp_path), keep=0.3, scorer="loss").kept > 0
+
+
+def test_margins_kept_across_passes_count_every_table_they_pin(monkeypatch):
+    # past the cache budget every pass reads a batch again: a memo entry then pins a table
+    # nobody else holds, so what the memo holds must count it whole (it once counted only the
+    # added columns, and held several times its budget)
+    from sage_stream.select import coverage
+
+    memos = []
+    made = coverage._Prepared.__call__
+
+    def spy(self, table):
+        memos.append(self)
+        return made(self, table)
+
+    monkeypatch.setattr(coverage._Prepared, "__call__", spy)
+    parts = by_shard(signed(clean(fine(random_table(2, n=2000, shards=20)))))
+    batches = Batches(parts.__getitem__, sorted(parts), budget=0,
+                      batch_bytes=sum(t.nbytes for t in parts.values()) // 6)  # fmt: skip
+    list(select_units(batches.batches, batches.map, lambda b: b.names, keep=0.3,
+                      scorer="sage-coverage"))  # fmt: skip
+    assert memos
+    for memo in {id(m): m for m in memos}.values():
+        pinned = sum(t.nbytes + out.nbytes for t, out in memo.memo.values())
+        shared = sum(t.nbytes for t, _ in memo.memo.values())  # out reuses the table's columns
+        assert memo.held >= pinned - shared
+        assert memo.held <= coverage.MEMO_BYTES
+
+
+def test_a_signature_with_nan_is_an_error_naming_its_shard_and_key():
+    # pass 2 never writes one; a NaN made the fixed-point scale depend on how parts were batched
+    import numpy as np
+
+    parts = by_shard(signed(clean(fine(random_table(3, n=400, shards=4)))))
+    name = sorted(parts)[1]
+    part = parts[name]
+    sig = np.array(part["signature"].to_pylist(), dtype=np.float32)
+    sig[2, 5] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), sig.shape[1])
+    parts[name] = part.set_column(part.schema.get_field_index("signature"), "signature", column)
+    key = part["__key__"][2].as_py()
+    with pytest.raises(InputError, match=rf"{name}.*{key}.*NaN or inf"):
+        list(select_parts(list(parts), local_map(parts.__getitem__), keep=0.3,
+                          scorer="sage-coverage"))  # fmt: skip
