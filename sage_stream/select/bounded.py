@@ -39,6 +39,7 @@ from ..errors import InputError
 from .coverage import data_params
 from .dedup import Duplicates
 from .kept import Cut, Part, Unit, kept_unit
+from .memo import TableMemo
 from .orderings import recorded_score
 from .parts import (
     Counts,
@@ -54,7 +55,7 @@ from .quotas import class_quotas, overall_quota
 from .rules import Rules
 
 MEMORY_ROWS = 1 << 18  # rows collected at once to finish a search in memory
-PREPARED_BYTES = 512 * 2**20  # prepared units kept across the passes (`Prepared`)
+PREPARED_BYTES = 512 * 2**20  # prepared units kept across the passes (select_units)
 MapRows = Callable[[Callable[[Rows], object], list[Any]], Iterable[object]]  # MapParts, prepared
 HISTOGRAM_CELLS = 1 << 22  # classes × buckets of one radix pass (int64: 32 MiB)
 
@@ -289,29 +290,6 @@ def _step(open_: list[Search], names: list[Any], map_rows: MapRows, memory_rows:
 # --- the driver -------------------------------------------------------------------------------
 
 
-class Prepared:
-    """Each unit made ready (near-copies marked, sage-coverage's parameters) and prepared
-    (parts.prepare) once, while the prepared units fit `PREPARED_BYTES`: the search's passes
-    and the write pass then reuse them. Keyed by the unit's table object, which the batches
-    (batches.py) hand every pass while they hold it; a unit past the budget is prepared again."""
-
-    def __init__(self, ready: Callable[[pa.Table], pa.Table], scorer: str, seed: int) -> None:
-        self.ready, self.scorer, self.seed = ready, scorer, seed
-        self.memo: dict[int, tuple[pa.Table, Rows]] = {}
-        self.held = 0
-
-    def __call__(self, table: pa.Table) -> Rows:
-        hit = self.memo.get(id(table))
-        if hit is not None and hit[0] is table:
-            return hit[1]
-        rows = prepare(self.ready(table), self.scorer, self.seed)
-        size = table.nbytes + rows.table.nbytes + 24 * len(rows.values)  # + values, order, labels
-        if self.held + size <= PREPARED_BYTES:
-            self.memo[id(table)] = (table, rows)
-            self.held += size
-        return rows
-
-
 def select_units(
     units: list[Any],
     map_parts: MapParts,
@@ -334,7 +312,10 @@ def select_units(
     if scorer == "sage-coverage":  # its ranking needs data-wide numbers: passes first
         params = data_params(map_parts, units)  # (not of the near-copy marks)
         ready = params if duplicates is None else lambda t: params(mark(t))
-    prepared = Prepared(ready, scorer, seed)
+    # each unit made ready and prepared (parts.prepare) once while the prepared units fit
+    # PREPARED_BYTES: the search's passes and the write pass reuse them (memo.py)
+    prepared = TableMemo(lambda t: prepare(ready(t), scorer, seed), _prepared_size,
+                         PREPARED_BYTES)  # fmt: skip
     map_rows: MapRows = lambda fn, chosen: map_parts(lambda t: fn(prepared(t)), chosen)  # noqa: E731
     cut = None
     if keep is not None:
@@ -346,7 +327,13 @@ def select_units(
         yield from map_parts(write, [unit])  # type: ignore[misc]
 
 
-def _write(table: pa.Table, prepared: Prepared, names: tuple[str, ...], **kwargs: Any) -> Unit:
+def _prepared_size(table: pa.Table, rows: Rows) -> int:
+    return table.nbytes + rows.table.nbytes + 24 * len(rows.values)  # + values, order, labels
+
+
+def _write(
+    table: pa.Table, prepared: TableMemo[Rows], names: tuple[str, ...], **kwargs: Any
+) -> Unit:
     return kept_unit(table, prepared(table), names, **kwargs)
 
 

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from . import classmeans
 from .content import draw_bits
+from .memo import TableMemo
 from .rules import PART, ok_mask
 
 log = logging.getLogger("sage_stream")
@@ -244,10 +245,11 @@ def data_params(map_parts: Any, names: list[Any]) -> Callable[[pa.Table], pa.Tab
             capped[c] = capped.get(c, 0) + n
         if means is not None and sums is not None:
             means.add(sums)
-    ready = _Prepared(with_exempt(first, got, capped, means=means))
-    if ready.p.means is not None:  # the margins are kept (memo): the ranking reuses them
-        kept = _separating(ready.p, sum(map_parts(lambda t: _flagged(ready(t)), names)), got.n)
-        ready = ready if kept is ready.p else _Prepared(kept)
+    p = with_exempt(first, got, capped, means=means)
+    ready = _prepared(p)
+    if p.means is not None:  # the margins are kept (memo): the ranking reuses them
+        kept = _separating(p, sum(map_parts(lambda t: _flagged(ready(t)), names)), got.n)
+        ready = ready if kept is p else _prepared(kept)
     return ready
 
 
@@ -268,25 +270,12 @@ def _separating(p: Params, flagged: int, n: int) -> Params:
     return Params(p.cap, p.cut, p.exempt, None, p.top)
 
 
-class _Prepared:
-    """`with_params` of each part once while they fit `MEMO_BYTES` (its class margins are the
-    cost; select/batches.py hands later passes the same part objects, kept alive as keys)."""
-
-    def __init__(self, p: Params) -> None:
-        self.p, self.held = p, 0
-        self.memo: dict[int, tuple[pa.Table, pa.Table]] = {}
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        hit = self.memo.get(id(table))
-        if hit is not None and hit[0] is table:
-            return hit[1]
-        out = with_params(table, self.p)
-        # counted whole: an entry pins its part, which select/batches.py may not hold (past
-        # its budget every pass reads the part again, and the entry is never used again)
-        if self.p.means is not None and self.held + out.nbytes <= MEMO_BYTES:
-            self.memo[id(table)] = (table, out)
-            self.held += out.nbytes
-        return out
+def _prepared(p: Params) -> TableMemo[pa.Table]:
+    """`with_params` of each part, kept while the parts with their class margins (the cost)
+    fit `MEMO_BYTES`; nothing is kept without class means. An entry counts its whole table:
+    it pins the part (memo.py)."""
+    budget = MEMO_BYTES if p.means is not None else -1
+    return TableMemo(lambda t: with_params(t, p), lambda _, out: out.nbytes, budget)
 
 
 # The filter's side of each row's decision (select/decisions.py): why a row is set aside (a

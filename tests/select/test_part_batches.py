@@ -185,15 +185,17 @@ def test_margins_kept_across_passes_count_every_table_they_pin(monkeypatch):
     # nobody else holds, so what the memo holds must count it whole (it once counted only the
     # added columns, and held several times its budget)
     from sage_stream.select import coverage
+    from sage_stream.select.memo import TableMemo
 
     memos = []
-    made = coverage._Prepared.__call__
+    made = TableMemo.__call__
 
     def spy(self, table):
-        memos.append(self)
+        if self.budget == coverage.MEMO_BYTES:  # the class-margin memo, not the prepared rows
+            memos.append(self)
         return made(self, table)
 
-    monkeypatch.setattr(coverage._Prepared, "__call__", spy)
+    monkeypatch.setattr(TableMemo, "__call__", spy)
     parts = by_shard(signed(clean(fine(random_table(2, n=2000, shards=20)))))
     batches = Batches(parts.__getitem__, sorted(parts), budget=0,
                       batch_bytes=sum(t.nbytes for t in parts.values()) // 6)  # fmt: skip
