@@ -10,8 +10,11 @@
     dedup       near-copies within a class (--dedup on)
     decisions   why each row was kept or not (OUT/decisions.parquet)
     parts       one scores part prepared (candidates, checked, ranked); the count pass
+    batches     the parts read once, joined into batches that every pass takes at once
+    memo        a batch's derived table kept across passes, within a byte budget
     bounded     the stage's path: exact per-class cuts by passes over the parts, then the kept
                 rows part by part, in memory of one part
+    kept        the write pass of one unit: its kept rows and decisions, cut into parts
     reference   the same selection on a whole table in memory (the tests' reference)
     warn        warnings that the kept set may say little (no checkpoint, flat scores)
 
