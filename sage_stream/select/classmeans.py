@@ -218,6 +218,8 @@ def class_margin(
         d = (y**2).sum(axis=1)[:, None] - 2.0 * (y @ cm.means.T) + norms[None, :]
         d = np.maximum(d, 0.0)
         d_own = d[np.arange(len(rows)), own[rows]]
+        # a class of one candidate: its mean is this row, at 0 whatever the products' last bits
+        d_own = np.where(cm.counts[own[rows]] == 1, 0.0, d_own)
         d[np.arange(len(rows)), own[rows]] = np.inf
         d[:, ~usable] = np.inf
         other = d.argmin(axis=1)
