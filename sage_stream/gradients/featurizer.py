@@ -132,6 +132,9 @@ class Featurizer:
         self.head: nn.Linear | None = None
         self.head_input: torch.Tensor | None = None  # (B, H) of the last batch, last-layer mode
         self.num_classes: int | None = None
+        # the last batch's features follow in closed form from its head input and logits in
+        # float32 (`replay`): last-layer mode with a float32 (or lower) head
+        self.replayable = False
 
     def _project(self) -> None:
         """Once the mode knows D (raw_dim): the optional projection to project_dim."""
@@ -162,7 +165,17 @@ class Featurizer:
                 self._check_width(self.forward(_rows(x, 0, 1)).float())
         y = self._check_labels(x, y, labels_checked)
         self.head_input = None  # the mode sets it where it sees h (last-layer)
-        grads, loss, logits, y = self._features(x, y)
+        return self._finish(*self._features(x, y))
+
+    def replay(self, h: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> Features:
+        """Features of a batch from the head input h (B, H) and the logits (B, C), float32 on
+        the model's device, that `__call__` computed on it when `replayable` was True: the
+        same bits, without the forward (pass 2 from what pass 1 kept, passes/kept.py)."""
+        self.head_input = None
+        return self._finish(*self._closed_form(h, logits, y))
+
+    def _finish(self, grads: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor,
+                y: torch.Tensor) -> Features:  # fmt: skip
         if self.projector is not None:
             grads = self.projector(grads)  # (B, k)
         return Features(grads=grads, loss=loss, logits=logits, labels=y, head_input=self.head_input)
@@ -170,6 +183,12 @@ class Featurizer:
     def _features(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, D) float32 gradients, (B,) loss, (B, C) logits and the labels used: the mode's."""
         raise NotImplementedError
+
+    def _closed_form(
+        self, h: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """`_features` from the head's input and output, where the mode has a closed form."""
+        raise NotImplementedError(f"{self.mode} features have no closed form")
 
     def _check_labels(self, x: Inputs, y: torch.Tensor, in_range: bool) -> torch.Tensor:
         if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:

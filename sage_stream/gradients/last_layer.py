@@ -55,6 +55,16 @@ class LastLayerFeaturizer(Featurizer):
         finally:
             handle.remove()
         h, logits = self._head_io(seen, out)  # (B, H), (B, C)
+        return self._closed_form(h, logits, y)
+
+    def _closed_form(
+        self, h: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Gradients, loss, logits and labels from the head's input and output: the forward's
+        own, or those pass 1 kept (`Featurizer.replay`), which give the same bits."""
+        head = self.head
+        if head is None:  # set by _init_last_layer
+            raise RuntimeError("last-layer features without a head")
         if self.pseudo_labels:
             y = logits.detach().float().argmax(dim=1)
         with torch.no_grad():
@@ -68,6 +78,8 @@ class LastLayerFeaturizer(Featurizer):
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
         f32 = torch.float32
         self.head_input = h.to(f32)  # (B, H): pass 2's near-copy signature (signature.py)
+        # h and the logits in float32 are exactly what this computed from: pass 1 may keep them
+        self.replayable = work == f32
         return grads.to(f32), loss.to(f32), logits.to(f32), y
 
     def _head_io(self, seen: list, out: object) -> tuple[torch.Tensor, torch.Tensor]:
