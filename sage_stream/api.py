@@ -85,8 +85,7 @@ def _rules(cfg: Config) -> Rules:
     return Rules(cfg.keep, cfg.min_score, cfg.balance, cfg.scorer, cfg.seed, cfg.dedup)
 
 
-def _select(cfg: Config, shards: list[str]) -> SelectResult:
-    """Select shard by shard (passes/select.py): memory does not grow with the samples."""
+def _select(cfg: Config, shards: list[str]) -> SelectResult:  # shard by shard: flat memory
     return run_select(output_of(cfg), _rules(cfg), shards, cfg.checkpoint)
 
 
@@ -170,8 +169,6 @@ def _options(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --- the public steps ------------------------------------------------------------------------
-
-
 @_options
 def sketch(
     inputs: InputURLs | None = None,
@@ -213,6 +210,7 @@ def sketch(
     overwrite: bool = Config.overwrite,
     force_unlock: bool = Config.force_unlock,
     checkpoint_every: float = Config.checkpoint_every,
+    feature_cache: int | str = Config.feature_cache,
     progress: bool | None = None,
     config: Config | None = None,
 ) -> SketchResult:
@@ -382,6 +380,7 @@ def run(
     overwrite: bool = Config.overwrite,
     force_unlock: bool = Config.force_unlock,
     checkpoint_every: float = Config.checkpoint_every,
+    feature_cache: int | str = Config.feature_cache,
     progress: bool | None = None,
     config: Config | None = None,
 ) -> RunResult:

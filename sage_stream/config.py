@@ -31,7 +31,7 @@ PREDICTED = "predicted"  # --label-key predicted: the model's own argmax is each
 # run resumed, run elsewhere, or on one Ray worker, writes the same bytes.
 HOW_NOT_WHAT = (
     "out", "progress", "overwrite", "force_unlock", "checkpoint_every", "executor", "workers",
-    "loader_workers",
+    "loader_workers", "feature_cache",
 )  # fmt: skip
 # Options added after outputs already existed: recorded (manifest, run identity) only when set,
 # so that a run that does not use them writes the same bytes as before they existed.
@@ -261,6 +261,13 @@ class Config:
         False, "break OUT/_LEASE, the claim of the one run writing OUT; only when that run is "
         "gone (a lease of a dead process on this host is taken over without it)", steps=ALL,
         group=RUN,
+    )  # fmt: skip
+    feature_cache: int = option(  # bytes of OUT/_work/kept/ in all (passes/kept.py)
+        16 * 2**30, "disk pass 1 may use in OUT/_work/ to keep each sample's head input and "
+        "logits, so that pass 2 need not read, decode and run the model again (last-layer "
+        "mode; (H + C) x 4 bytes a sample; default 16GiB; 0: pass 2 reads the shards again); "
+        "same results either way", steps=("run", "sketch"), group=RUN, metavar="SIZE",
+        parse=byte_size, check=_at_least(0, "must be 0 (keep nothing) or a size"),
     )  # fmt: skip
     checkpoint_every: float = option(  # seconds between pass-1 checkpoints (0: every shard)
         60.0, "pass-1 checkpoint interval, for resume (default 60; 0: after every shard)",

@@ -19,7 +19,7 @@ from ..config import Config
 from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
 from ..passes.loader import loader_workers_for
-from ..passes.loop import StageContext, shard_stream
+from ..passes.loop import StageContext, score_stream
 from ..passes.score import score_and_write
 from ..passes.sketch import SketchResult, sketch_here
 from ..progress import Progress
@@ -35,7 +35,7 @@ class LocalExecutor(Executor):
         self, ctx: StageContext, refs: list[ShardRef], sketch: StoredSketch | None,
         progress: Progress,
     ) -> Iterator[dict[str, Any]]:  # fmt: skip
-        for ref, items in shard_stream(ctx, refs, progress):
+        for ref, items in score_stream(ctx, refs, progress):
             yield score_and_write(ctx, ref, items, sketch)
 
     def emit_jobs(self, cfg: Config, jobs: list[EmitJob]) -> Iterable[dict[str, Any]]:

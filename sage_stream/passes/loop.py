@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
@@ -27,7 +27,7 @@ from ..decode.decoder import make_decoder
 from ..decode.images import image_transform
 from ..errors import InputError, SampleError, ShardError
 from ..formats import FORMATS
-from ..gradients.featurizer import Featurizer, GradientFeaturizer, InputShapeError
+from ..gradients.featurizer import Features, Featurizer, GradientFeaturizer, InputShapeError
 from ..gradients.model import load_model, resolve_device
 from ..inputs import expand_inputs
 from ..outputs.folder import OutputFolder, output_of
@@ -44,6 +44,7 @@ from ..scores import (
 )
 from ..signature import copy_signature, label_margin
 from .checks import FailFast
+from .kept import HeadIO, Keeper, kept_batches, kept_names
 from .loader import ReadSpec, decoded_shards, loader_workers_for
 
 log = logging.getLogger("sage_stream")
@@ -87,6 +88,7 @@ class Featured:
     y: Tensor  # (B,) int64
     margin: Tensor | None = None  # (B,) float64 label logit − largest other (signature.py)
     signature: Tensor | None = None  # (B, 32) float32 near-copy signature, last-layer mode
+    kept: tuple[Tensor, Tensor] | None = None  # (h, logits) float32 they follow from (kept.py)
 
     @cached_property
     def usable(self) -> Tensor:
@@ -151,15 +153,50 @@ def build_context(cfg: Config, refs: list[ShardRef] | None = None) -> StageConte
 
 
 def shard_stream(
-    ctx: StageContext, refs: Sequence[ShardRef], progress: Progress, needed: Needed | None = None
-) -> Iterator[tuple[ShardRef, Iterator[Item]]]:
+    ctx: StageContext,
+    refs: Sequence[ShardRef],
+    progress: Progress,
+    needed: Needed | None = None,
+    keeper: Keeper | None = None,
+) -> Generator[tuple[ShardRef, Iterator[Item]], None, None]:
     """(shard, its items) for each of `refs` in order, read and decoded by the loader's
     `--loader-workers` processes (passes/loader.py); consume each shard's items in turn.
-    A batch for which `needed` says False comes as `Bypassed`, without running the model."""
+    A batch for which `needed` says False comes as `Bypassed`, without running the model.
+    With `keeper` (pass 1), a shard whose items were all taken is kept for pass 2 (kept.py)."""
     batches = decoded_shards(read_spec(ctx), refs, ctx.loader_workers)
     with contextlib.closing(batches):
         for ref, shard in batches:
-            yield ref, _items(ctx, ref, shard, progress, needed)
+            yield ref, _items(ctx, ref, shard, progress, needed, keeper)
+
+
+def score_stream(
+    ctx: StageContext, refs: Sequence[ShardRef], progress: Progress
+) -> Iterator[tuple[ShardRef, Iterator[Item]]]:
+    """Pass 2's `shard_stream`: a shard that pass 1 kept is replayed from its file (kept.py),
+    the others are read by the loader as in pass 1."""
+    kept = kept_names(ctx)
+    read = shard_stream(ctx, [r for r in refs if r.name not in kept], progress)
+    if kept:
+        log.info("pass 2: %d of %d shards from what pass 1 kept", len(kept & {r.name for r in refs}),
+                 len(refs))  # fmt: skip
+    with contextlib.closing(read):
+        for ref in refs:
+            if ref.name not in kept:
+                yield next(read)
+                continue
+            replayed = kept_batches(ctx, ref)
+            if replayed is None:  # from another run, or cut short: read it here
+                yield ref, shard_items(ctx, ref, progress)
+            else:
+                yield ref, _items(ctx, ref, replayed, progress)
+
+
+def score_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
+    """One shard's items for pass 2 in this process: replayed if pass 1 kept it, else read."""
+    replayed = kept_batches(ctx, ref)
+    if replayed is None:
+        return shard_items(ctx, ref, progress)
+    return _items(ctx, ref, replayed, progress)
 
 
 def shard_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
@@ -173,13 +210,16 @@ def _items(
     batches: Iterator[Batch | Skipped],
     progress: Progress,
     needed: Needed | None = None,
+    keeper: Keeper | None = None,
 ) -> Iterator[Item]:
     """Featured / Skipped items, then a Broken one if the shard's stream broke.
 
-    `progress` advances by an item's samples once the consumer is done with it.
+    `progress` advances by an item's samples once the consumer is done with it. With
+    `keeper`, the items are recorded and kept once the consumer has taken the last one.
     """
     fail = ctx.cfg.on_error == "fail"
     shapes: set = set()
+    record = keeper.record(ref) if keeper is not None else None
     try:
         for entry in batches:
             if isinstance(entry, Skipped):
@@ -188,28 +228,40 @@ def _items(
                 ctx.fail_fast.record(0, [entry.reason])
                 yield entry
                 progress.advance(1)
+                if record is not None:
+                    record.skipped(entry)
                 continue
             if needed is not None and not needed(ref, entry):
                 yield Bypassed(entry)
                 progress.advance(len(entry.keys))
+                record = None  # the shard was not featurized whole here
                 continue
-            shapes.add(_sample_shape(entry.x))
-            if len(shapes) > 1:
-                _warn_shapes(ctx, ref, shapes)
+            if not isinstance(entry.x, HeadIO):
+                shapes.add(_sample_shape(entry.x))
+                if len(shapes) > 1:
+                    _warn_shapes(ctx, ref, shapes)
             featured = _featurize(ctx, ref, entry, fail)
             if isinstance(featured, list):  # the model refused the batch: a skip per sample
                 ctx.fail_fast.record(0, [f.reason for f in featured])
                 yield from featured
                 progress.advance(len(featured))
+                if record is not None:
+                    for skipped in featured:
+                        record.skipped(skipped)
                 continue
             _record(ctx.fail_fast, featured)
             yield featured
             progress.advance(len(featured.batch.keys))
+            if record is not None:
+                record.featured(featured)
     except ShardError as exc:
         if fail:
             raise
         log.warning("%s: the rest of %s is lost: %s", progress.name, ref.name, exc.reason)
         yield Broken(exc.reason)
+        return
+    if keeper is not None and record is not None:  # every item was taken
+        keeper.finish(record)
 
 
 def _record(check: FailFast, item: Featured) -> None:
@@ -268,7 +320,11 @@ def _featurize(
 ) -> Featured | list[Skipped]:
     """Gradient features of a batch; a batch the model cannot take is a skip for each of its
     samples (naming the first key under fail), and under fail a non-finite sample raises."""
-    x, y = to_device(batch.x, ctx.device), cast(Tensor, to_device(batch.y, ctx.device))
+    y = cast(Tensor, to_device(batch.y, ctx.device))
+    if isinstance(batch.x, HeadIO):  # pass 2 from what pass 1 kept
+        h, logits = (t.to(ctx.device) for t in (batch.x.h, batch.x.logits))
+        return _featured(ctx, ref, batch, ctx.featurizer.replay(h, logits, y), fail)
+    x = to_device(batch.x, ctx.device)
     try:
         # labels were checked against C when the batch was decoded (batches._decode)
         feats = ctx.featurizer(x, y, labels_checked=ctx.featurizer.num_classes is not None)
@@ -287,11 +343,19 @@ def _featurize(
                 for k, i, label in zip(batch.keys, batch.indices, labels, strict=True)]  # fmt: skip
     if ctx.fitted_shape is None:
         ctx.fitted_shape = _sample_shape(batch.x)
+    return _featured(ctx, ref, batch, feats, fail)
+
+
+def _featured(ctx: StageContext, ref: ShardRef, batch: Batch, feats: Features, fail: bool
+              ) -> Featured:  # fmt: skip
     if ctx.featurizer.pseudo_labels:  # --label-key predicted: scores/ records the model's
         batch.y = feats.labels.to("cpu")
     signature = None if feats.head_input is None else copy_signature(feats.head_input)
     margin = label_margin(feats.logits, feats.labels)
-    item = Featured(batch, feats.grads, feats.loss, feats.labels, margin, signature)
+    kept = None
+    if ctx.featurizer.replayable and feats.head_input is not None:
+        kept = (feats.head_input, feats.logits)
+    item = Featured(batch, feats.grads, feats.loss, feats.labels, margin, signature, kept)
     if fail:
         _raise_first_nonfinite(ref, item)
     return item

@@ -34,6 +34,7 @@ from ..progress import Progress
 from ..sample import ShardRef
 from ..scores import consensus_directions
 from .groups import TOP, Fold, Item, boundary_level, group_rows
+from .kept import Keeper
 from .loop import Broken, Featured, StageContext, shard_stream
 
 log = logging.getLogger("sage_stream")
@@ -170,7 +171,8 @@ class UnitRun:
         if self.done:
             return
         last_save = time.monotonic()
-        stream = shard_stream(self.ctx, self.refs[self.position :], progress, self.needed)
+        keeper = Keeper(self.ctx, self.ctx.cfg.feature_cache // self.units)  # for pass 2
+        stream = shard_stream(self.ctx, self.refs[self.position :], progress, self.needed, keeper)
         try:
             for ref, items in stream:
                 if self.fold is None and self.index[ref.name] >= self.hi:

@@ -26,8 +26,10 @@ def job(tmp_path_factory):
     return root, urls, ckpt
 
 
-def cli(urls, ckpt, out, env=None):
-    args = [sys.executable, "-m", "sage_stream", "run", *urls, "--model", "tiny:mlp",
+def cli(urls, ckpt, out, env=None, *extra):
+    """`sage-stream run`, with `extra` flags; under killpoints when env names a point."""
+    module = "killpoints" if "SAGE_TEST_KILL_POINT" in (env or {}) else "sage_stream"
+    args = [sys.executable, "-m", module, "run", *urls, *extra, "--model", "tiny:mlp",
             "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "16",
             "--batch-size", "16", "--device", "cpu", "--preprocess", "killer:decode",
             "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
@@ -43,15 +45,21 @@ def reference(job):
     return output_files(root / "reference")
 
 
-@pytest.mark.parametrize("kill_at", [75, 130, 200, 300])  # pass 1 shards 2 and 3, pass 2
-def test_killed_run_resumes_to_identical_output(job, reference, kill_at, tmp_path):
+READ_AGAIN = ("--feature-cache", "0")  # pass 2 reads and decodes the shards again
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "extra"),  # pass 1 shards 2 and 3; pass 2 reading shards 2 and 3
+    [(75, ()), (130, ()), (200, READ_AGAIN), (300, READ_AGAIN)],
+)
+def test_killed_run_resumes_to_identical_output(job, reference, kill_at, extra, tmp_path):
     root, urls, ckpt = job
     out = tmp_path / "out"
     env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": str(kill_at)}
-    killed = cli(urls, ckpt, out, env)
+    killed = cli(urls, ckpt, out, env, *extra)
     assert killed.returncode == -9, killed.stderr
     assert not (out / "_SUCCESS").exists()
-    resumed = cli(urls, ckpt, out)
+    resumed = cli(urls, ckpt, out, None, *extra)
     assert resumed.returncode == 0, resumed.stderr
     assert output_files(out) == reference
 
@@ -61,12 +69,31 @@ def test_resume_redoes_only_unfinished_shards(job, tmp_path):
     out = tmp_path / "out"
     env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": "301"}
     assert (
-        cli(urls, ckpt, out, env).returncode == -9
+        cli(urls, ckpt, out, env, *READ_AGAIN).returncode == -9
     )  # killed on the first sample of pass 2, shard 3
     (tmp_path / "count").write_text("0")
     env["SAGE_TEST_KILL_AT"] = "61"  # a resume that decodes more than one shard dies
-    assert cli(urls, ckpt, out, env).returncode == 0  # pass 1 and 2 shards 1-2 are skipped
+    assert cli(urls, ckpt, out, env, *READ_AGAIN).returncode == 0  # pass 1, pass 2 shards 1-2 done
     assert (tmp_path / "count").read_text() == "60"
+
+
+def test_killed_while_replaying_resumes_without_reading_a_shard(job, reference, tmp_path):
+    """Killed as pass 2 starts on the second shard pass 1 kept: the resume replays shards 2
+    and 3 from their kept files (never decoding a sample) and ends with the same bytes."""
+    root, urls, ckpt = job
+    out, count = tmp_path / "out", tmp_path / "count"
+    env = {"SAGE_TEST_KILL_COUNTER": str(count), "SAGE_TEST_KILL_AT": "0",
+           "SAGE_TEST_KILL_POINT": "replay"}  # fmt: skip
+    killed = cli(urls, ckpt, out, env)
+    assert killed.returncode == -9, killed.stderr
+    assert count.read_text() == str(N)  # pass 1 decoded every sample, pass 2 none
+    assert sorted(p.name for p in (out / "_work" / "kept").iterdir()) == [
+        "part-001.tar.parquet", "part-002.tar.parquet"]  # fmt: skip
+    count.write_text("0")
+    resumed = cli(urls, ckpt, out, {k: v for k, v in env.items() if k != "SAGE_TEST_KILL_POINT"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert count.read_text() == "0"
+    assert output_files(out) == reference
 
 
 def test_emit_interrupted_between_shards_resumes(job, reference, tmp_path, monkeypatch):

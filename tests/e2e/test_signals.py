@@ -49,7 +49,7 @@ def reference(job):
 
 STEPS = {
     "sketch": {"SAGE_TEST_KILL_AT": "45"},
-    "score": {"SAGE_TEST_KILL_AT": "135"},
+    "score": {"SAGE_TEST_KILL_POINT": "replay"},  # pass 2 from what pass 1 kept
     "select": {"SAGE_TEST_KILL_POINT": "select"},
     "emit": {"SAGE_TEST_KILL_POINT": "emit"},
 }

@@ -184,12 +184,14 @@ def test_units_in_process_are_the_local_sketch(data, tmp_path, monkeypatch, unit
 def test_one_worker_equals_local_byte_for_byte_though_killed_twice(
     cluster, data, local_out, tmp_path
 ):
-    """One worker, SIGKILLed in pass 1 (shard 3 of 4) and in pass 2 (shard 2); Ray restarts
-    it and retries the call in flight; the outputs are the local run's, byte for byte."""
+    """One worker, SIGKILLed in pass 1 (shard 3 of 4) and in pass 2 (shard 2, read again:
+    --feature-cache 0); Ray restarts it and retries the call in flight; the outputs are the
+    local run's (which kept features for pass 2), byte for byte."""
     counter = str(tmp_path / "calls")
     decoder = CountingDecoder(counter, kill_at=(100, 250))
     out = tmp_path / "out"
-    ray_run(data["urls"], out, workers=1, checkpoint=data["ckpt"], preprocess=decoder)
+    ray_run(data["urls"], out, workers=1, checkpoint=data["ckpt"], preprocess=decoder,
+            feature_cache=0)  # fmt: skip
     # Pass 1: 100 calls, killed in shard 3; resumed after shards 1-2 (checkpointed): 90 more.
     # Pass 2: shard 1, then killed at the 15th call of shard 2; shard 2 again and shards 3-4.
     assert os.path.getsize(counter) == (100 + 90) + (45 + 15) + (45 + 90)

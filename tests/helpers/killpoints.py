@@ -6,6 +6,7 @@ SAGE_TEST_KILL_POINT names where the process kills itself:
   index     after manifest.json is in place, before shardindex.json is written
   success   after _SUCCESS, before the run's scratch and its lease are removed
   emit      as emit starts on its second shard
+  replay    as pass 2 starts on the second shard pass 1 kept (passes/kept.py)
 Unset, nothing is changed. SAGE_TEST_KILL_SIGNAL=TERM sends SIGTERM instead of SIGKILL (an
 orchestrator's stop); SAGE_TEST_HOSTNAME makes the run believe it is on that host (a new pod). `python -m killpoints ARGS...` runs `sage-stream ARGS...` armed.
 """
@@ -60,17 +61,25 @@ def arm() -> None:
     if POINT == "emit":
         from sage_stream.passes import emit
 
-        real_emit, calls = emit.emit_shard, []
+        _die_on_second_call(emit, "emit_shard")
+    if POINT == "replay":
+        from sage_stream.passes import kept
 
-        def emit_shard(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                _die()
-            return real_emit(*args, **kwargs)
-
-        emit.emit_shard = emit_shard
+        _die_on_second_call(kept, "_replay")
     if os.environ.get("SAGE_TEST_HOSTNAME"):
         socket.gethostname = lambda: os.environ["SAGE_TEST_HOSTNAME"]
+
+
+def _die_on_second_call(module, name) -> None:
+    real, calls = getattr(module, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            _die()
+        return real(*args, **kwargs)
+
+    setattr(module, name, dying)
 
 
 if __name__ == "__main__":
