@@ -12,8 +12,9 @@ bits without reading, decoding or running the model again. A sample costs (H + C
 for a 256-wide head over 10 classes, 12 KB for ResNet-50 on ImageNet (a tenth of its JPEG).
 
 Pass 1 keeps a shard when it featurized all of it in one stream (a Ray unit that starts or
-stops inside a shard does not keep that one), within `--feature-cache` bytes for the run (each
-of U units gets 1/U of it); everything else is read again in pass 2, as before, so a file
+stops inside a shard does not keep that one) and it holds at least MIN_SAMPLES samples, within
+`--feature-cache` bytes for the run (each of U units gets 1/U of it); everything else is read
+again in pass 2, as before, so a file
 that is missing, from another run or unreadable costs time, never results. A file is removed
 once pass 2 has replayed it, and the rest of OUT/_work/ when the run succeeds.
 
@@ -46,6 +47,11 @@ KEPT = "kept"  # the folder under OUT/_work/
 FORMAT = 1  # the layout below; another one is not replayed
 META_KEY = b"sage_stream.kept"
 NO_BATCH = -1  # the batch column of a skipped sample
+# A shard of fewer samples is read again instead: its file costs more than it saves. Writing,
+# listing, reading and removing one file took about 3 CPU ms here; replaying a sample instead
+# of reading, decoding and running the benchmark's MLP on it saved about 75 us (§8 of
+# docs/benchmarks.md), so the break-even is some 40 samples, and more with a larger model.
+MIN_SAMPLES = 64
 
 
 @dataclass
@@ -129,7 +135,7 @@ class Keeper:
 
     def finish(self, record: ShardRecord) -> None:
         """The shard's stream ended whole: write its file if it all replays and fits."""
-        if not record.whole:
+        if not record.whole or len(record.columns["key"]) < MIN_SAMPLES:
             return
         table = record.table(_meta(self.ctx, record.ref))
         if table.nbytes > self.left:

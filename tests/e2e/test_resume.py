@@ -14,7 +14,7 @@ from tiny import blobs, train_checkpoint, write_tar_set
 import sage_stream
 from sage_stream.passes import emit as emit_module
 
-N = 180  # 3 shards of 60: decode calls 1-180 are pass 1, 181-360 pass 2
+N = 192  # 3 shards of 64 (kept.MIN_SAMPLES): decode calls 1-192 are pass 1, 193-384 pass 2
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,14 @@ def test_killed_run_resumes_to_identical_output(job, reference, kill_at, extra, 
 def test_resume_redoes_only_unfinished_shards(job, tmp_path):
     root, urls, ckpt = job
     out = tmp_path / "out"
-    env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": "301"}
+    env = {"SAGE_TEST_KILL_COUNTER": str(tmp_path / "count"), "SAGE_TEST_KILL_AT": "321"}
     assert (
         cli(urls, ckpt, out, env, *READ_AGAIN).returncode == -9
     )  # killed on the first sample of pass 2, shard 3
     (tmp_path / "count").write_text("0")
-    env["SAGE_TEST_KILL_AT"] = "61"  # a resume that decodes more than one shard dies
+    env["SAGE_TEST_KILL_AT"] = "65"  # a resume that decodes more than one shard dies
     assert cli(urls, ckpt, out, env, *READ_AGAIN).returncode == 0  # pass 1, pass 2 shards 1-2 done
-    assert (tmp_path / "count").read_text() == "60"
+    assert (tmp_path / "count").read_text() == "64"
 
 
 def test_killed_while_replaying_resumes_without_reading_a_shard(job, reference, tmp_path):

@@ -19,7 +19,7 @@ from paths import HELPERS, child_env
 from runs import assert_same_outputs, output_files
 from tiny import blobs, train_checkpoint, write_tar_set
 
-N = 90  # 3 shards of 30: pass 1 decodes samples 1-90, pass 2 samples 91-180
+N = 192  # 3 shards of 64 (kept.MIN_SAMPLES, so pass 1 keeps them): pass 1 decodes 1-192
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,16 @@ from tiny import DIM, blobs, mlp, write_tar_set
 import sage_stream
 from sage_stream.config import make_config
 from sage_stream.executors.ray_worker import ShardWorker
+from sage_stream.passes import kept as kept_module
 from sage_stream.passes import sketch as pass1
 from sage_stream.passes.loop import build_context
 
 BASE = dict(model=mlp, device="cpu", batch_size=8, ell=4, progress=False, loader_workers=0)
+
+
+@pytest.fixture(autouse=True)
+def small_shards_kept(monkeypatch):
+    monkeypatch.setattr(kept_module, "MIN_SAMPLES", 1)  # this file's shards hold 5 and 30 samples
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +88,12 @@ def test_pass2_from_kept_files_is_pass2_from_the_shards(shards, tmp_path, caplog
 def test_params_mode_keeps_nothing(shards, tmp_path):
     """--grad params has no closed form from the head's input and output."""
     assert passes(shards[:1], tmp_path / "out", grad="params") == []
+
+
+def test_a_shard_of_few_samples_is_read_again(shards, tmp_path, monkeypatch):
+    """Its file would cost more than reading it again saves (kept.MIN_SAMPLES)."""
+    monkeypatch.setattr(kept_module, "MIN_SAMPLES", 6)
+    assert passes(shards, tmp_path / "out") == [f"part-{i:03d}.tar.parquet" for i in range(3)]
 
 
 def test_budget_keeps_whole_shards_until_it_is_spent(shards, tmp_path):
