@@ -311,6 +311,28 @@ def _common_header(buf: bytes | bytearray) -> tuple[tuple[bytes, ...], list[int]
     return (name, linkname, uname, gname, prefix), numbers, kind
 
 
+def count_plain(f: Any, suffix: bytes) -> int | None:
+    """Members of an uncompressed tar whose name ends with `suffix`, by walking its headers and
+    seeking over the data, as tarfile counts them (up to the first all-NUL block); None as
+    soon as a header is not a plain one (a regular file in the common form, no ustar prefix,
+    no PAX or GNU header), for an archive without members, or if the file ends early: then
+    tarfile must count it (or refuse it)."""
+    count, empty = 0, bytes(512)
+    while True:
+        block = f.read(512)
+        if block == empty:
+            return count if count else None
+        parsed = _common_header(block) if len(block) == 512 else None
+        if parsed is None or parsed[2] not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            return None
+        (name, *_, prefix), numbers, _kind = parsed
+        name = name.split(b"\0", 1)[0]
+        if prefix[:1] not in (b"", b"\0") or name.endswith(b"/"):  # a long name, a V7 folder
+            return None
+        count += name.endswith(suffix)
+        f.seek(f.tell() + -(-numbers[3] // 512) * 512)
+
+
 def _plain_octal(raw: bytes) -> int:
     """tarfile's nti in the common case (octal digits, then only spaces and NULs), else -1."""
     digits = raw.rstrip(b" \0")

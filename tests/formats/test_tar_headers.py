@@ -274,3 +274,44 @@ def test_output_shards_are_the_bytes_tarfile_would_write():
             if out is not buf:
                 out.close()
         assert got.getvalue() == want.getvalue()
+
+
+def test_output_counts_are_tarfiles_counts():
+    # TarFormat.count walks plain headers itself (tar_headers.count_plain) and leaves the rest
+    # to tarfile: the same count, or the same refusal, on whole, cut, gzipped, empty archives
+    import gzip
+    import io
+    import random
+    import tarfile
+
+    from sage_stream.formats import TarFormat
+    from sage_stream.formats.tar import TarShardWriter
+    from sage_stream.formats.tar_headers import CheckedTarInfo, count_plain
+
+    def counted(count, data: bytes):
+        try:
+            return count(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - the refusal is compared too
+            return type(e)
+
+    def tarfiles(f) -> int:
+        with tarfile.open(fileobj=f, mode="r:*", tarinfo=CheckedTarInfo) as tf:
+            return sum(1 for m in tf if m.name.endswith(".sage.json"))
+
+    rng = random.Random(3)
+    archives = [b"", END, b"\0" * 512]
+    for n in (1, 2, 5, 40):
+        buf = io.BytesIO()
+        with TarShardWriter(buf) as writer:
+            for i in range(n):
+                name = rng.choice([f"k{i}.sage.json", f"k{i}.npy", "y" * 120 + f"{i}.sage.json",
+                                   f"caf\xe9{i}.sage.json", f"d{i}/"])  # fmt: skip
+                writer.write_member(name, rng.randbytes(rng.choice([0, 1, 512, 700])))
+        whole = buf.getvalue()
+        cuts = [whole[: rng.randrange(len(whole))] for _ in range(5)]
+        archives += [whole, gzip.compress(whole, mtime=0), whole[:-1024], *cuts]
+    walked = 0
+    for data in archives:
+        assert counted(TarFormat().count, data) == counted(tarfiles, data), data[:600]
+        walked += count_plain(io.BytesIO(data), b".sage.json") is not None
+    assert 5 < walked < len(archives) - 5  # both paths answered
