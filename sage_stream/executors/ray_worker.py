@@ -16,7 +16,7 @@ from ..config import Config
 from ..errors import SageError
 from ..outputs.sketch_store import StoredSketch
 from ..passes.emit import EmitJob, emit_marked
-from ..passes.loop import StageContext, build_context, score_items
+from ..passes.loop import StageContext, build_context, pass2_items
 from ..passes.score import score_and_write
 from ..passes.sketch import SketchResult, Summary, finish_units, sketch_unit, stored_result
 from ..progress import Progress
@@ -61,7 +61,7 @@ class ShardWorker:
         ctx = self.ctx
         if sketch is not None:
             ctx.out.sketch_store().check_identity(sketch.identity, ctx.identity())
-        items = score_items(ctx, ref, Progress("pass 2 (score)", 1, False))
+        items = pass2_items(ctx, ref, Progress("pass 2 (score)", 1, False))
         return score_and_write(ctx, ref, items, sketch)
 
     def emit(self, job: EmitJob) -> dict[str, Any]:

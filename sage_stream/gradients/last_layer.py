@@ -77,7 +77,8 @@ class LastLayerFeaturizer(Featurizer):
             grads = torch.cat(parts, dim=1)  # (B, C·H [+ C])
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
         f32 = torch.float32
-        self.head_input = h.to(f32)  # (B, H): pass 2's near-copy signature (signature.py)
+        # (B, H): pass 2's near-copy signature (signature.py); contiguous, as a replayed one is
+        self.head_input = h.to(f32).contiguous()
         # h and the logits in float32 are exactly what this computed from: pass 1 may keep them
         self.replayable = work == f32
         return grads.to(f32), loss.to(f32), logits.to(f32), y

@@ -44,7 +44,7 @@ from ..scores import (
 )
 from ..signature import copy_signature, label_margin
 from .checks import FailFast
-from .kept import HeadIO, Keeper, kept_batches, kept_names
+from .kept import HeadIO, Keeper, fit_hint, kept_batches, kept_names
 from .loader import ReadSpec, decoded_shards, loader_workers_for
 
 log = logging.getLogger("sage_stream")
@@ -191,7 +191,7 @@ def score_stream(
                 yield ref, _items(ctx, ref, replayed, progress)
 
 
-def score_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
+def pass2_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
     """One shard's items for pass 2 in this process: replayed if pass 1 kept it, else read."""
     replayed = kept_batches(ctx, ref)
     if replayed is None:
@@ -247,13 +247,13 @@ def _items(
                 progress.advance(len(featured))
                 if record is not None:
                     for skipped in featured:
-                        record.skipped(skipped)
+                        record.skipped(skipped, fit_hint(ctx))
                 continue
             _record(ctx.fail_fast, featured)
             yield featured
             progress.advance(len(featured.batch.keys))
             if record is not None:
-                record.featured(featured)
+                record.featured(featured, _sample_shape(entry.x))
     except ShardError as exc:
         if fail:
             raise
@@ -322,6 +322,8 @@ def _featurize(
     samples (naming the first key under fail), and under fail a non-finite sample raises."""
     y = cast(Tensor, to_device(batch.y, ctx.device))
     if isinstance(batch.x, HeadIO):  # pass 2 from what pass 1 kept
+        if ctx.fitted_shape is None:  # as the batch's forward would have set it
+            ctx.fitted_shape = batch.x.shape
         h, logits = (t.to(ctx.device) for t in (batch.x.h, batch.x.logits))
         return _featured(ctx, ref, batch, ctx.featurizer.replay(h, logits, y), fail)
     x = to_device(batch.x, ctx.device)
@@ -333,9 +335,8 @@ def _featurize(
     except (RuntimeError, InputShapeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shape = _sample_shape(batch.x)
-        reason = f"the model cannot take this input of shape {shape}: {first}"
-        if ctx.fitted_shape is not None:  # the shape this run's other inputs have
-            reason += f"; inputs of shape {ctx.fitted_shape} fit"
+        # and the shape this run's other inputs have
+        reason = f"the model cannot take this input of shape {shape}: {first}{fit_hint(ctx)}"
         if fail:
             raise SampleError(ref.name, batch.keys[0], reason, ref.url) from None
         labels = batch.y.tolist()

@@ -3,10 +3,13 @@ reading, decoding and running the model on the shards again; anything it cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from runs import output_files
 from shardmaker import make_tar_shard, npy_bytes
@@ -15,9 +18,11 @@ from tiny import DIM, blobs, mlp, write_tar_set
 import sage_stream
 from sage_stream.config import make_config
 from sage_stream.executors.ray_worker import ShardWorker
+from sage_stream.outputs.folder import OutputFolder
 from sage_stream.passes import kept as kept_module
 from sage_stream.passes import sketch as pass1
 from sage_stream.passes.loop import build_context
+from sage_stream.storage import pin_of
 
 BASE = dict(model=mlp, device="cpu", batch_size=8, ell=4, progress=False, loader_workers=0)
 
@@ -91,9 +96,50 @@ def test_params_mode_keeps_nothing(shards, tmp_path):
 
 
 def test_a_shard_of_few_samples_is_read_again(shards, tmp_path, monkeypatch):
-    """Its file would cost more than reading it again saves (kept.MIN_SAMPLES)."""
+    """Its file would cost more than reading it again saves (kept.MIN_SAMPLES). Read after
+    replayed shards, its refused sample's reason names the shape the model took, as when
+    every shard is read."""
     monkeypatch.setattr(kept_module, "MIN_SAMPLES", 6)
     assert passes(shards, tmp_path / "out") == [f"part-{i:03d}.tar.parquet" for i in range(3)]
+    passes(shards, tmp_path / "read", feature_cache=0)
+    assert results(tmp_path / "out") == results(tmp_path / "read")
+    reasons = pq.read_table(tmp_path / "out" / "scores" / "part-bad.tar.parquet")["reason"]
+    assert "inputs of shape (8,) fit" in reasons[2].as_py()
+
+
+def test_a_refused_batch_before_any_the_model_took_replays_as_read(shards, tmp_path):
+    """One `run`: pass 1 refuses the bad shard's batch before any batch fitted (no hint), a
+    pass 2 reading it gives the hint (pass 1 fitted one since): replaying gives it too."""
+    first = [shards[-1], *shards[:-1]]
+    for out, cache in (("kept", 2**30), ("read", 0)):
+        sage_stream.run(first, out=str(tmp_path / out), keep=0.5, feature_cache=cache, **BASE)
+    assert results(tmp_path / "kept") == results(tmp_path / "read")
+
+
+def test_a_shard_changed_since_it_was_listed_is_not_replayed(shards, tmp_path):
+    out = tmp_path / "out"
+    sage_stream.sketch(shards[:1], out=str(out), **BASE)
+    ctx = build_context(make_config(inputs=shards[:1], out=str(out), **BASE))
+    ref = dataclasses.replace(ctx.refs[0], pin=pin_of(shards[0]))  # as the API pinned it
+    assert kept_module.kept_batches(ctx, ref) is not None
+    os.utime(shards[0], (1, 1))  # another mtime: what a rewrite would change
+    assert kept_module.kept_batches(ctx, ref) is None  # reading it raises the pin's error
+
+
+def test_a_kept_file_that_cannot_be_written_stops_keeping_not_the_run(shards, tmp_path, caplog,
+                                                                    monkeypatch):  # fmt: skip
+    real = OutputFolder.writer
+
+    def full_disk(self, url):
+        if "/kept/" in url:
+            raise OSError(28, "No space left on device")
+        return real(self, url)
+
+    monkeypatch.setattr(OutputFolder, "writer", full_disk)
+    assert passes(shards, tmp_path / "out") == []
+    assert caplog.text.count("cannot keep features for pass 2") == 1
+    passes(shards, tmp_path / "read", feature_cache=0)
+    assert results(tmp_path / "out") == results(tmp_path / "read")
 
 
 def test_budget_keeps_whole_shards_until_it_is_spent(shards, tmp_path):
