@@ -114,6 +114,24 @@ def fixed(sig: np.ndarray, top: float) -> np.ndarray:
     return np.rint(sig * scale).astype(np.int64)
 
 
+def fixed_candidates(table: pa.Table, ok: np.ndarray, top: float) -> np.ndarray | None:
+    """`fixed(signatures(table, ok), top)[ok]` as float64 (the same integers, −0 as 0), or None
+    where `signatures` is None. For signatures as pass 2 writes them, straight from the stored
+    float32 values: one (candidates, K) array instead of three (n, K) copies."""
+    column = table[SIGNATURE] if SIGNATURE in table.column_names else None
+    if column is None or not ok.any() or not pa.types.is_fixed_size_list(column.type):
+        sig = signatures(table, ok)
+        return None if sig is None else fixed(sig, top)[ok].astype(np.float64)
+    if column.null_count and not pc.is_valid(column).to_numpy(zero_copy_only=False)[ok].all():
+        return None
+    stored = _stored(column)
+    scale = 2.0**FIXED_BITS / top if top > 0 else 0.0
+    q = np.multiply(stored if ok.all() else stored[ok], scale, dtype=np.float64)  # as sig * scale
+    np.rint(q, out=q)
+    q += 0.0  # −0.0 → 0.0, as the int64 round trip gives
+    return q
+
+
 @dataclass
 class MeanSums:
     """Counts and fixed-point sums; partials of disjoint parts add up exactly."""
@@ -131,40 +149,68 @@ class MeanSums:
         return self
 
 
-def part_sums(q: np.ndarray, labels: np.ndarray, ok: np.ndarray) -> MeanSums:
-    """One part's counts and sums of its candidates' fixed-point signatures."""
+def part_sums(q: np.ndarray, labels: np.ndarray) -> MeanSums:
+    """One part's counts and sums of its candidates' fixed-point signatures `q` (integers, as
+    `fixed_candidates` gives them) and their labels."""
     out = MeanSums()
-    q, labels = q[ok], labels[ok]
     if not len(q):
         return out
     outer = np.zeros((q.shape[1], q.shape[1]), dtype=object)
     for start in range(0, len(q), 1 << FIXED_BITS):
         outer = outer + exact_gram(q[start : start + (1 << FIXED_BITS)])
     out.outer = outer
-    distinct, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    totals = np.zeros((len(distinct), q.shape[1]), dtype=np.int64)  # |Σ| ≤ 2^20 · rows: exact
-    np.add.at(totals, inverse.reshape(-1), q)  # one pass over the rows, whatever the classes
-    for i, label in enumerate(distinct.tolist()):
+    classes, inverse, counts = by_class(labels)
+    totals = class_sums(q, inverse, len(classes)).astype(np.int64)
+    for i, label in enumerate(classes.tolist()):
         out.n[int(label)] = int(counts[i])
         out.total[int(label)] = totals[i].astype(object)
     return out
 
 
+def by_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`np.unique(labels, return_inverse=True, return_counts=True)`, by a lookup table for
+    small labels (no sort)."""
+    if len(labels) and labels.min() >= 0 and labels.max() < 1 << 20:
+        counts = np.bincount(labels)
+        present = counts > 0
+        return np.flatnonzero(present), (np.cumsum(present) - 1)[labels], counts[present]
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return classes, inverse.reshape(-1), counts
+
+
+ONE_HOT_CLASSES = 32  # up to this many classes, class sums by a one-hot product (BLAS)
+
+
+def class_sums(q: np.ndarray, inverse: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, K) float64: Σ q over each class's rows (`inverse`: each row's class). Sums of
+    integers, exact in any order while |Σ| ≤ 2^FIXED_BITS · rows < 2^53 (parts < 2^33 rows)."""
+    if classes > ONE_HOT_CLASSES:  # a one-hot product would cost classes × the rows
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(classes))
+        return np.add.reduceat(np.asarray(q, dtype=np.float64)[order], starts, axis=0)
+    out = np.zeros((classes, q.shape[1]))
+    ids = np.arange(classes)[:, None]
+    for start in range(0, len(q), 1 << 16):
+        mine = slice(start, start + (1 << 16))
+        out += (inverse[mine] == ids).astype(np.float64) @ np.asarray(q[mine], dtype=np.float64)
+    return out
+
+
+GRAM_ROWS = 1 << (53 - 2 * FIXED_BITS)  # 2^13 rows: their float64 Gram is exact (below)
+
+
 def exact_gram(q: np.ndarray) -> np.ndarray:
     """qᵀq exactly, as Python integers, for |q| ≤ 2^FIXED_BITS and at most 2^FIXED_BITS rows, at
-    BLAS speed: q = 2^h·a + b with |a|, b < 2^h (h = FIXED_BITS/2), so every product of the
-    three float64 Gram matrices is below 2^FIXED_BITS and every sum below 2^(2·FIXED_BITS) <
-    2^53: exact in any summation order. (numpy's int64 matmul is not BLAS: 20 times slower.)"""
-    half = FIXED_BITS // 2
-    a = np.floor_divide(q, 1 << half)
-    b = (q - a * (1 << half)).astype(np.float64)
-    a = a.astype(np.float64)
-    ab = a.T @ b
-    parts = [(a.T @ a, 2 * half), (ab + ab.T, half), (b.T @ b, 0)]
-    out = np.zeros(a.shape[1:] * 2, dtype=object)
-    for gram, shift in parts:  # each entry an integer below 2^53: int64, then Python ints
-        out = out + gram.astype(np.int64).astype(object) * (1 << shift)
-    return out
+    BLAS speed: every product is at most 2^(2·FIXED_BITS) and every sum over `GRAM_ROWS` rows
+    at most 2^53, so each chunk's float64 Gram holds exact integers in any summation order; the
+    chunks add up in int64 (at most 2^(3·FIXED_BITS) < 2^63). (numpy's int64 matmul is not
+    BLAS: 20 times slower.)"""
+    f = np.asarray(q, dtype=np.float64)
+    total = np.zeros(f.shape[1:] * 2, dtype=np.int64)
+    for start in range(0, len(f), GRAM_ROWS):
+        chunk = f[start : start + GRAM_ROWS]
+        total += (chunk.T @ chunk).astype(np.int64)
+    return total.astype(object)
 
 
 @dataclass(frozen=True)
@@ -210,11 +256,14 @@ def class_margin(
     norms = (cm.means**2).sum(axis=1)
     chunk = max(1, CELLS // len(cm.labels))
     for start in range(0, n, chunk):
-        rows = np.arange(start, min(start + chunk, n))
-        rows = rows[known[rows]]
+        stop = min(start + chunk, n)
+        rows = np.arange(start, stop)
+        every = bool(known[start:stop].all())
+        rows = rows if every else rows[known[rows]]
         if not len(rows):
             continue
-        y = q[rows].astype(np.float64) @ cm.whiten
+        mine = q[start:stop] if every else q[rows]  # the same values, without a gather
+        y = np.asarray(mine, dtype=np.float64) @ cm.whiten
         d = (y**2).sum(axis=1)[:, None] - 2.0 * (y @ cm.means.T) + norms[None, :]
         d = np.maximum(d, 0.0)
         d_own = d[np.arange(len(rows)), own[rows]]

@@ -168,17 +168,17 @@ def capped_counts(table: pa.Table, ok: np.ndarray, cap: float) -> dict[int, int]
     return {int(c): int(n) for c, n in zip(*np.unique(over, return_counts=True), strict=True)}
 
 
-def _signed(table: pa.Table, ok: np.ndarray) -> np.ndarray:
-    """The part's signatures, which the first parameter pass found on every candidate."""
-    if (sig := classmeans.signatures(table, ok)) is None:
+def _signed(table: pa.Table, ok: np.ndarray, top: float) -> np.ndarray:
+    """The candidates' fixed-point signatures (the first parameter pass found them on all)."""
+    if (q := classmeans.fixed_candidates(table, ok, top)) is None:
         raise InputError("a scores part lost its signatures between the selection's passes")
-    return sig
+    return q
 
 
 def mean_sums(table: pa.Table, ok: np.ndarray, top: float) -> classmeans.MeanSums:
     """A part's fixed-point signature sums (the second pass's other partial)."""
     labels = pc.fill_null(table["label"], -1).to_numpy(zero_copy_only=False)
-    return classmeans.part_sums(classmeans.fixed(_signed(table, ok), top), labels, ok)
+    return classmeans.part_sums(_signed(table, ok, top), labels[ok])
 
 
 def with_exempt(p: Params, got: CoverageSums, capped: dict[int, int],
@@ -218,7 +218,7 @@ def _class_margins(table: pa.Table, means: classmeans.ClassMeans, top: float,
     Part by part in a batch (batches.py): a product's last bits depend on its rows."""
     ok = ok_mask(table)
     margin, nearer = np.full(len(ok), np.nan), np.full(len(ok), -1, dtype=np.int64)
-    q, at, own = classmeans.fixed(_signed(table, ok)[ok], top), np.flatnonzero(ok), labels[ok]
+    q, at, own = _signed(table, ok, top), np.flatnonzero(ok), labels[ok]
     ids = table[PART].to_numpy()[ok] if PART in table.column_names else np.zeros(len(at))
     bounds = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(at)]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):

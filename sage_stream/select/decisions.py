@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .classmeans import by_class
 from .coverage import FILTER_COLUMNS, ROW_COLUMNS, SET_ASIDE, row_filter
 from .dedup import DUPLICATE
 from .orderings import recorded_score
@@ -167,8 +168,7 @@ class Tally:
         codes = pc.index_in(part["decision"], value_set=pa.array(DECISIONS)).to_numpy(
             zero_copy_only=False
         )  # (n,) position in DECISIONS (decide_part writes no other)
-        classes, inverse = np.unique(labels, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        classes, inverse, _ = by_class(labels)
         per = np.bincount(inverse * len(DECISIONS) + codes,
                           minlength=len(classes) * len(DECISIONS)).reshape(len(classes), -1)  # fmt: skip
         names = [None if nulls and c == NULL_LABEL else int(c) for c in classes.tolist()]
@@ -176,8 +176,9 @@ class Tally:
             counts = self.counts.setdefault(label, Counter())
             counts.update({DECISIONS[j]: n for j, n in enumerate(row) if n})
         scored = np.flatnonzero(pc.is_valid(part["value"]).to_numpy(zero_copy_only=False))
-        _, first = np.unique(inverse[scored], return_index=True)  # constant in a class: any row
-        for i in scored[first].tolist():
+        first = np.full(len(classes), len(scored))  # each class's first scored row
+        first[inverse[scored][::-1]] = np.arange(len(scored) - 1, -1, -1)  # the first of equals
+        for i in scored[first[first < len(scored)]].tolist():  # constant in a class: any row
             self.numbers[names[inverse[i]]] = {k: _value(part[k][i].as_py()) for k in
                                                ("cut", *FILTER_COLUMNS)}  # fmt: skip
 

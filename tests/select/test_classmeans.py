@@ -29,3 +29,18 @@ def test_fixed_point_scale_and_signatures_of_candidates_only():
     assert classmeans.largest(s, ok) == 4.0
     assert classmeans.fixed(s, 4.0)[2].tolist() == [1 << 17, 1 << 20]
     assert classmeans.signatures(table, np.ones(3, dtype=bool)) is None  # a candidate unsigned
+
+
+def test_class_sums_and_counts_are_exact_for_few_and_many_classes():
+    rng = np.random.default_rng(1)
+    top = 1 << classmeans.FIXED_BITS
+    for classes in (3, classmeans.ONE_HOT_CLASSES + 5):  # a one-hot product; sorted sums
+        labels = rng.integers(0, classes, 3000) * 7 - 1  # one label -1 (null): no lookup table
+        q = rng.integers(-top, top + 1, (3000, 4)).astype(np.float64)
+        got = classmeans.part_sums(q, labels)
+        for c in np.unique(labels).tolist():
+            mine = q[labels == c].astype(np.int64)
+            assert got.n[c] == len(mine)
+            assert got.total[c].tolist() == [sum(int(v) for v in mine[:, j]) for j in range(4)]
+        assert list(got.n) == sorted(got.n)
+        assert classmeans.by_class(labels + 1)[0].tolist() == sorted(set((labels + 1).tolist()))
