@@ -50,6 +50,7 @@ from .parts import (
     group_of,
     key_bytes,
     prepare,
+    stable_order,
 )
 from .quotas import class_quotas, overall_quota
 from .rules import Rules
@@ -112,7 +113,7 @@ def _members(rows: Rows, searches: list[Search]) -> tuple[np.ndarray, np.ndarray
     g = np.maximum(group, 0)
     mask = (group >= 0) & (rows.order >= low[g]) & (rows.order <= high[g])
     idx = np.flatnonzero(mask)
-    idx = idx[np.argsort(group[idx], kind="stable")]
+    idx = idx[stable_order(group[idx], len(searches))]
     gid = group[idx]
     if not any(s.prefix for s in searches) and not any(s.exact_key for s in searches):
         return idx, gid
@@ -200,7 +201,7 @@ def _narrow_tie(s: Search, hist: np.ndarray) -> None:
 
 
 def _finish(s: Search, rows: list[tuple[int, str, str]]) -> None:
-    rows.sort(key=lambda r: (-r[0], r[1].encode(), r[2].encode()))
+    rows.sort(key=lambda r: (-r[0], r[1], r[2]))  # str order is UTF-8 byte order (code points)
     s.cut = rows[s.rank - 1]
 
 

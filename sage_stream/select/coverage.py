@@ -110,12 +110,10 @@ def _columns(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def _fixed_sum(tau: np.ndarray) -> int:
     """Σ τ in units of 2^-32, each τ clipped to [0, 2^24] (far above any cap): an integer sum,
-    so that a whole table and its parts in any order give the same cap. Chunks of 64 rows keep
-    numpy's int64 from overflowing (64 · 2^56 < 2^63)."""
+    so that a whole table and its parts in any order give the same cap. Summed as high and low
+    32 bits, so that numpy's int64 cannot overflow (parts of fewer than 2^31 rows)."""
     fixed = np.round(np.clip(tau, 0.0, 2.0**24) * 2.0**32).astype(np.int64)
-    if not len(fixed):
-        return 0
-    return sum(int(x) for x in np.add.reduceat(fixed, np.arange(0, len(fixed), 64)))
+    return (int((fixed >> 32).sum()) << 32) + int((fixed & 0xFFFFFFFF).sum())
 
 
 def _bins(score: np.ndarray) -> np.ndarray:
@@ -128,10 +126,10 @@ def part_sums(table: pa.Table, ok: np.ndarray) -> CoverageSums:
     score, tau, labels = _columns(table, ok)
     top = classmeans.top(table, ok)  # None: a candidate has no signature
     out = CoverageSums(_fixed_sum(tau[ok]), int(ok.sum()), top=top or 0.0, signed=top is not None)
-    bins = _bins(score[ok])
-    for label in np.unique(labels[ok]).tolist():
-        members = labels[ok] == label
-        out.hist[label] = np.bincount(bins[members], minlength=AGREEMENT_BINS)
+    classes, inverse, _ = classmeans.by_class(labels[ok])  # one histogram per class, at once
+    cells = np.bincount(inverse * AGREEMENT_BINS + _bins(score[ok]),
+                        minlength=len(classes) * AGREEMENT_BINS)  # fmt: skip
+    out.hist = dict(zip(classes.tolist(), cells.reshape(len(classes), AGREEMENT_BINS), strict=True))
     return out
 
 
@@ -193,9 +191,9 @@ def with_exempt(p: Params, got: CoverageSums, capped: dict[int, int],
 
 def _per_label(labels: np.ndarray, values: dict[int, int], default: int) -> np.ndarray:
     """values[label] per row (default where absent), by one lookup over the distinct labels."""
-    distinct, inverse = np.unique(labels, return_inverse=True)
+    distinct, inverse, _ = classmeans.by_class(labels)
     lookup = np.array([values.get(int(c), default) for c in distinct.tolist()], dtype=np.int64)
-    return lookup[inverse.reshape(-1)] if len(labels) else np.zeros(0, dtype=np.int64)
+    return lookup[inverse] if len(labels) else np.zeros(0, dtype=np.int64)
 
 
 def with_params(table: pa.Table, p: Params) -> pa.Table:
@@ -288,6 +286,7 @@ SET_ASIDE = {
     "agreement": "agreement {score:.6g} below its class's agreement cut {agreement_cut:.6g}",
     "coverage": "coverage τ {coverage:.6g} over the cap {coverage_cap:.6g}",
 }
+REASONS = ("", *SET_ASIDE)  # a Filter's codes: 0 passes, else the reason's place here
 FILTER_COLUMNS = ("agreement_cut", "coverage_cap")
 ROW_COLUMNS = ("class_margin", "nearer_class")
 
@@ -296,13 +295,17 @@ ROW_COLUMNS = ("class_margin", "nearer_class")
 class Filter:
     """The filter, row by row: why a row is set aside, if it is, and the numbers that decide."""
 
-    reasons: np.ndarray  # (n,) str: "" where the row passes, else a key of SET_ASIDE
+    codes: np.ndarray  # (n,) int8: 0 where the row passes, else its reason's place in REASONS
     numbers: dict[str, np.ndarray]  # FILTER_COLUMNS and ROW_COLUMNS -> (n,) float64, NaN: none
     by_class_means: bool  # the class-mean rule (else the rule without signatures)
 
     @property
     def passes(self) -> np.ndarray:
-        return self.reasons == ""
+        return self.codes == 0
+
+    def set_aside(self, reason: str) -> np.ndarray:
+        """(n,) bool: the rows set aside for `reason` (a key of SET_ASIDE)."""
+        return self.codes == REASONS.index(reason)
 
 
 def _with_own_params(
@@ -336,7 +339,7 @@ def row_filter(
     if MARGIN_COLUMN in table.column_names:  # the class-mean rule
         margin = table[MARGIN_COLUMN].to_numpy(zero_copy_only=False)
         nearer = table[NEARER_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
-        reasons = np.where(margin < 0, "other_class", "")
+        reasons = np.where(margin < 0, REASONS.index("other_class"), 0).astype(np.int8)
         numbers = {"agreement_cut": nan, "coverage_cap": nan, "class_margin": margin,
                    "nearer_class": np.where(nearer < 0, np.nan, nearer)}  # fmt: skip
         return Filter(reasons, numbers, True)
@@ -345,7 +348,8 @@ def row_filter(
     exempt = table[EXEMPT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
     low = ~(_bins(score) >= cut)
     over = ~(tau <= cap) & ~exempt
-    reasons = np.where(low, "agreement", np.where(over, "coverage", ""))
+    agreement, coverage = REASONS.index("agreement"), REASONS.index("coverage")
+    reasons = np.where(low, agreement, np.where(over, coverage, 0)).astype(np.int8)
     edge = cut.astype(np.float64) / (AGREEMENT_BINS / 2) - 1.0  # bin b starts at b/2048 − 1
     cap = np.where(exempt, np.nan, cap)  # an exempt class has no cap
     numbers = {"agreement_cut": edge, "coverage_cap": cap, "class_margin": nan,

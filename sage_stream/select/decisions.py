@@ -88,7 +88,7 @@ def decide_part(
     if scorer == "sage-coverage" and min_score is None:  # its filter's verdict and numbers
         f = rows.filter or row_filter(rows.table, np.ones(len(at), dtype=bool))
         for reason in SET_ASIDE:
-            mine = np.where(~kept & (f.reasons == reason), code[reason], mine)
+            mine = np.where(~kept & f.set_aside(reason), code[reason], mine)
         numbers = {
             name: _spread(f.numbers[name], at, n) for name in (*FILTER_COLUMNS, *ROW_COLUMNS)
         }

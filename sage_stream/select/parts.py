@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
-from .classmeans import SIGNATURE
+from .classmeans import SIGNATURE, by_class
 from .coverage import CAP_COLUMN as PARAMS
 from .coverage import Filter, row_filter
 from .dedup import DUPLICATE, demote
@@ -159,9 +159,9 @@ def count_part(rows: Rows) -> Counts:
     if len(rows.values):
         out.low_all, out.high_all = int(rows.order.min()), int(rows.order.max())
     if rows.labels is not None and len(rows.labels):
-        by_class = np.argsort(rows.labels, kind="stable")
-        labels, order = rows.labels[by_class], rows.order[by_class]
-        classes, starts, sizes = np.unique(labels, return_index=True, return_counts=True)
+        classes, inverse, sizes = by_class(rows.labels)
+        order = rows.order[stable_order(inverse, len(classes))]
+        starts = np.cumsum(sizes) - sizes
         low, high = np.minimum.reduceat(order, starts), np.maximum.reduceat(order, starts)
         for c, n, lo, hi in zip(classes.tolist(), sizes.tolist(), low.tolist(), high.tolist(),
                                 strict=True):  # fmt: skip
@@ -170,6 +170,12 @@ def count_part(rows: Rows) -> Counts:
 
 
 # --- for the passes over the parts ---------------------------------------------------------
+
+
+def stable_order(ids: np.ndarray, bound: int) -> np.ndarray:
+    """`np.argsort(ids, kind="stable")` for ids in [0, bound): a radix sort where they fit 16
+    bits (numpy sorts int64 by merging, four times slower); the same permutation."""
+    return np.argsort(ids.astype(np.int16) if bound <= 1 << 15 else ids, kind="stable")
 
 
 def group_of(rows: Rows, labels: list[int | None]) -> np.ndarray:
