@@ -111,12 +111,14 @@ def kept_mask(rows: Rows, cuts: dict[int | None, tuple[int, str, str] | str]) ->
     labels = list(cuts)
     group = group_of(rows, labels)
     g = np.maximum(group, 0)
-    kind = np.array([c if isinstance(c, str) else "cut" for c in cuts.values()])
+    kinds = ("none", "all", "cut")  # as codes: a string array per row cost a compare per row
+    kind = np.array([kinds.index(c if isinstance(c, str) else "cut") for c in cuts.values()],
+                    dtype=np.int8)[g]  # fmt: skip
     value = np.array([0 if isinstance(c, str) else c[0] for c in cuts.values()],
                      dtype=np.uint64)  # fmt: skip
     known = group >= 0
-    is_cut = known & (kind[g] == "cut")
-    mask = known & (kind[g] == "all") | is_cut & (rows.order > value[g])
+    is_cut = known & (kind == 2)
+    mask = known & (kind == 1) | is_cut & (rows.order > value[g])
     at = np.flatnonzero(is_cut & (rows.order == value[g]))
     if len(at):
         names = [("", "") if isinstance(c, str) else (c[1], c[2]) for c in cuts.values()]
