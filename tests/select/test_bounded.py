@@ -9,7 +9,7 @@ from runs import SCORES_SCHEMA
 
 from sage_stream.errors import InputError
 from sage_stream.select.bounded import select_parts
-from sage_stream.select.parts import local_map, ordered_bits
+from sage_stream.select.parts import local_map, ordered_bits, stable_order
 from sage_stream.select.reference import select
 from sage_stream.select.rules import BALANCES, SCORERS
 
@@ -111,3 +111,10 @@ def test_ordered_bits_keep_float_order():
     assert (np.diff(bits.astype(object)) >= 0).all()
     assert bits[4] == bits[5]  # -0.0 ties with 0.0, as in the in-memory sort
     assert len(set(bits.tolist())) == len(values) - 1
+
+
+def test_stable_order_is_numpys_stable_argsort_for_small_and_large_ids():
+    rng = np.random.default_rng(5)
+    for bound in (3, 1 << 15, 1 << 16):  # 16-bit radix sort; then int64 as given
+        ids = rng.integers(0, bound, 5000)
+        assert (stable_order(ids, bound) == np.argsort(ids, kind="stable")).all()
