@@ -267,15 +267,13 @@ class Config:
         "logits, so that pass 2 need not read, decode and run the model again (last-layer "
         "mode; (H + C) x 4 bytes a sample; default 16GiB; 0: pass 2 reads the shards again); "
         "same results either way", steps=("run", "sketch"), group=RUN, metavar="SIZE",
-        parse=byte_size, check=_at_least(0, "must be 0 (keep nothing) or a size"),
-    )  # fmt: skip
+        parse=byte_size, check=_at_least(0, "must be 0 (keep nothing) or a size"))  # fmt: skip
     checkpoint_every: float = option(  # seconds between pass-1 checkpoints (0: every shard)
         60.0, "pass-1 checkpoint interval, for resume (default 60; 0: after every shard)",
         steps=PASSES, group=RUN, metavar="SECONDS", kind=float, check=_seconds,
     )  # fmt: skip
     progress: bool | None = option(  # None: a bar on a terminal, log lines otherwise
-        None, "log lines instead of progress bars", steps=READS, group=RUN,
-        flag="--no-progress",
+        None, "log lines instead of progress bars", steps=READS, group=RUN, flag="--no-progress",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
