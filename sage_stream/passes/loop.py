@@ -181,14 +181,8 @@ def score_stream(
                  len(refs))  # fmt: skip
     with contextlib.closing(read):
         for ref in refs:
-            if ref.name not in kept:
-                yield next(read)
-                continue
-            replayed = kept_batches(ctx, ref)
-            if replayed is None:  # from another run, or cut short: read it here
-                yield ref, shard_items(ctx, ref, progress)
-            else:
-                yield ref, _items(ctx, ref, replayed, progress)
+            # a kept file from another run, or cut short: that shard is read here
+            yield next(read) if ref.name not in kept else (ref, pass2_items(ctx, ref, progress))
 
 
 def pass2_items(ctx: StageContext, ref: ShardRef, progress: Progress) -> Iterator[Item]:
@@ -219,6 +213,7 @@ def _items(
     """
     fail = ctx.cfg.on_error == "fail"
     shapes: set = set()
+    shape = None  # the batch's per-sample input shape (a replayed one has none)
     record = keeper.record(ref) if keeper is not None else None
     try:
         for entry in batches:
@@ -237,7 +232,8 @@ def _items(
                 record = None  # the shard was not featurized whole here
                 continue
             if not isinstance(entry.x, HeadIO):
-                shapes.add(_sample_shape(entry.x))
+                shape = _sample_shape(entry.x)
+                shapes.add(shape)
                 if len(shapes) > 1:
                     _warn_shapes(ctx, ref, shapes)
             featured = _featurize(ctx, ref, entry, fail)
@@ -253,7 +249,7 @@ def _items(
             yield featured
             progress.advance(len(featured.batch.keys))
             if record is not None:
-                record.featured(featured, _sample_shape(entry.x))
+                record.featured(featured, shape)
     except ShardError as exc:
         if fail:
             raise
