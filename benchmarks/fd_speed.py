@@ -30,8 +30,9 @@ from sage_stream.fd import FrequentDirections
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def legacy_shrink(rows: torch.Tensor, ell: int, orthogonal: int = 0) -> tuple[torch.Tensor, float]:
-    """The previous shrink: full float64 Gram, float64 uᵀM (`orthogonal` is not used)."""
+def legacy_shrink(rows: torch.Tensor, ell: int, started: object = None) -> tuple:
+    """The previous shrink: full float64 Gram, float64 uᵀM, run where the package's shrink
+    ends (`_end_shrink`; `started` is not used); ‖row‖² in float64 as `_sq_norm` did."""
     m64 = rows.double()  # (m, D)
     lam, u = fd_module._host_eigh(m64 @ m64.T)
     lam, u = lam.flip(0), u.flip(1)
@@ -39,7 +40,7 @@ def legacy_shrink(rows: torch.Tensor, ell: int, orthogonal: int = 0) -> tuple[to
     keep = lam > delta
     lam, u = lam[keep], u[:, keep]
     b = torch.sqrt((lam - delta) / lam)[:, None] * (u.T @ m64)
-    return legacy_fix_signs(b).float(), delta
+    return legacy_fix_signs(b).float(), delta, m64.square().sum(dim=1)
 
 
 def legacy_fix_signs(rows: torch.Tensor) -> torch.Tensor:
@@ -75,18 +76,20 @@ def sketch(rows: list[torch.Tensor], ell: int, dim: int, device: str) -> tuple[f
     t = time.perf_counter()
     for batch in rows:
         fd.update(batch)
+    delta = fd.delta  # waits for the last shrink's eigh
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t, fd.delta
+    return time.perf_counter() - t, delta
 
 
 def legacy_sketch(rows: list[torch.Tensor], ell: int, dim: int, device: str) -> tuple[float, float]:
-    real = fd_module._shrink, fd_module._sq_norm
-    fd_module._shrink, fd_module._sq_norm = legacy_shrink, legacy_sq_norm  # type: ignore[assignment]
+    real = fd_module._start_shrink, fd_module._end_shrink, fd_module._sq_norm
+    fd_module._start_shrink = lambda rows, orthogonal: (rows, None)  # type: ignore[assignment]
+    fd_module._end_shrink, fd_module._sq_norm = legacy_shrink, legacy_sq_norm  # type: ignore[assignment]
     try:
         return sketch(rows, ell, dim, device)
     finally:
-        fd_module._shrink, fd_module._sq_norm = real
+        fd_module._start_shrink, fd_module._end_shrink, fd_module._sq_norm = real
 
 
 def case(dim: int, ell: int, shrinks: int, device: str, repeats: int) -> dict:

@@ -7,11 +7,15 @@ k < ℓ, where A is every row seen. `finalize` gives (σ, V) of B, which the ske
 `sketch.zarr` and pass 2 uses to score samples. Workers sketch disjoint shards and `merge`.
 
 Pure tensor code, device-agnostic: no storage, no logging. Results are bit-for-bit reproducible
-on one device for the same rows in the same order, whatever the batch sizes.
+on one device for the same rows in the same order, whatever the batch sizes. A shrink's eigh
+runs on a thread of its own while the caller computes the next rows (see the class).
 """
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,10 +31,26 @@ _BLAS: ThreadpoolController | None = None
 
 
 def _one_blas_thread():  # noqa: ANN202 - threadpoolctl's context manager
+    # BLAS libraries only (numpy's): torch's OpenMP pool keeps its threads, since the eigh
+    # runs beside the caller's torch work (_EIGH below)
     global _BLAS
     if _BLAS is None:
-        _BLAS = ThreadpoolController()
+        _BLAS = ThreadpoolController().select(user_api="blas")
     return _BLAS.limit(limits=1)
+
+
+# The thread that runs shrinks' eigh (LAPACK releases the GIL) while the caller makes the next
+# rows: one, so eighs run in the order they were started. A forked child starts its own.
+_EIGH: list[ThreadPoolExecutor] = []
+
+
+def _eigh_thread() -> ThreadPoolExecutor:
+    if not _EIGH:
+        _EIGH.append(ThreadPoolExecutor(1, thread_name_prefix="sage-fd-eigh"))
+    return _EIGH[0]
+
+
+os.register_at_fork(after_in_child=_EIGH.clear)
 
 
 _STATE_KEYS = ("ell", "dim", "rows", "n_rows", "frobenius_sq_counted", "uncounted_from", "delta")
@@ -61,8 +81,22 @@ def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float,
     eigenvalues known to about √D·ε₃₂·λ_max (the tests' tolerances say so). B's rows keep
     the signs eigh gives (BᵀB does not depend on them); `finalize` fixes the basis's signs.
     """
+    return _end_shrink(rows, ell, _start_shrink(rows, orthogonal))
+
+
+_Started = tuple[Tensor, "Future[tuple[Tensor, Tensor]]"]  # a shrink's Gram matrix, its eigh
+
+
+def _start_shrink(rows: Tensor, orthogonal: int) -> _Started:
+    """The Gram matrix of `rows` (m, D), and its eigh started on the eigh thread."""
     gram = _gram(rows, orthogonal)  # (m, m) float32
-    lam, u = _host_eigh(gram.double())  # (m,), (m, m), ascending
+    return gram, _eigh_thread().submit(_host_eigh, gram.double())
+
+
+def _end_shrink(rows: Tensor, ell: int, started: _Started) -> tuple[Tensor, float, Tensor]:
+    """`_shrink` once its eigh is done; `rows` must be the rows it was started with."""
+    gram, eigh = started
+    lam, u = eigh.result()  # (m,), (m, m), ascending
     lam, u = lam.flip(0), u.flip(1)  # descending: λ_j = σ_j²
     delta = max(float(lam[ell - 1]), 0.0) if lam.numel() >= ell else 0.0  # λ < 0 is rounding
     keep = lam > delta  # hence λ > 0 below: no 0/0, all-zero rows give k = 0
@@ -127,6 +161,11 @@ def _sq_norm(rows: Tensor) -> float:
 class FrequentDirections:
     """Fast FD sketch with a 2ℓ-row buffer; shrinks exactly when the buffer holds 2ℓ rows.
 
+    A shrink's eigh runs on the eigh thread while the caller goes on: `update` returns once
+    it has started one, and rows that come before it is done wait in a queue (at most 2ℓ of
+    them, plus one call's); every read of the sketch waits for it. The rows and the points
+    where the buffer shrinks are those of a stream that waited, so the bits are too.
+
     `finalize` reduces the sketch in place to ≤ ℓ rows (its δ is added to `delta`) and may be
     called any number of times; `update` and `merge` after it are allowed and continue from the
     reduced sketch (the bound still holds, but the bits differ from a stream never finalized).
@@ -144,6 +183,9 @@ class FrequentDirections:
         # batch sizes either; rows after _uncounted_from are added on read.
         self._frob_counted = 0.0
         self._uncounted_from = 0
+        self._started: _Started | None = None  # the shrink of _buf[:_m] whose eigh runs
+        self._queue: deque[tuple[Tensor, bool]] = deque()  # (rows, counted) to stream in
+        self._queued = 0  # rows in _queue
 
     @property
     def ell(self) -> int:
@@ -167,15 +209,18 @@ class FrequentDirections:
     @property
     def delta(self) -> float:
         """Δ = Σ δ, the proven bound on ‖AᵀA − BᵀB‖₂."""
+        self._drain(wait=True)
         return self._delta
 
     @property
     def frobenius_sq(self) -> float:
         """‖A‖²_F of every row seen."""
+        self._drain(wait=True)
         return self._frob_counted + _sq_norm(self._buf[self._uncounted_from : self._m])
 
     def rows(self) -> Tensor:
         """The current B, float32 (m, D), m < 2ℓ; a copy, without finalizing."""
+        self._drain(wait=True)
         return self._buf[: self._m].clone()
 
     def update(self, rows: Any, *, checked: bool = False) -> None:
@@ -191,15 +236,40 @@ class FrequentDirections:
     def _append(self, rows: Tensor, counted: bool) -> None:
         """Stream `rows` into the buffer; `counted`: they are data (their squares go into
         ‖A‖²_F), not the rows of another sketch (whose ‖A‖²_F the caller adds)."""
-        start, cap = 0, 2 * self._ell
-        while start < rows.shape[0]:
-            take = min(rows.shape[0] - start, cap - self._m)
-            self._buf[self._m : self._m + take] = rows[start : start + take]
-            self._m, start = self._m + take, start + take
+        if rows.shape[0]:
+            self._queue.append((rows, counted))
+            self._queued += rows.shape[0]
+            self._drain(wait=False)
+
+    def _drain(self, wait: bool) -> None:
+        """Stream queued rows into the buffer, shrinking whenever it holds 2ℓ rows. Unless
+        `wait`, return once a shrink is started and fewer than 2ℓ rows are left queued."""
+        cap = 2 * self._ell
+        while True:
+            if self._started is not None:
+                if not (wait or self._queue):
+                    return
+                self._end_shrink()
+            self._fill()
+            if self._m < cap:  # every queued row is in
+                return
+            self._started = _start_shrink(self._buf[: self._m], self._orthogonal)
+            if not wait and self._queued < cap:
+                return
+
+    def _fill(self) -> None:
+        """Queued rows into the buffer until it is full or the queue empty."""
+        cap = 2 * self._ell
+        while self._queue and self._m < cap:
+            rows, counted = self._queue.popleft()
+            take = min(rows.shape[0], cap - self._m)
+            self._buf[self._m : self._m + take] = rows[:take]
+            self._m += take
+            self._queued -= take
             if not counted:
                 self._uncounted_from = self._m
-            if self._m == cap:
-                self._shrink_buffer()
+            if take < rows.shape[0]:  # a copy: the caller may reuse its tensor
+                self._queue.appendleft((rows[take:].clone(), counted))
 
     def finalize(self) -> tuple[Tensor, Tensor]:
         """Reduce to ≤ ℓ rows, then return sigma (ℓ,) descending and basis V (ℓ, D), float32.
@@ -207,8 +277,10 @@ class FrequentDirections:
         Basis rows are orthonormal where sigma > 0 and zero where sigma == 0; each row's
         largest-|.| entry is positive. The reduction is applied in place (see the class doc).
         """
+        self._drain(wait=True)
         if self._m > self._ell:
-            self._shrink_buffer()
+            self._started = _start_shrink(self._buf[: self._m], self._orthogonal)
+            self._end_shrink()
         sigma = torch.zeros(self._ell, dtype=torch.float64, device=self._device)  # (ℓ,)
         basis = torch.zeros(self._ell, self._dim, dtype=torch.float64, device=self._device)
         if self._m:
@@ -231,7 +303,7 @@ class FrequentDirections:
                 f"cannot merge a sketch with ell={other.ell}, dim={other.dim} into one with "
                 f"ell={self._ell}, dim={self._dim}: sketch every part with the same settings"
             )
-        frob = self.frobenius_sq + other.frobenius_sq
+        frob = self.frobenius_sq + other.frobenius_sq  # both drained
         self._frob_counted, self._uncounted_from = frob, self._m  # every row so far counted
         self._append(other._buf[: other._m].to(self._device), counted=False)
         self._delta += other.delta
@@ -239,6 +311,7 @@ class FrequentDirections:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; tensors on CPU, loadable with weights_only."""
+        self._drain(wait=True)
         return {
             "ell": self._ell,
             "dim": self._dim,
@@ -307,8 +380,10 @@ class FrequentDirections:
             )
         return rows
 
-    def _shrink_buffer(self) -> None:
-        b, delta, sq = _shrink(self._buf[: self._m], self._ell, self._orthogonal)
+    def _end_shrink(self) -> None:
+        assert self._started is not None
+        started, self._started = self._started, None
+        b, delta, sq = _end_shrink(self._buf[: self._m], self._ell, started)
         # ‖A‖²_F from the Gram diagonal (float32 squares, summed in float64), never counting
         # rows before _uncounted_from (the B of the last shrink, or another sketch's rows)
         self._frob_counted += float(sq[self._uncounted_from : self._m].double().sum())

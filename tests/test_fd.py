@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -288,3 +290,45 @@ def test_bound_on_cuda():
     fd = FrequentDirections(8, 40, device="cuda")
     fd.update(torch.from_numpy(a))
     check_fd_bound(a, fd)
+
+
+class Waiting(FrequentDirections):
+    """FD that waits for every shrink's eigh before `update` returns."""
+
+    def _drain(self, wait: bool) -> None:
+        super()._drain(wait=True)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 40, 100])
+def test_eigh_beside_the_caller_gives_the_bits_of_waiting(batch):
+    """update returns while a shrink's eigh runs (rows that come meanwhile wait in a queue);
+    the sketch is bit for bit the one of waiting for each eigh, though the caller refills
+    the very tensor it passed as soon as update returns."""
+    a = torch.from_numpy(low_rank_noise(700, 40, seed=11))
+    waited, fd = Waiting(8, 40), FrequentDirections(8, 40)
+    reused, pending = torch.empty(batch, 40), 0
+    for start in range(0, len(a), batch):
+        chunk = a[start : start + batch]
+        waited.update(chunk.clone())
+        reused[: len(chunk)] = chunk
+        fd.update(reused[: len(chunk)])
+        pending += fd._started is not None
+    assert pending > 0  # the eigh did run beside the caller
+    assert fd.n_rows == waited.n_rows == len(a)
+    assert fd.delta == waited.delta and fd.frobenius_sq == waited.frobenius_sq
+    assert torch.equal(fd.rows(), waited.rows())
+    (s1, v1), (s2, v2) = fd.finalize(), waited.finalize()
+    assert torch.equal(s1, s2) and torch.equal(v1, v2)
+
+
+def _sketch_in_child() -> float:
+    return sketch_of(gaussian(100, 12, seed=4), 4).delta
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_its_own_eigh_thread():
+    """The parent's eigh thread does not exist in a forked child (e.g. a loader worker):
+    the child's shrinks start a thread of their own instead of waiting forever."""
+    parent = sketch_of(gaussian(100, 12, seed=4), 4).delta
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_sketch_in_child).get(timeout=120) == parent
