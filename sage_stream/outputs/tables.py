@@ -70,6 +70,9 @@ def write_part(folder: OutputFolder, shard: str, table: pa.Table, shard_error: s
     _write_table(folder, folder.part(shard), table.replace_schema_metadata(metadata))
 
 
+THREADED_ROWS = 2**16  # a Parquet file of fewer rows is decoded on the calling thread
+
+
 def read_table(
     url: str, columns: list[str] | None = None, storage_options=None, optional: tuple = ()
 ) -> pa.Table:
@@ -87,7 +90,9 @@ def read_table(
         if missing:  # ParquetFile.read would leave them out silently
             raise KeyError(f"{url} has no column(s) {', '.join(missing)}")
         wanted = list(columns) if columns is not None else names
-        return pf.read(columns=[*wanted, *(c for c in optional if c in names and c not in wanted)])
+        wanted += [c for c in optional if c in names and c not in wanted]
+        # pyarrow's thread pool costs more than it saves on a small file (most parts)
+        return pf.read(columns=wanted, use_threads=pf.metadata.num_rows >= THREADED_ROWS)
 
 
 def read_part(
@@ -95,9 +100,11 @@ def read_part(
 ) -> tuple[pa.Table, str | None]:
     """One shard's scores and its shard-level error (None if its stream was whole)."""
     url = folder.part(shard)
-    if not folder.exists(url):
-        raise InputError(f"no scores for shard {shard!r} at {url}: run `sage-stream score` first")
-    table = read_table(url, columns, folder.storage_options, optional)
+    try:  # no exists() first: a lookup per part, most of a small part's read
+        table = read_table(url, columns, folder.storage_options, optional)
+    except FileNotFoundError:
+        msg = f"no scores for shard {shard!r} at {url}: run `sage-stream score` first"
+        raise InputError(msg) from None
     error = (table.schema.metadata or {}).get(SHARD_ERROR_KEY, b"").decode() or None
     return table.replace_schema_metadata(None), error
 

@@ -54,6 +54,11 @@ def test_missing_part_or_selection_says_which_step_to_run(mem_url):
         read_selection(folder)
 
 
+def test_missing_part_in_a_local_folder_says_which_step_to_run(tmp_path):
+    with pytest.raises(InputError, match="no scores for shard 'a.tar'.*sage-stream score"):
+        read_part(OutputFolder(str(tmp_path)), "a.tar")
+
+
 def test_selection_keeps_its_parameters(mem_url):
     folder = OutputFolder(mem_url)
     chosen = pa.table({"__key__": ["k1", "k3"], "__shard__": ["a.tar", "b.tar"], "label": [0, 1],
