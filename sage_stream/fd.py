@@ -306,6 +306,7 @@ class FrequentDirections:
         frob = self.frobenius_sq + other.frobenius_sq  # both drained
         self._frob_counted, self._uncounted_from = frob, self._m  # every row so far counted
         self._append(other._buf[: other._m].to(self._device), counted=False)
+        self._drain(wait=True)  # Δ adds up in the order of a stream that waited: bits
         self._delta += other.delta
         self._n_rows += other.n_rows
 

@@ -321,6 +321,23 @@ def test_eigh_beside_the_caller_gives_the_bits_of_waiting(batch):
     assert torch.equal(s1, s2) and torch.equal(v1, v2)
 
 
+def test_merge_beside_the_caller_gives_the_bits_of_waiting():
+    """A merge whose rows make the buffer shrink adds up Δ in the same order as waiting."""
+    a = torch.from_numpy(power_law_rows(300, 30, seed=12))
+    runs = []
+    for cls in (Waiting, FrequentDirections):
+        fd, other = cls(8, 30), cls(8, 30)
+        for start in range(0, 100, 7):  # Δ ≠ 0 on both sides, then a shrink within the merge
+            fd.update(a[start : start + 7])
+        other.update(a[100:200])
+        fd.merge(other)
+        merged = fd.delta
+        fd.update(a[200:])
+        runs.append((merged, fd.delta, fd.frobenius_sq, *fd.finalize()))
+    assert runs[0][:3] == runs[1][:3]
+    assert torch.equal(runs[0][3], runs[1][3]) and torch.equal(runs[0][4], runs[1][4])
+
+
 def _sketch_in_child() -> float:
     return sketch_of(gaussian(100, 12, seed=4), 4).delta
 
