@@ -54,6 +54,16 @@ def test_missing_part_or_selection_says_which_step_to_run(mem_url):
         read_selection(folder)
 
 
+@pytest.mark.parametrize("spelling", ["plain", "file://", "~"])
+def test_part_in_a_local_folder_however_spelled(tmp_path, monkeypatch, spelling):
+    """Local parts are opened by pyarrow itself, fsspec's spellings of a path included."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url = {"plain": str(tmp_path / "out"), "file://": f"file://{tmp_path}/out", "~": "~/out"}
+    write_part(OutputFolder(str(tmp_path / "out")), "a.tar", part("a.tar", ["k"], ["ok"]), "x")
+    table, error = read_part(OutputFolder(url[spelling]), "a.tar", ["__key__", "status"])
+    assert table.to_pylist() == [{"__key__": "k", "status": "ok"}] and error == "x"
+
+
 def test_missing_part_in_a_local_folder_says_which_step_to_run(tmp_path):
     with pytest.raises(InputError, match="no scores for shard 'a.tar'.*sage-stream score"):
         read_part(OutputFolder(str(tmp_path)), "a.tar")
