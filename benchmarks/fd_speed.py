@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from sage_stream import fd as fd_module
 from sage_stream.fd import FrequentDirections
+from sage_stream.fd_host import eigh_now
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,7 +35,8 @@ def legacy_shrink(rows: torch.Tensor, ell: int, started: object = None) -> tuple
     """The previous shrink: full float64 Gram, float64 uᵀM, run where the package's shrink
     ends (`_end_shrink`; `started` is not used); ‖row‖² in float64 as `_sq_norm` did."""
     m64 = rows.double()  # (m, D)
-    lam, u = fd_module._host_eigh(m64 @ m64.T)
+    gram = (m64 @ m64.T).cpu().numpy()
+    lam, u = (torch.from_numpy(x).to(m64.device) for x in eigh_now(gram))
     lam, u = lam.flip(0), u.flip(1)
     delta = max(float(lam[ell - 1]), 0.0) if lam.numel() >= ell else 0.0
     keep = lam > delta
@@ -84,7 +86,7 @@ def sketch(rows: list[torch.Tensor], ell: int, dim: int, device: str) -> tuple[f
 
 def legacy_sketch(rows: list[torch.Tensor], ell: int, dim: int, device: str) -> tuple[float, float]:
     real = fd_module._start_shrink, fd_module._end_shrink, fd_module._sq_norm
-    fd_module._start_shrink = lambda rows, orthogonal: (rows, None)  # type: ignore[assignment]
+    fd_module._start_shrink = lambda rows, orthogonal, beside=False: (rows, None)  # type: ignore[assignment]
     fd_module._end_shrink, fd_module._sq_norm = legacy_shrink, legacy_sq_norm  # type: ignore[assignment]
     try:
         return sketch(rows, ell, dim, device)

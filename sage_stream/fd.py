@@ -15,43 +15,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from sage_stream.errors import InputError, positive_int
-
-# Which BLAS libraries are loaded, found once: a fresh threadpool_limits() scans the process's
-# libraries every time (2 ms, as long as a small shrink's eigh).
-_BLAS: ThreadpoolController | None = None
-
-
-def _one_blas_thread():  # noqa: ANN202 - threadpoolctl's context manager
-    # BLAS libraries only (numpy's): torch's OpenMP pool keeps its threads, since the eigh
-    # runs beside the caller's torch work (_EIGH below)
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = ThreadpoolController().select(user_api="blas")
-    return _BLAS.limit(limits=1)
-
-
-# The thread that runs shrinks' eigh (LAPACK releases the GIL) while the caller makes the next
-# rows: one, so eighs run in the order they were started. A forked child starts its own.
-_EIGH: list[ThreadPoolExecutor] = []
-
-
-def _eigh_thread() -> ThreadPoolExecutor:
-    if not _EIGH:
-        _EIGH.append(ThreadPoolExecutor(1, thread_name_prefix="sage-fd-eigh"))
-    return _EIGH[0]
-
-
-os.register_at_fork(after_in_child=_EIGH.clear)
-
+from sage_stream.fd_host import eigh_now, host_svd, start_eigh
 
 _STATE_KEYS = ("ell", "dim", "rows", "n_rows", "frobenius_sq_counted", "uncounted_from", "delta")
 
@@ -84,19 +56,25 @@ def _shrink(rows: Tensor, ell: int, orthogonal: int = 0) -> tuple[Tensor, float,
     return _end_shrink(rows, ell, _start_shrink(rows, orthogonal))
 
 
-_Started = tuple[Tensor, "Future[tuple[Tensor, Tensor]]"]  # a shrink's Gram matrix, its eigh
+# a started shrink: its Gram matrix, the float64 host copy, its eigh, the process that started it
+_Started = tuple[Tensor, np.ndarray, "Future[tuple[np.ndarray, np.ndarray]]", int]
 
 
-def _start_shrink(rows: Tensor, orthogonal: int) -> _Started:
-    """The Gram matrix of `rows` (m, D), and its eigh started on the eigh thread."""
+def _start_shrink(rows: Tensor, orthogonal: int, beside: bool = False) -> _Started:
+    """The Gram matrix of `rows` (m, D), and its eigh: started on the eigh thread if `beside`
+    (and fd_host allows it), else done here. Every torch operation stays on the caller's
+    thread and stream."""
     gram = _gram(rows, orthogonal)  # (m, m) float32
-    return gram, _eigh_thread().submit(_host_eigh, gram.double())
+    host = gram.double().cpu().numpy()
+    return gram, host, start_eigh(host, beside), os.getpid()
 
 
 def _end_shrink(rows: Tensor, ell: int, started: _Started) -> tuple[Tensor, float, Tensor]:
     """`_shrink` once its eigh is done; `rows` must be the rows it was started with."""
-    gram, eigh = started
-    lam, u = eigh.result()  # (m,), (m, m), ascending
+    gram, host, eigh, pid = started
+    # a fork waits for the eigh (fd_host); should it not have, the child redoes it: same bits
+    lam_np, u_np = eigh.result() if pid == os.getpid() or eigh.done() else eigh_now(host)
+    lam, u = torch.from_numpy(lam_np).to(rows.device), torch.from_numpy(u_np).to(rows.device)
     lam, u = lam.flip(0), u.flip(1)  # descending: λ_j = σ_j²
     delta = max(float(lam[ell - 1]), 0.0) if lam.numel() >= ell else 0.0  # λ < 0 is rounding
     keep = lam > delta  # hence λ > 0 below: no 0/0, all-zero rows give k = 0
@@ -119,38 +97,6 @@ def _gram(rows: Tensor, orthogonal: int) -> Tensor:
     gram[:, o:] = rows @ new.T
     gram[o:, :o] = gram[:o, o:].T  # an (n, o) copy of a small matrix
     return gram
-
-
-def _host_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """eigh of the small m×m Gram matrix with the host's LAPACK (numpy), whatever the device.
-
-    One LAPACK for every device and worker keeps sketches made on CPU and GPU alike; and
-    torch's threaded eigh was measured 20-50× slower than numpy's on a 2-core machine under
-    load (MKL threads spinning), for a matrix that costs milliseconds.
-    """
-    with _one_blas_thread():  # milliseconds of work; extra threads only contend
-        lam, u = np.linalg.eigh(gram.cpu().numpy())
-    return torch.from_numpy(lam).to(gram.device), torch.from_numpy(u).to(gram.device)
-
-
-def _host_svd(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """σ (m,) and V (m, D) of `rows` (m, D), m ≤ ℓ ≪ D, float64 on the host, run once per sketch.
-
-    Unlike the Gram route it gives orthonormal V even for directions whose σ is at rounding
-    level: Bᵀ = QR (thin QR, D×m), then the SVD of the small R = U_R S V_Rᵀ, so B = V_R S
-    (Q U_R)ᵀ. On one thread, so that the bits do not depend on the machine's core count; a
-    direct SVD of the m×D matrix took 3× longer here (docs/benchmarks.md).
-    """
-    m64 = rows.double().cpu()  # (m, D)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        q, r = torch.linalg.qr(m64.T)  # (D, m), (m, m)
-        u_r, s, _ = torch.linalg.svd(r, full_matrices=False)  # R = U_R S V_Rᵀ
-        vh = (q @ u_r).T  # (m, D): right singular vectors of B
-    finally:
-        torch.set_num_threads(threads)
-    return s, vh.contiguous()
 
 
 def _sq_norm(rows: Tensor) -> float:
@@ -184,7 +130,8 @@ class FrequentDirections:
         self._frob_counted = 0.0
         self._uncounted_from = 0
         self._started: _Started | None = None  # the shrink of _buf[:_m] whose eigh runs
-        self._queue: deque[tuple[Tensor, bool]] = deque()  # (rows, counted) to stream in
+        # rows to stream in: [rows, first row not yet in, counted, a copy of our own]
+        self._queue: deque[list[Any]] = deque()
         self._queued = 0  # rows in _queue
 
     @property
@@ -237,9 +184,12 @@ class FrequentDirections:
         """Stream `rows` into the buffer; `counted`: they are data (their squares go into
         ‖A‖²_F), not the rows of another sketch (whose ‖A‖²_F the caller adds)."""
         if rows.shape[0]:
-            self._queue.append((rows, counted))
+            self._queue.append([rows, 0, counted, False])
             self._queued += rows.shape[0]
             self._drain(wait=False)
+            for entry in self._queue:  # rows left waiting: the caller may reuse its tensor
+                if not entry[3]:
+                    entry[:] = [entry[0][entry[1] :].clone(), 0, entry[2], True]
 
     def _drain(self, wait: bool) -> None:
         """Stream queued rows into the buffer, shrinking whenever it holds 2ℓ rows. Unless
@@ -253,23 +203,24 @@ class FrequentDirections:
             self._fill()
             if self._m < cap:  # every queued row is in
                 return
-            self._started = _start_shrink(self._buf[: self._m], self._orthogonal)
-            if not wait and self._queued < cap:
+            beside = not wait and self._queued < cap  # else its result is needed at once
+            self._started = _start_shrink(self._buf[: self._m], self._orthogonal, beside)
+            if beside:
                 return
 
     def _fill(self) -> None:
         """Queued rows into the buffer until it is full or the queue empty."""
         cap = 2 * self._ell
         while self._queue and self._m < cap:
-            rows, counted = self._queue.popleft()
-            take = min(rows.shape[0], cap - self._m)
-            self._buf[self._m : self._m + take] = rows[:take]
-            self._m += take
-            self._queued -= take
+            entry = self._queue[0]
+            rows, start, counted, _ = entry
+            take = min(rows.shape[0] - start, cap - self._m)
+            self._buf[self._m : self._m + take] = rows[start : start + take]
+            self._m, entry[1], self._queued = self._m + take, start + take, self._queued - take
             if not counted:
                 self._uncounted_from = self._m
-            if take < rows.shape[0]:  # a copy: the caller may reuse its tensor
-                self._queue.appendleft((rows[take:].clone(), counted))
+            if entry[1] == rows.shape[0]:
+                self._queue.popleft()
 
     def finalize(self) -> tuple[Tensor, Tensor]:
         """Reduce to ≤ ℓ rows, then return sigma (ℓ,) descending and basis V (ℓ, D), float32.
@@ -284,7 +235,7 @@ class FrequentDirections:
         sigma = torch.zeros(self._ell, dtype=torch.float64, device=self._device)  # (ℓ,)
         basis = torch.zeros(self._ell, self._dim, dtype=torch.float64, device=self._device)
         if self._m:
-            s, vh = _host_svd(self._buf[: self._m])
+            s, vh = host_svd(self._buf[: self._m])
             s, vh = s.to(self._device), vh.to(self._device)
             sigma[: s.numel()], basis[: s.numel()] = s, _fix_signs(vh)
         sigma32, basis32 = sigma.float(), basis.float()
@@ -309,6 +260,10 @@ class FrequentDirections:
         self._drain(wait=True)  # Δ adds up in the order of a stream that waited: bits
         self._delta += other.delta
         self._n_rows += other.n_rows
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle, copy: a running eigh waited for
+        self._drain(wait=True)
+        return self.__dict__.copy()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; tensors on CPU, loadable with weights_only."""

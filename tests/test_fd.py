@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import multiprocessing
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from sage_stream import fd_host
 from sage_stream.errors import InputError
 from sage_stream.fd import FrequentDirections
 
@@ -306,12 +309,15 @@ def test_eigh_beside_the_caller_gives_the_bits_of_waiting(batch):
     the very tensor it passed as soon as update returns."""
     a = torch.from_numpy(low_rank_noise(700, 40, seed=11))
     waited, fd = Waiting(8, 40), FrequentDirections(8, 40)
-    reused, pending = torch.empty(batch, 40), 0
-    for start in range(0, len(a), batch):
-        chunk = a[start : start + batch]
+    sizes = [batch, 3, 2 * batch + 1]  # a call's rows may wait behind an earlier call's
+    reused, pending, start = torch.empty(max(sizes), 40), 0, 0
+    while start < len(a):
+        chunk = a[start : start + sizes[start % 3]]
+        start += len(chunk)
         waited.update(chunk.clone())
         reused[: len(chunk)] = chunk
         fd.update(reused[: len(chunk)])
+        reused.fill_(1e3)  # the caller reuses its tensor at once
         pending += fd._started is not None
     assert pending > 0  # the eigh did run beside the caller
     assert fd.n_rows == waited.n_rows == len(a)
@@ -336,6 +342,24 @@ def test_merge_beside_the_caller_gives_the_bits_of_waiting():
         runs.append((merged, fd.delta, fd.frobenius_sq, *fd.finalize()))
     assert runs[0][:3] == runs[1][:3]
     assert torch.equal(runs[0][3], runs[1][3]) and torch.equal(runs[0][4], runs[1][4])
+
+
+def test_pickle_and_copy_wait_for_a_running_eigh():
+    a = torch.from_numpy(gaussian(100, 12, seed=3))
+    fd = sketch_of(a.numpy(), 4, batch=10)
+    assert fd._started is not None  # the last update left a shrink running
+    for copied in (copy.deepcopy(fd), pickle.loads(pickle.dumps(fd))):
+        assert copied.delta == fd.delta and torch.equal(copied.rows(), fd.rows())
+
+
+def test_eigh_where_it_may_not_run_beside_gives_the_same_bits(monkeypatch):
+    """Where numpy's BLAS is shared with torch (conda MKL) the eigh runs on the caller."""
+    a = low_rank_noise(300, 20, seed=13)
+    beside = sketch_of(a, 8, batch=9)
+    monkeypatch.setattr(fd_host, "_eigh_beside", lambda: False)
+    here = sketch_of(a, 8, batch=9)
+    assert here._started is None or here._started[2].done()
+    assert here.delta == beside.delta and torch.equal(here.finalize()[1], beside.finalize()[1])
 
 
 def _sketch_in_child() -> float:

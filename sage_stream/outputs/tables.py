@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..storage import open_input
+from ..storage.retry import call
 from .folder import OutputFolder
 
 SCORE_SCHEMA = pa.schema(
@@ -84,20 +85,30 @@ def read_table(
     pyarrow.dataset, whose threads reading a Python file object could still run at interpreter
     exit and abort the process ("terminate called without an active exception", exit 134; a
     third of `sage-stream inspect OUT/scores` runs with pyarrow 26). A local path is opened
-    by pyarrow itself (its errors are not transient; fsspec's lookup and the retried Python
-    file cost most of a small part's read)."""
-    local = "://" not in url and "::" not in url  # fsspec reads these as local paths too
-    opened = pa.OSFile(os.path.expanduser(url), "rb") if local else None  # ~ as fsspec reads it
-    with opened or open_input(url, storage_options) as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        missing = [c for c in columns or () if c not in names]
-        if missing:  # ParquetFile.read would leave them out silently
-            raise KeyError(f"{url} has no column(s) {', '.join(missing)}")
-        wanted = list(columns) if columns is not None else names
-        wanted += [c for c in optional if c in names and c not in wanted]
-        # pyarrow's thread pool costs more than it saves on a small file (most parts)
-        return pf.read(columns=wanted, use_threads=pf.metadata.num_rows >= THREADED_ROWS)
+    by pyarrow itself, the whole read retried on a transient error (a FUSE mount's): fsspec's
+    lookup and the retried Python file cost most of a small part's read."""
+    if "://" in url or "::" in url:  # fsspec reads every other spelling as a local path
+        with open_input(url, storage_options) as f:
+            return _read_parquet(f, url, columns, optional)
+    path = os.path.expanduser(url)  # ~ as fsspec reads it
+
+    def read() -> pa.Table:
+        with pa.OSFile(path, "rb") as f:
+            return _read_parquet(f, url, columns, optional)
+
+    return call(read, what=f"read {url}")
+
+
+def _read_parquet(f: Any, url: str, columns: list[str] | None, optional: tuple) -> pa.Table:
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    missing = [c for c in columns or () if c not in names]
+    if missing:  # ParquetFile.read would leave them out silently
+        raise KeyError(f"{url} has no column(s) {', '.join(missing)}")
+    wanted = list(columns) if columns is not None else names
+    wanted += [c for c in optional if c in names and c not in wanted]
+    # pyarrow's thread pool costs more than it saves on a small file (most parts)
+    return pf.read(columns=wanted, use_threads=pf.metadata.num_rows >= THREADED_ROWS)
 
 
 def read_part(

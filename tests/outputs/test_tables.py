@@ -64,6 +64,24 @@ def test_part_in_a_local_folder_however_spelled(tmp_path, monkeypatch, spelling)
     assert table.to_pylist() == [{"__key__": "k", "status": "ok"}] and error == "x"
 
 
+def test_a_local_part_is_read_again_after_a_transient_error(tmp_path, monkeypatch):
+    """A FUSE mount's ETIMEDOUT/EAGAIN is retried, as it was through the fsspec reader."""
+    monkeypatch.setenv("SAGE_STREAM_RETRY_DELAY", "0")
+    folder = OutputFolder(str(tmp_path))
+    write_part(folder, "a.tar", part("a.tar", ["k"], ["ok"]), None)
+    real, calls = pa.OSFile, []
+
+    def flaky(*args: object) -> pa.OSFile:
+        calls.append(args)
+        if len(calls) == 1:
+            raise TimeoutError("mount timed out")
+        return real(*args)
+
+    monkeypatch.setattr(pa, "OSFile", flaky)
+    assert read_part(folder, "a.tar", ["__key__"])[0].to_pylist() == [{"__key__": "k"}]
+    assert len(calls) == 2
+
+
 def test_missing_part_in_a_local_folder_says_which_step_to_run(tmp_path):
     with pytest.raises(InputError, match="no scores for shard 'a.tar'.*sage-stream score"):
         read_part(OutputFolder(str(tmp_path)), "a.tar")
