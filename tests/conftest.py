@@ -8,6 +8,13 @@ environment at it; ``s3_bucket`` gives each test an empty bucket and resets the 
 ``s3_proxy`` puts an HTTP proxy between client and server (helpers/faultproxy.py) that can
 inject the faults object storage really produces: connection resets part-way through a body,
 503 SlowDown, 500.
+
+The suite runs in parallel (pyproject.toml: pytest-xdist's ``-n auto --dist worksteal``, one
+worker process per core; ``-n 0`` runs it in one process). Each worker starts with one half of
+the tests in their order and takes tests from the end of the other's list when its own runs
+out, so a module's tests mostly stay in one worker and its module fixtures are built once.
+Session fixtures (moto, the Ray cluster of tests/executors/test_ray.py) are one per worker
+that needs them, and each worker computes on one thread (below).
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from faultproxy import FaultProxy, fault_proxy  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # A worker has a core, not the machine: torch's intra-op threads (and the BLAS threads)
+    # of two workers only contend, in this process and in the ones it starts (CLI runs, loader
+    # workers, Ray). Set before torch is imported; a test that wants more threads sets them.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
