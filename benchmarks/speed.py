@@ -64,7 +64,8 @@ class Clock:
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         self._sync()
-        t0, w0 = time.perf_counter() if self.cuda else time.process_time(), time.perf_counter()
+        w0 = time.perf_counter()
+        t0 = w0 if self.cuda else time.process_time()
         fn()
         self._sync()
         self.wall = time.perf_counter() - w0

@@ -199,7 +199,8 @@ class FrequentDirections:
             if self._started is not None:
                 if not (wait or self._queue):
                     return
-                self._end_shrink()
+                started, self._started = self._started, None
+                self._shrunk(started)
             self._fill()
             if self._m < cap:  # every queued row is in
                 return
@@ -230,8 +231,7 @@ class FrequentDirections:
         """
         self._drain(wait=True)
         if self._m > self._ell:
-            self._started = _start_shrink(self._buf[: self._m], self._orthogonal)
-            self._end_shrink()
+            self._shrunk(_start_shrink(self._buf[: self._m], self._orthogonal))
         sigma = torch.zeros(self._ell, dtype=torch.float64, device=self._device)  # (ℓ,)
         basis = torch.zeros(self._ell, self._dim, dtype=torch.float64, device=self._device)
         if self._m:
@@ -336,9 +336,8 @@ class FrequentDirections:
             )
         return rows
 
-    def _end_shrink(self) -> None:
-        assert self._started is not None
-        started, self._started = self._started, None
+    def _shrunk(self, started: _Started) -> None:
+        """Finish the shrink of the buffer's rows `started` (waiting for its eigh)."""
         b, delta, sq = _end_shrink(self._buf[: self._m], self._ell, started)
         # ‖A‖²_F from the Gram diagonal (float32 squares, summed in float64), never counting
         # rows before _uncounted_from (the B of the last shrink, or another sketch's rows)

@@ -9,6 +9,7 @@ eigh thread: every torch (and CUDA) operation stays on the caller's thread and s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,18 +18,17 @@ import torch
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
-# Which BLAS libraries are loaded, found once: a fresh threadpool_limits() scans the process's
-# libraries every time (2 ms, as long as a small shrink's eigh).
-_BLAS: list[ThreadpoolController] = []  # [every BLAS and OpenMP library, numpy's BLAS alone]
+
+@functools.cache
+def _controllers() -> tuple[ThreadpoolController, ThreadpoolController]:
+    """Every BLAS and OpenMP library, and numpy's BLAS alone; found once, since a fresh
+    threadpool_limits() scans the process's libraries every time (2 ms, as long as a small
+    shrink's eigh)."""
+    every = ThreadpoolController()
+    return every, every.select(user_api="blas")
 
 
-def _controllers() -> list[ThreadpoolController]:
-    if not _BLAS:
-        every = ThreadpoolController()
-        _BLAS.extend([every, every.select(user_api="blas")])
-    return _BLAS
-
-
+@functools.cache
 def _eigh_beside() -> bool:
     """Whether the eigh may run beside the caller: only where numpy's BLAS is its own bundled
     OpenBLAS, which the caller's torch never uses (a BLAS shared with torch, as in conda's

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..storage import open_input
+from ..storage import normalize_url, open_input
 from ..storage.retry import call
 from .folder import OutputFolder
 
@@ -87,10 +87,11 @@ def read_table(
     third of `sage-stream inspect OUT/scores` runs with pyarrow 26). A local path is opened
     by pyarrow itself, the whole read retried on a transient error (a FUSE mount's): fsspec's
     lookup and the retried Python file cost most of a small part's read."""
-    if "://" in url or "::" in url:  # fsspec reads every other spelling as a local path
+    path = normalize_url(url)
+    if "://" in path or "::" in path:  # fsspec reads every other spelling as a local path
         with open_input(url, storage_options) as f:
             return _read_parquet(f, url, columns, optional)
-    path = os.path.expanduser(url)  # ~ as fsspec reads it
+    path = os.path.expanduser(path)  # ~ as fsspec reads it
 
     def read() -> pa.Table:
         with pa.OSFile(path, "rb") as f:
