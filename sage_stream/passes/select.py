@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 from ..outputs import decisions_file
@@ -56,6 +57,16 @@ def run_select(
 
     `checkpoint` is the run's --checkpoint when OUT does not record one (for the warnings).
     """
+    # numpy's BLAS on one thread: select's products are skinny (10^6 rows of 32 numbers times
+    # 32), where OpenBLAS's threads cost 5x the CPU of one thread and take longer
+    # (docs/benchmarks.md §8, s8); pyarrow's own thread pool is not a BLAS and is unaffected
+    with threadpool_limits(1, user_api="blas"):
+        return _run_select(folder, rules, shards, checkpoint)
+
+
+def _run_select(
+    folder: OutputFolder, rules: Rules, shards: list[str], checkpoint: str | None
+) -> SelectResult:
     columns = [*COLUMNS, "coverage"] if rules.scorer == "sage-coverage" else COLUMNS
     if rules.dedups:
         columns = [*columns, "signature"]
