@@ -109,12 +109,18 @@ def _vmhwm_mib() -> float:
 
 def run_child(
     case: str, out: Path, keep: float, timeout: float, script: str = __file__,
-    pythonpath: str | None = None,
+    pythonpath: str | None = None, one_thread: bool = True,
 ) -> dict:  # fmt: skip
-    """`script --child case` in a fresh process on one thread; its RESULT line as a dict
-    (select_speed.py runs its cases through this too, `pythonpath` for another checkout)."""
+    """`script --child case` in a fresh process on one thread (unless not `one_thread`: then
+    with the thread pools a user's process gets); its RESULT line as a dict (select_speed.py
+    runs its cases through this too, `pythonpath` for another checkout)."""
     cmd = [sys.executable, script, "--child", case, "--out", str(out), "--keep", str(keep)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if one_thread:
+            env[name] = "1"
+        else:
+            env.pop(name, None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     try:

@@ -10,7 +10,10 @@ Two rows of docs/benchmarks.md §8, each a ratio or a per-shard figure inside on
 The score parts are written once by `scale_select.write_scores` (the columns pass 2 writes, the
 signature column null, as `--grad params` writes it). Real runs of the default scorer carry
 signatures, and `sage-coverage` then runs its class-mean filter: each row also has a `signed`
-variant, the same parts with signatures (`classmeans_cost.with_signatures`). Each case runs in
+variant, the same parts with signatures (`classmeans_cost.with_signatures`), and the signed rows
+are also selected once more per run with the thread pools a user's process gets
+(`rows_signed_threads`: no OMP/OPENBLAS_NUM_THREADS=1, CPU and wall seconds; a multi-threaded
+BLAS spends CPU on select's skinny products that one thread does not). Each case runs in
 a fresh child process and reports the CPU seconds of the call itself (imports not counted,
 including the API that `sage_stream.select`, a lazy attribute, imports; `time.process_time`,
 one thread), so a machine shared with other jobs gives fair ratios. `--runs N` repeats every
@@ -47,7 +50,7 @@ def child(case: str, out: str, keep: float) -> None:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        start = time.process_time()
+        start, began = time.process_time(), time.perf_counter()
         table = pq.read_table(Path(out) / "scores", columns=COLUMNS)
         order = pc.sort_indices(table, [("label", "ascending"), ("score", "descending")])
         kept = table.take(order[: int(keep * table.num_rows)])
@@ -57,16 +60,20 @@ def child(case: str, out: str, keep: float) -> None:
         import sage_stream
 
         select = sage_stream.select  # a lazy attribute: imports sage_stream.api and torch
-        start = time.process_time()
+        start, began = time.process_time(), time.perf_counter()
         n = select(out=out, keep=keep).kept
-    print("RESULT " + json.dumps({"kept": n, "cpu_s": round(time.process_time() - start, 3)}))
+    cpu, wall = round(time.process_time() - start, 3), round(time.perf_counter() - began, 3)
+    print("RESULT " + json.dumps({"kept": n, "cpu_s": cpu, "wall_s": wall}))
 
 
-def run_case(case: str, out: Path, keep: float, package: str | None) -> dict:
+def run_case(
+    case: str, out: Path, keep: float, package: str | None, one_thread: bool = True
+) -> dict:
     for old in out.iterdir():  # only the scores stay: a select that finds its own output
         if old.name not in ("scores", "scores.done"):  # would redo nothing
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    return run_child(case, out, keep, 3600, script=__file__, pythonpath=package)
+    return run_child(case, out, keep, 3600, script=__file__, pythonpath=package,
+                     one_thread=one_thread)  # fmt: skip
 
 
 def signed(out: Path) -> Path:
@@ -104,12 +111,16 @@ def main() -> None:
     shards_out = write_scores(root / "shards", shards, 1)
     data = {"rows": rows_out, "rows_signed": signed(rows_out), "shards": shards_out,
             "shards_signed": signed(shards_out)}  # fmt: skip
-    got: dict[str, list[dict]] = {name: [] for name in (*data, "baseline")}
+    got: dict[str, list[dict]] = {name: [] for name in (*data, "baseline", "rows_signed_threads")}
     for _ in range(args.runs):  # alternating, so that the load falls on every case alike
         for name, out in data.items():
             got[name].append(run_case("select", out, args.keep, args.package))
             if name == "rows":
                 got["baseline"].append(run_case("baseline", rows_out, args.keep, None))
+            if name == "rows_signed":
+                got["rows_signed_threads"].append(
+                    run_case("select", out, args.keep, args.package, one_thread=False)
+                )
     body: dict = {"package": args.package or "this checkout", "runs": args.runs}
     base = _cpu(got["baseline"])
     for name in ("rows", "rows_signed"):
@@ -119,6 +130,11 @@ def main() -> None:
                       "select_cpu_s_median": _median([c for c in cpu if c]),
                       "baseline_cpu_s_median": _median([b for b in base if b]),
                       "ratios": ratios, "ratio_median": _median(ratios)}  # fmt: skip
+    threaded = got["rows_signed_threads"]
+    body["rows_signed_threads"] = {
+        "select": threaded, "select_cpu_s_median": _median([c for c in _cpu(threaded) if c]),
+        "select_wall_s_median": _median([r["wall_s"] for r in threaded if r.get("wall_s")]),
+    }  # fmt: skip
     for name in ("shards", "shards_signed"):
         ms = [round(1000 * c / shards, 3) for c in _cpu(got[name]) if c]
         body[name] = {"shards": shards, "select": got[name], "ms_per_shard": ms,
