@@ -121,7 +121,7 @@ def passes_rows(s: dict, clock: Clock, root: Path, device: str, threads: int) ->
     common = dict(ell=s["ell"], device=device, progress=False, loader_workers=0)
     mlp = passes_case(clock, shards, {**common, "model": model.eval(), "batch_size": 256},
                       root / "out-mlp")  # fmt: skip
-    images = write_image_shards(root / "images", s["cnn_n"], min(256, s["cnn_n"]))
+    images = write_image_shards(root / f"images-{s['cnn_n']}", s["cnn_n"], min(256, s["cnn_n"]))
     cnn_opts = {**common, "model": resnet(s["cnn_width"]), "batch_size": s["cnn_batch"]}
     cnn = passes_case(clock, images, cnn_opts, root / "out-cnn")
     return {"mlp": {"samples": s["mlp_n"], "D": spec.grad_dim, **mlp},
@@ -296,11 +296,15 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(ROWS), help=f"rows to run, of {','.join(ROWS)}")
     p.add_argument("--tag", default="", help="a name for this run in the results file")
+    p.add_argument("--cnn-n", type=int, default=0, help="CNN samples in the passes rows "
+                   "(default 512; more shows whether a gap is per sample or fixed)")  # fmt: skip
     args = p.parse_args()
     start(args)
     rows = tuple(r for r in args.only.split(",") if r)
     root = work_dir(args, "speed")
     s = settings(args.quick)
+    if args.cnn_n:
+        s["cnn_n"] = args.cnn_n
     import sage_stream
 
     body = {"settings": s, "package": str(Path(sage_stream.__file__).parent), "tag": args.tag,
