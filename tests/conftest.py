@@ -13,8 +13,8 @@ The suite runs in parallel (pyproject.toml: pytest-xdist's ``-n auto --dist work
 worker process per core; ``-n 0`` runs it in one process). Each worker starts with one half of
 the tests in their order and takes tests from the end of the other's list when its own runs
 out, so a module's tests mostly stay in one worker and its module fixtures are built once.
-Session fixtures (moto, the Ray cluster of tests/executors/test_ray.py) are one per worker
-that needs them, and each worker computes on one thread (below).
+Session fixtures (moto, the Ray cluster) are one per worker that needs them, and each worker
+computes on one thread (below).
 """
 
 from __future__ import annotations
@@ -94,6 +94,27 @@ def _set_env(values: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster of 3 logical CPUs per worker process, for every test that needs
+    one (a start is ~10 s and ~6 CPU s); its GCS address, which a driver in a subprocess joins
+    through RAY_ADDRESS. Never another cluster that happens to run on this machine."""
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sage-stream[ray]'")
+    from paths import ray_runtime_env
+
+    saved = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token banner; restored after the session
+    # Ray starts its workers at nice 15: beside the other pytest worker's computing they got
+    # a few per cent of a core, and the Ray tests took 2-3 times as long. Here they run at 0.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env=ray_runtime_env(), _system_config={"worker_niceness": 0})  # fmt: skip
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        _set_env(saved)
 
 
 @pytest.fixture

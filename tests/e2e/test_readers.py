@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -114,16 +113,10 @@ def test_datasets_reads_parquet_and_webdataset_outputs(runs, tmp_path):
     assert set(tars["__key__"]) == kept(out)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+@pytest.fixture
+def ray_local(ray_cluster):
+    """The session's cluster (conftest), as in the Ray executor's tests."""
+    return pytest.importorskip("ray")
 
 
 @pytest.mark.ray

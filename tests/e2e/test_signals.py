@@ -8,6 +8,7 @@ uninterrupted run, without --force-unlock.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -86,19 +87,19 @@ def test_the_handler_is_the_commands_own():
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, tmp_path):
+def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, ray_cluster, tmp_path):
     """`ray.init` installs its own SIGTERM handler in the driver, which aborted the process with
     OUT still locked; the executor puts the CLI's back. Stopped while both workers sketch, the
     driver exits 143 and leaves OUT unlocked; the same command then finishes with the bytes of
-    an uninterrupted local run (one torch thread in every process)."""
-    pytest.importorskip("ray")
+    an uninterrupted local run (one torch thread in every process). Both drivers join the
+    session's cluster as `ray job submit` has them join one: RAY_ADDRESS, and the job's
+    runtime_env (its workers' environment) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
     root, urls, ckpt = job
     args = [sys.executable, "-m", "sage_stream.cli", "run", *urls, "--model", "tiny:mlp",
             "--checkpoint", ckpt, "--keep", "0.5", "--ell", "8", "--batch-size", "16",
             "--device", "cpu", "--loader-workers", "0", "--preprocess", "pausing:decode",
             "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
     env = child_env(OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)  # a local cluster of its own
     local = subprocess.run([*args, "--out", str(tmp_path / "local")], env=env,
                            capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
     assert local.returncode == 0, local.stderr
@@ -106,8 +107,9 @@ def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, tmp_path):
     out, counter = tmp_path / "out", tmp_path / "calls"
     on_ray = [*args, "--out", str(out), "--executor", "ray", "--workers", "2"]
     paused = {"SAGE_TEST_PAUSE_COUNTER": str(counter), "SAGE_TEST_PAUSE_AT": "40"}
-    driver = subprocess.Popen(on_ray, env={**env, **paused}, cwd=str(HELPERS),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    driver = subprocess.Popen(on_ray, env=ray_job_env(env, ray_cluster, paused),
+                              cwd=str(HELPERS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
     deadline = time.monotonic() + 180  # Ray's start-up on a loaded machine
     while not Path(f"{counter}.paused").exists() and driver.poll() is None:
         assert time.monotonic() < deadline, "the workers never reached decode call 40"
@@ -118,6 +120,15 @@ def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, tmp_path):
     assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr
     assert not (out / "_LEASE").exists() and not (out / "_SUCCESS").exists()
 
-    resumed = subprocess.run(on_ray, env=env, capture_output=True, text=True, cwd=str(HELPERS))
+    resumed = subprocess.run(on_ray, env=ray_job_env(env, ray_cluster, {}), capture_output=True,
+                             text=True, cwd=str(HELPERS))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert_same_outputs(out, tmp_path / "local")
+
+
+def ray_job_env(env: dict[str, str], address: str, extra: dict[str, str]) -> dict[str, str]:
+    """`env` for a driver that joins the cluster at `address`, whose workers get the driver's
+    PYTHONPATH and thread count and `extra`."""
+    workers = {"PYTHONPATH": env["PYTHONPATH"], "OMP_NUM_THREADS": "1", **extra}
+    job = json.dumps({"runtime_env": {"env_vars": workers}})
+    return {**env, **extra, "RAY_ADDRESS": address, "RAY_JOB_CONFIG_JSON_ENV_VAR": job}

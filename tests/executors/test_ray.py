@@ -1,8 +1,8 @@
 """--executor ray on a local 3-CPU Ray cluster: the local answer, the FD bound, and faults.
 
-One cluster for the whole session (start-up is seconds and ~1.5 GB). The runs go through
-`sage_stream.run` (or its separate steps) with `executor="ray"` (`ray_run` below); the
-pipeline test goes through `pipelines/ray_job.py`, the CLI and `api`.
+One cluster for the whole session (conftest's `ray_cluster`: start-up is seconds and ~1.5 GB).
+The runs go through `sage_stream.run` (or its separate steps) with `executor="ray"` (`ray_run`
+below); the pipeline test goes through `pipelines/ray_job.py`, the CLI and `api`.
 """
 
 from __future__ import annotations
@@ -88,31 +88,6 @@ class CountingDecoder:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def runtime_env() -> dict:
-    """`tiny:mlp` must import on the workers: this folder goes on their PYTHONPATH."""
-    path = os.pathsep.join(p for p in (*PYTHONPATH, os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token banner; restored after the session
-    ray.init(
-        address="local",  # never join another cluster that happens to run on this machine
-        num_cpus=3,  # logical CPUs: three one-CPU workers fit (the machine may have two cores)
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env=runtime_env(),
-    )
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if auth_mode is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = auth_mode
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-data")
@@ -151,7 +126,7 @@ def local_out(data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_workers_out(cluster, data, tmp_path_factory):
+def two_workers_out(ray_cluster, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray2")
     decoder = CountingDecoder(str(root / "calls"))
     ray_run(data["urls"], root / "out", workers=2, checkpoint=data["ckpt"], preprocess=decoder)
@@ -182,7 +157,7 @@ def test_units_in_process_are_the_local_sketch(data, tmp_path, monkeypatch, unit
 
 
 def test_one_worker_equals_local_byte_for_byte_though_killed_twice(
-    cluster, data, local_out, tmp_path
+    ray_cluster, data, local_out, tmp_path
 ):
     """One worker, SIGKILLed in pass 1 (shard 3 of 4) and in pass 2 (shard 2, read again:
     --feature-cache 0); Ray restarts it and retries the call in flight; the outputs are the
@@ -198,7 +173,7 @@ def test_one_worker_equals_local_byte_for_byte_though_killed_twice(
     assert_same_outputs(local_out, out)
 
 
-def test_stage_errors_come_back_typed(cluster, data, tmp_path):
+def test_stage_errors_come_back_typed(ray_cluster, data, tmp_path):
     """--on-error fail on a worker raises the local run's SampleError, with shard and key."""
     x = data["x"][0]
     samples = {"a": {"npy": npy_bytes(x), "cls": b"1"}, "b": {"npy": b"no npy", "cls": b"2"}}
@@ -249,7 +224,7 @@ def test_two_workers_write_the_local_bytes(two_workers_out, local_out):
 UNEVEN = (7, 61, 23, 2, 40, 27)  # samples per shard
 
 
-def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(cluster, data, tmp_path):
+def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(ray_cluster, data, tmp_path):
     """Uneven shards; on Ray the first worker to decode is slowed down, so groups go to the
     workers in an order that differs from run to run: every output is the local run's."""
     urls, start = [], 0
@@ -278,7 +253,7 @@ def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(cluster, dat
         assert_same_outputs(outs[0], outs[workers])
 
 
-def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_out, tmp_path):
+def test_centroid_consensus_scores_as_the_local_run(ray_cluster, data, two_workers_out, tmp_path):
     """Workers store z per shard, the driver scores against the centroids: same bytes."""
     results = {}
     for executor in ("local", "ray"):
@@ -301,8 +276,8 @@ def test_centroid_consensus_scores_as_the_local_run(cluster, data, two_workers_o
 DRIVER = """
 import sys
 sys.path[:0] = {tests!r}
-import ray, test_ray
-ray.init(address={address!r}, runtime_env=test_ray.runtime_env(), log_to_driver=False)
+import paths, ray, test_ray
+ray.init(address={address!r}, runtime_env=paths.ray_runtime_env(), log_to_driver=False)
 decoder = test_ray.CountingDecoder({counter!r}, pause_at={pause_at})
 test_ray.ray_run({urls!r}, test_ray.Path({out!r}), 2, checkpoint={ckpt!r}, preprocess=decoder)
 """
@@ -310,14 +285,14 @@ test_ray.ray_run({urls!r}, test_ray.Path({out!r}), 2, checkpoint={ckpt!r}, prepr
 
 @pytest.mark.slow
 def test_driver_killed_and_restarted_resumes_from_checkpoints(
-    cluster, data, two_workers_out, tmp_path
+    ray_cluster, data, two_workers_out, tmp_path
 ):
     """A driver in its own process, killed in pass 1 while both workers sketch; this process
     then runs the same job again: it resumes from the block checkpoints in OUT/_work/. (Its
     emit runs as one Ray task per shard, where the other runs use the worker actors.)"""
     out, counter = tmp_path / "out", str(tmp_path / "calls")
     script = DRIVER.format(
-        tests=PYTHONPATH, address=cluster, counter=counter, pause_at=120, urls=data["urls"],
+        tests=PYTHONPATH, address=ray_cluster, counter=counter, pause_at=120, urls=data["urls"],
         out=str(out), ckpt=data["ckpt"],
     )  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -384,7 +359,7 @@ def job_config(data, s3_options: dict) -> str:
 
 
 def test_pipeline_job_runs_the_s3_config_on_ray(
-    cluster, data, s3_options, two_workers_out, tmp_path, monkeypatch
+    ray_cluster, data, s3_options, two_workers_out, tmp_path, monkeypatch
 ):
     """pipelines/ray_job.py + ray-s3-gpu.toml: S3 in and out, through the CLI and api."""
     import s3fs

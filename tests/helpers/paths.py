@@ -14,3 +14,12 @@ def child_env(**extra: str) -> dict[str, str]:
 
     path = os.pathsep.join(p for p in (str(HELPERS), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def ray_runtime_env() -> dict:
+    """The runtime_env of the tests' Ray jobs: the helpers (`tiny:mlp`, the decoders) and
+    tests/executors (test_ray, for a driver in a subprocess) import on the workers."""
+    import os
+
+    parts = (str(HELPERS.parent / "executors"), str(HELPERS), os.environ.get("PYTHONPATH"))
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in parts if p)}}
