@@ -14,7 +14,8 @@ worker process per core; ``-n 0`` runs it in one process). Each worker starts wi
 the tests in their order and takes tests from the end of the other's list when its own runs
 out, so a module's tests mostly stay in one worker and its module fixtures are built once.
 Session fixtures (moto, the Ray cluster) are one per worker that needs them, and each worker
-computes on one thread (below).
+computes on one thread (below). The tests that take longest run first (`pytest_collection_
+modifyitems`), so that the two workers end together.
 """
 
 from __future__ import annotations
@@ -39,6 +40,54 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # of two workers only contend, in this process and in the ones it starts (CLI runs, loader
     # workers, Ray). Set before torch is imported; a test that wants more threads sets them.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The modules whose tests take longest, in groups that share a session fixture, with their
+# seconds under xdist (--durations, two workers, 1,081 tests, a busy 2-core machine). They run
+# first, each group on one worker: a worker's long tests start at once and end early, and the
+# tail of the run is short tests that the workers steal from each other.
+LONG_GROUPS = {
+    ("tests/executors/test_ray.py", "tests/e2e/test_signals.py", "tests/e2e/test_readers.py"): 462,
+    ("tests/test_benchmarks.py",): 152,
+    ("tests/e2e/test_resume.py",): 87,
+    ("tests/passes/test_loader.py",): 76,
+    ("tests/e2e/test_s3.py",): 63,
+    ("tests/select/test_bounded.py",): 57,
+    ("tests/e2e/test_faults.py",): 51,
+    ("tests/e2e/test_bad_input.py",): 40,
+    ("tests/test_demo.py",): 35,
+    ("tests/feed/test_feed.py",): 35,
+    ("tests/e2e/test_writers.py",): 28,
+    ("tests/test_setup_errors.py",): 25,
+    ("tests/report/test_report.py",): 23,
+}  # fmt: skip
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the tests for the workers (every worker orders them alike). --dist worksteal
+    hands worker i the next len(left) // (workers - i) tests at the start: each worker's
+    share starts with the long groups given to it, the least loaded first, then short ones."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for group, seconds in sorted(LONG_GROUPS.items(), key=lambda kv: -kv[1]):
+        i = load.index(min(load))
+        for name in group:
+            shares[i] += modules.pop(name, [])
+        load[i] += seconds
+    rest = [item for module in modules.values() for item in module]
+    left = len(items)
+    for i, share in enumerate(shares):
+        size = left // (workers - i)
+        take = max(0, size - len(share))
+        share += rest[:take]
+        del rest[:take]
+        left -= len(share)
+    items[:] = [item for share in shares for item in share] + rest
 
 
 S3_ENV = {
