@@ -107,7 +107,9 @@ def rows_of(folder: OutputFolder, shard: str, key: str) -> list[dict[str, Any]]:
     if group < 0:
         return []
     with folder.open(folder.decisions) as f:
-        table = pq.ParquetFile(f, metadata=found[0]).read_row_group(group)
+        # one shard's rows, on this thread: pyarrow's pool reading a Python file object could
+        # still run at interpreter exit and abort `inspect --key` (see tables.read_table)
+        table = pq.ParquetFile(f, metadata=found[0]).read_row_group(group, use_threads=False)
     return table.filter(pc.equal(table["__key__"], key)).to_pylist()
 
 

@@ -98,7 +98,8 @@ class SelectionFile:
             return table.select(columns) if columns else table
         with self.folder.open(self.url) as f:
             part = pq.ParquetFile(f, metadata=self._metadata)
-            table = part.read_row_group(self._index[shard][0], columns=columns)
+            # one shard's rows, on this thread (see decisions_file.rows_of)
+            table = part.read_row_group(self._index[shard][0], columns=columns, use_threads=False)
         return table.replace_schema_metadata(None)
 
     def keys(self, shard: str) -> frozenset[str]:
