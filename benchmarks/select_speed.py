@@ -4,7 +4,10 @@ Two rows of docs/benchmarks.md §8, each a ratio or a per-shard figure inside on
 
     rows     `sage_stream.select(keep=0.3)` (default scorer) over 10^6 score rows in 10 parts,
              against a plain pyarrow job over the same parts: read the columns select needs,
-             sort by (label, score), take the top 30%, write them (`baseline`)
+             sort by (label, score), take the top 30%, write them (`baseline`); the signed
+             rows also against the same job reading the signature column too, as select
+             must for sage-coverage's class means (`baseline_signed`; it writes the same
+             columns as `baseline`)
     shards   the same select over 5,000 one-row parts: seconds per shard
 
 The score parts are written once by `scale_select.write_scores` (the columns pass 2 writes, the
@@ -46,14 +49,16 @@ COLUMNS = ["__key__", "__shard__", "label", "score", "coverage", "grad_norm", "s
 
 def child(case: str, out: str, keep: float) -> None:
     """One case in this process; prints RESULT {...} with the CPU seconds of the call."""
-    if case == "baseline":
+    if case in ("baseline", "baseline_signed"):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        # the signed baseline also reads the signatures, as select must for its class means
+        read = [*COLUMNS, "signature"] if case == "baseline_signed" else COLUMNS
         start, began = time.process_time(), time.perf_counter()
-        table = pq.read_table(Path(out) / "scores", columns=COLUMNS)
+        table = pq.read_table(Path(out) / "scores", columns=read)
         order = pc.sort_indices(table, [("label", "ascending"), ("score", "descending")])
-        kept = table.take(order[: int(keep * table.num_rows)])
+        kept = table.select(COLUMNS).take(order[: int(keep * table.num_rows)])
         pq.write_table(kept, Path(out) / "baseline.parquet")
         n = kept.num_rows
     else:
@@ -111,13 +116,15 @@ def main() -> None:
     shards_out = write_scores(root / "shards", shards, 1)
     data = {"rows": rows_out, "rows_signed": signed(rows_out), "shards": shards_out,
             "shards_signed": signed(shards_out)}  # fmt: skip
-    got: dict[str, list[dict]] = {name: [] for name in (*data, "baseline", "rows_signed_threads")}
+    cases = (*data, "baseline", "baseline_signed", "rows_signed_threads")
+    got: dict[str, list[dict]] = {name: [] for name in cases}
     for _ in range(args.runs):  # alternating, so that the load falls on every case alike
         for name, out in data.items():
             got[name].append(run_case("select", out, args.keep, args.package))
             if name == "rows":
                 got["baseline"].append(run_case("baseline", rows_out, args.keep, None))
             if name == "rows_signed":
+                got["baseline_signed"].append(run_case("baseline_signed", out, args.keep, None))
                 got["rows_signed_threads"].append(
                     run_case("select", out, args.keep, args.package, one_thread=False)
                 )
@@ -130,6 +137,14 @@ def main() -> None:
                       "select_cpu_s_median": _median([c for c in cpu if c]),
                       "baseline_cpu_s_median": _median([b for b in base if b]),
                       "ratios": ratios, "ratio_median": _median(ratios)}  # fmt: skip
+    signed_base = _cpu(got["baseline_signed"])
+    ratios = [round(s / b, 2) for s, b in zip(_cpu(got["rows_signed"]), signed_base, strict=True)
+              if s and b]  # fmt: skip
+    body["rows_signed"].update({
+        "baseline_signed": got["baseline_signed"],
+        "baseline_signed_cpu_s_median": _median([b for b in signed_base if b]),
+        "ratios_vs_baseline_signed": ratios, "ratio_vs_baseline_signed_median": _median(ratios),
+    })  # fmt: skip
     threaded = got["rows_signed_threads"]
     body["rows_signed_threads"] = {
         "select": threaded, "select_cpu_s_median": _median([c for c in _cpu(threaded) if c]),

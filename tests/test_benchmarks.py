@@ -122,6 +122,9 @@ def test_select_speed_runs_select_and_its_pyarrow_baseline(tmp_path):
         assert select["status"] == base["status"] == "ok", r
         assert base["kept"] == 6000 and 0 < select["kept"] <= 6000  # error rows are never kept
         assert rows["ratio_median"] > 0
+    (signed_base,) = r["rows_signed"]["baseline_signed"]  # reading the signatures too
+    assert signed_base["status"] == "ok" and signed_base["kept"] == 6000
+    assert r["rows_signed"]["ratio_vs_baseline_signed_median"] > 0
     (threaded,) = r["rows_signed_threads"]["select"]  # the same select with a user's threads
     assert threaded["status"] == "ok" and threaded["kept"] == r["rows_signed"]["select"][0]["kept"]
     assert r["rows_signed_threads"]["select_wall_s_median"] > 0

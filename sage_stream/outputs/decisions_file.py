@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StorageError
 from ..select.coverage import FILTER_COLUMNS
-from ..select.decisions import DECISION_SCHEMA, DECISIONS
+from ..select.decisions import DECISION_SCHEMA, DECISIONS, DICTIONARY_COLUMNS
 from .folder import OutputFolder
 
 SUMMARY_KEY = b"sage_stream.decisions"
@@ -65,7 +65,9 @@ def writing(folder: OutputFolder) -> Iterator[DecisionSink]:
     if folder.exists(folder.decisions):
         folder.remove(folder.decisions)
     with folder.writer(folder.decisions) as f:
-        sink = DecisionSink(pq.ParquetWriter(f, DECISION_SCHEMA, write_statistics=False))
+        writer = pq.ParquetWriter(f, DECISION_SCHEMA, write_statistics=False,
+                                  use_dictionary=DICTIONARY_COLUMNS)  # fmt: skip
+        sink = DecisionSink(writer)
         try:
             yield sink
             sink.writer.add_key_value_metadata({

@@ -264,8 +264,12 @@ def class_margin(
             continue
         mine = q[start:stop] if every else q[rows]  # the same values, without a gather
         y = np.asarray(mine, dtype=np.float64) @ cm.whiten
-        d = (y**2).sum(axis=1)[:, None] - 2.0 * (y @ cm.means.T) + norms[None, :]
-        d = np.maximum(d, 0.0)
+        # ‖y‖² − 2·y·μ + ‖μ‖², in place: (−2·y·μ) + ‖y‖² is the same float as ‖y‖² − 2·y·μ
+        d = y @ cm.means.T
+        d *= -2.0
+        d += np.square(y, out=y).sum(axis=1)[:, None]
+        d += norms[None, :]
+        np.maximum(d, 0.0, out=d)
         d_own = d[np.arange(len(rows)), own[rows]]
         # a class of one candidate: its mean is this row, at 0 whatever the products' last bits
         d_own = np.where(cm.counts[own[rows]] == 1, 0.0, d_own)

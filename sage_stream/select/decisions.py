@@ -64,6 +64,12 @@ DECISION_SCHEMA = pa.schema(
         ("duplicate_of_shard", pa.string()),
     ]
 )
+# Columns of one value per sample (a key, a ranking value, a margin): Parquet writes them plain.
+# Dictionary encoding them first builds a dictionary of every value, then falls back to plain
+# pages at its size limit: two thirds of the write's CPU for a larger file (10^6 rows: 0.34 s
+# and 28 MB, against 0.12 s and 22 MB; the same table read back).
+PER_SAMPLE = ("__key__", "value", "class_margin", "duplicate_of_key")
+DICTIONARY_COLUMNS = [name for name in DECISION_SCHEMA.names if name not in PER_SAMPLE]
 
 
 def decide_part(
