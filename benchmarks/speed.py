@@ -48,7 +48,9 @@ def settings(quick: bool) -> dict[str, Any]:
         return {"mlp_n": 600, "mlp_per_shard": 300, "cnn_width": 8, "cnn_n": 64, "cnn_batch": 32,
                 "ell": 16, "fd_dims": [520], "fd_limit_dim": 520, "shrinks": 3,
                 "sweep_n": 1200, "sweep_shards": [1, 20, 200], "run_n": 1200, "run_shards": 4}  # fmt: skip
-    return {"mlp_n": 16000, "mlp_per_shard": 1000, "cnn_width": 64, "cnn_n": 512,
+    # the CNN case at 2,048 samples: 512 made one FD shrink, and the one-time final SVD (about
+    # 1 CPU s at D = 51,300) was most of its pass 1's gap (docs/benchmarks.md §8, s9)
+    return {"mlp_n": 16000, "mlp_per_shard": 1000, "cnn_width": 64, "cnn_n": 2048,
             "cnn_batch": 64, "ell": 256, "fd_dims": [2570, 51300, 205000],
             "fd_limit_dim": 51300, "shrinks": 3, "sweep_n": 40000,
             "sweep_shards": [1, 20, 200, 2000], "run_n": 40000, "run_shards": 40}  # fmt: skip
@@ -302,7 +304,7 @@ def main() -> None:
     p.add_argument("--only", default=",".join(ROWS), help=f"rows to run, of {','.join(ROWS)}")
     p.add_argument("--tag", default="", help="a name for this run in the results file")
     p.add_argument("--cnn-n", type=int, default=0, help="CNN samples in the passes rows "
-                   "(default 512; more shows whether a gap is per sample or fixed)")  # fmt: skip
+                   "(default 2,048; fewer shows the one-time costs more)")  # fmt: skip
     args = p.parse_args()
     start(args)
     rows = tuple(r for r in args.only.split(",") if r)

@@ -73,9 +73,19 @@ class SketchState:
     def add(self, grads: Tensor, labels: Tensor, num_classes: int) -> None:
         """Usable rows (n, D), already checked finite, and their labels (n,).
 
-        The class sums take one float32 product onehotᵀ·G (C, D) per call, added to the
-        float64 sums: no D-wide float64 copy of the rows, no scatter."""
+        The class sums take one float32 product onehotᵀ·G per call, added to the float64
+        sums: no D-wide float64 copy of the rows, no scatter. On the CPU the product and the
+        sum cover only the call's own classes (at most n of the C: the (C, D) float64 sums are
+        most of the memory traffic, C·n·D the FLOPs); the rows of the others would add zeros,
+        and the rows kept are the same bits. Elsewhere the classes present would cost a
+        host synchronisation, so every class is summed."""
         self.fd.update(grads, checked=True)
+        if grads.device.type == "cpu":
+            present = torch.unique(labels)  # sorted, (K,)
+            onehot = (labels[:, None] == present[None, :]).to(grads.dtype)  # (n, K)
+            self.class_sums.index_add_(0, present, (onehot.T @ grads).to(torch.float64))
+            self.class_counts.index_add_(0, present, onehot.sum(dim=0).to(torch.int64))
+            return
         onehot = torch.nn.functional.one_hot(labels, num_classes).to(grads.dtype)  # (n, C)
         self.class_sums += (onehot.T @ grads).to(torch.float64)  # (C, D)
         self.class_counts += onehot.sum(dim=0).to(torch.int64)

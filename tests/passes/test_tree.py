@@ -132,3 +132,25 @@ def test_fd_bound_holds_for_the_merged_tree(seed):
     again = run()  # the same tree gives the same bits every time
     s2, b2 = again.finalize()
     assert torch.equal(s2, sigma) and torch.equal(b2, basis)
+
+
+def test_class_sums_of_the_batch_classes_are_every_class_sums():
+    # SketchState.add sums only a batch's own classes on the CPU: the same bits as the product
+    # over every class (the others' rows add zeros), counts included, over batches of any size
+    from sage_stream.passes.sketch import SketchState
+
+    torch.manual_seed(5)
+    classes, dim = 40, 300
+    ours = SketchState(FrequentDirections(8, dim), torch.zeros(classes, dim, dtype=torch.float64),
+                       torch.zeros(classes, dtype=torch.int64))  # fmt: skip
+    every = torch.zeros(classes, dim, dtype=torch.float64)
+    counts = torch.zeros(classes, dtype=torch.int64)
+    for n in (1, 7, 64, 5, 128):
+        grads = torch.randn(n, dim) * torch.rand(n, 1) * 100
+        labels = torch.randint(0, classes, (n,))
+        ours.add(grads, labels, classes)
+        onehot = torch.nn.functional.one_hot(labels, classes).to(grads.dtype)
+        every += (onehot.T @ grads).to(torch.float64)
+        counts += onehot.sum(dim=0).to(torch.int64)
+    assert torch.equal(ours.class_sums, every) and torch.equal(ours.class_counts, counts)
+    assert (counts == 0).any() and (counts > 1).any()  # classes absent and repeated
