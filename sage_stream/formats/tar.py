@@ -273,7 +273,12 @@ class TarShardWriter:
         # the same bytes as addfile: header, data, NULs to the block; offset sets the end pad
         tar: Any = self._tar
         tar.fileobj.write(header)
-        tar.fileobj.write(data)
+        stream, view = tar.fileobj, memoryview(data)
+        # a record at a time: tarfile's stream appends a write to its buffer, then cuts one
+        # record off the front at a time, so one large write costs its size squared (an 8 MB
+        # member took 84-100 ms, a 64 MB one 88 s)
+        for start in range(0, len(view), stream.bufsize):
+            stream.write(view[start : start + stream.bufsize])
         padding = -len(data) % tarfile.BLOCKSIZE
         tar.fileobj.write(b"\0" * padding)
         tar.offset += tarfile.BLOCKSIZE + len(data) + padding

@@ -248,7 +248,8 @@ def test_output_shards_are_the_bytes_tarfile_would_write():
         like = tarfile.TarInfo(name)
         like.mtime = rng.choice([0, 1_700_000_000, 1.5, 8**11, 8**11 - 1, True])
         like.mode = rng.choice([0o644, 0o4755, 0o777, 0o7777, 0o1000])
-        data = rng.randbytes(rng.choice([0, 1, 511, 512, 513, 3000]))
+        # sizes up to several of tarfile's 10,240-byte records: data is written a record at a time
+        data = rng.randbytes(rng.choice([0, 1, 511, 512, 513, 3000, 10240, 10241, 50_000]))
         members.append((name, data, like if rng.random() < 0.8 else None))
 
     def ours(fileobj) -> None:
