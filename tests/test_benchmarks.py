@@ -130,3 +130,9 @@ def test_select_speed_runs_select_and_its_pyarrow_baseline(tmp_path):
     assert r["rows_signed_threads"]["select_wall_s_median"] > 0
     for name in ("shards", "shards_signed"):
         assert r[name]["select"][0]["status"] == "ok" and r[name]["ms_per_shard_median"] > 0
+
+
+def test_tar_writer_times_emit_writes_against_plain_writes(tmp_path):
+    r = run_script("tar_writer.py", tmp_path)
+    assert [row["member_bytes"] for row in r["rows"]] == [10_000, 100_000, 1_000_000]
+    assert all(row["writer_ms"] > 0 and row["members"] >= 2 for row in r["rows"])
