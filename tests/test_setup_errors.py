@@ -5,10 +5,9 @@ the exception, exit 2; the user's own traceback with -v."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
-from paths import child_env
+from here import cli_here
 from tiny import blobs, write_tar_set
 
 USER_CODE = """
@@ -32,9 +31,11 @@ def job(tmp_path_factory):
 
 
 def cli(root, urls, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "sage_stream", "run", *urls, "--out", str(root / "out"),
-            "--keep", "0.5", "--ell", "4", "--device", "cpu", "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(args, env=child_env(), cwd=str(root), capture_output=True, text=True)
+    """`sage-stream run` in `root`, in this process (the exit status is main's return value,
+    what `python -m sage_stream` exits with; tests/e2e/test_bad_input.py runs one process)."""
+    args = ["run", *urls, "--out", str(root / "out"), "--keep", "0.5", "--ell", "4",
+            "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    return cli_here(args, cwd=root)
 
 
 @pytest.mark.parametrize(

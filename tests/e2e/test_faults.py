@@ -2,7 +2,8 @@
 the manifest write, between the manifest and the index, and after _SUCCESS. Each time the
 killed run leaves no _SUCCESS over partial output (or a complete output), and the same
 command run again finishes with the bytes of an uninterrupted run; the dead run's lease is
-taken over (same host, its process gone)."""
+taken over (same host, its process gone). The killed runs are processes of their own; the
+reference run and the resumes run in this process (`cli_here`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from here import cli_here
 from paths import HELPERS, child_env
 from runs import output_files
 from tiny import blobs, train_checkpoint, write_tar_set
@@ -24,12 +26,15 @@ def job(tmp_path_factory):
 
 
 def cli(urls, ckpt, out, point=None):
-    args = [sys.executable, "-m", "killpoints", "run", *urls, "--model", "tiny:mlp",
-            "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "8",
-            "--batch-size", "32", "--device", "cpu", "--loader-workers", "0",
-            "--no-progress"]  # fmt: skip
-    env = child_env(**({"SAGE_TEST_KILL_POINT": point} if point else {}))
-    return subprocess.run(args, env=env, capture_output=True, text=True, cwd=str(HELPERS))
+    """`sage-stream run`: killed at `point` in a process of its own, else in this process."""
+    args = ["run", *urls, "--model", "tiny:mlp", "--checkpoint", ckpt, "--out", str(out),
+            "--keep", "0.5", "--ell", "8", "--batch-size", "32", "--device", "cpu",
+            "--loader-workers", "0", "--no-progress"]  # fmt: skip
+    if point is None:
+        return cli_here(args, cwd=HELPERS)
+    env = child_env(SAGE_TEST_KILL_POINT=point)
+    return subprocess.run([sys.executable, "-m", "killpoints", *args], env=env,
+                          capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

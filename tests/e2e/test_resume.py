@@ -1,5 +1,6 @@
 """Resume: a run killed at any point and started again with the same command gives the same
-bytes as a run never interrupted; finished work is not redone."""
+bytes as a run never interrupted; finished work is not redone. The runs that are killed are
+processes of their own; the reference run and the resumes run in this process (`cli_here`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from here import cli_here
 from paths import HELPERS, child_env
 from runs import output_files
 from tiny import blobs, train_checkpoint, write_tar_set
@@ -27,14 +29,17 @@ def job(tmp_path_factory):
 
 
 def cli(urls, ckpt, out, env=None, *extra):
-    """`sage-stream run`, with `extra` flags; under killpoints when env names a point."""
-    module = "killpoints" if "SAGE_TEST_KILL_POINT" in (env or {}) else "sage_stream"
-    args = [sys.executable, "-m", module, "run", *urls, *extra, "--model", "tiny:mlp",
-            "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "16",
-            "--batch-size", "16", "--device", "cpu", "--preprocess", "killer:decode",
-            "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
-    return subprocess.run(args, env=child_env(**(env or {})), capture_output=True, text=True,
-                          cwd=str(HELPERS))  # fmt: skip
+    """`sage-stream run`, with `extra` flags; under killpoints when env names a point. A run
+    that `env` may kill is a process of its own; one that cannot die runs in this process."""
+    env = env or {}
+    args = ["run", *urls, *extra, "--model", "tiny:mlp", "--checkpoint", ckpt, "--out", str(out),
+            "--keep", "0.5", "--ell", "16", "--batch-size", "16", "--device", "cpu",
+            "--preprocess", "killer:decode", "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
+    if "SAGE_TEST_KILL_POINT" not in env and env.get("SAGE_TEST_KILL_AT", "0") == "0":
+        return cli_here(args, cwd=HELPERS, env=env)  # killer:decode never kills at call 0
+    module = "killpoints" if "SAGE_TEST_KILL_POINT" in env else "sage_stream"
+    return subprocess.run([sys.executable, "-m", module, *args], env=child_env(**env),
+                          capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

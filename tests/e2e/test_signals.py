@@ -3,7 +3,8 @@
 A run stopped by SIGTERM in any step (sketch, score, select, emit) exits 143 with one line,
 leaves no OUT/_LEASE and no _SUCCESS, and the same command run from another host (a new pod:
 the dead run's lease could not be taken over from there) finishes with the bytes of an
-uninterrupted run, without --force-unlock.
+uninterrupted run, without --force-unlock. The runs that are stopped are processes of their
+own; the reference run and the resumes run in this process (`cli_here`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from here import cli_here
 from paths import HELPERS, child_env
 from runs import assert_same_outputs, output_files
 from tiny import blobs, train_checkpoint, write_tar_set
@@ -32,12 +34,16 @@ def job(tmp_path_factory):
 
 
 def cli(urls, ckpt, out, **env: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "killpoints", "run", *urls, "--model", "tiny:mlp",
-            "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "8",
-            "--batch-size", "16", "--device", "cpu", "--loader-workers", "0",
-            "--preprocess", "killer:decode", "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
-    return subprocess.run(args, env=child_env(**env), capture_output=True, text=True,
-                          cwd=str(HELPERS))  # fmt: skip
+    """`sage-stream run`, armed by `env` (killpoints, killer:decode) in a process of its own;
+    unarmed, in this process (on the host SAGE_TEST_HOSTNAME names, if it does)."""
+    args = ["run", *urls, "--model", "tiny:mlp", "--checkpoint", ckpt, "--out", str(out),
+            "--keep", "0.5", "--ell", "8", "--batch-size", "16", "--device", "cpu",
+            "--loader-workers", "0", "--preprocess", "killer:decode", "--checkpoint-every", "0",
+            "--no-progress"]  # fmt: skip
+    if set(env) <= {"SAGE_TEST_HOSTNAME"}:
+        return cli_here(args, cwd=HELPERS, hostname=env.get("SAGE_TEST_HOSTNAME"))
+    return subprocess.run([sys.executable, "-m", "killpoints", *args], env=child_env(**env),
+                          capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
