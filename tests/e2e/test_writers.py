@@ -1,8 +1,8 @@
 """One writer per output folder (issue 15, "Trust at scale", case 2), and what OUT may hold.
 
-- Two processes on one OUT: the second stops at once with one line naming the first; a second
-  that breaks the lease with --force-unlock makes the first stop before it commits. Two
-  writers can never both finish.
+- Two runs on one OUT (the first a process of its own, the second in the test's process): the
+  second stops at once with one line naming the first; a second that breaks the lease with
+  --force-unlock makes the first stop before it commits. Two writers can never both finish.
 - `--keep 0.4` then `--keep 0.2` on one OUT gives exactly the output of a fresh 0.2 run.
 - Inputs inside OUT are refused (so --overwrite can never delete them).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from here import cli_here
 from paths import HELPERS, child_env
 from runs import assert_same_outputs
 from tiny import blobs, train_checkpoint, write_tar_set
@@ -35,14 +36,22 @@ def job(tmp_path_factory):
     return root, urls, train_checkpoint(root / "proxy.pt", x, noisy)
 
 
-def start(urls, ckpt, out, *flags, gate=None):
-    args = [sys.executable, "-m", "sage_stream", "run", *urls, "--model", "tiny:mlp",
-            "--checkpoint", ckpt, "--out", str(out), "--keep", "0.5", "--ell", "8",
-            "--batch-size", "32", "--device", "cpu", "--preprocess", "gate:decode",
-            "--loader-workers", "0", "--no-progress", *flags]  # fmt: skip
-    env = child_env(**({"SAGE_TEST_GATE": str(gate)} if gate else {}))
-    return subprocess.Popen(args, env=env, cwd=str(HELPERS), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+def command(urls, ckpt, out, *flags) -> list[str]:
+    return ["run", *urls, "--model", "tiny:mlp", "--checkpoint", ckpt, "--out", str(out),
+            "--keep", "0.5", "--ell", "8", "--batch-size", "32", "--device", "cpu",
+            "--preprocess", "gate:decode", "--loader-workers", "0", "--no-progress", *flags]  # fmt: skip
+
+
+def start(urls, ckpt, out, *flags, gate):
+    """The first writer: a process of its own, which waits at `gate` while it holds OUT."""
+    args = [sys.executable, "-m", "sage_stream", *command(urls, ckpt, out, *flags)]
+    return subprocess.Popen(args, env=child_env(SAGE_TEST_GATE=str(gate)), cwd=str(HELPERS),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def second(urls, ckpt, out, *flags) -> subprocess.CompletedProcess:
+    """The second writer, in this process (another pid on the same host)."""
+    return cli_here(command(urls, ckpt, out, *flags), cwd=HELPERS)
 
 
 def wait_for(path: Path, proc: subprocess.Popen) -> None:
@@ -74,9 +83,9 @@ def test_a_second_writer_stops_at_once_naming_the_first(job, tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     first = start(urls, ckpt, out, gate=gate)
     wait_for(Path(str(gate) + ".entered"), first)  # the first holds OUT, mid pass 1
-    second = start(urls, ckpt, out, "--keep", "0.2")
-    _, err = second.communicate(timeout=300)
-    assert second.returncode == 2
+    stopped = second(urls, ckpt, out, "--keep", "0.2")
+    err = stopped.stderr
+    assert stopped.returncode == 2
     lines = [ln for ln in err.splitlines() if "sage-stream: error" in ln]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "is being written by another run (host " in lines[0]
@@ -93,9 +102,8 @@ def test_a_broken_lease_stops_its_old_holder_before_it_commits(job, tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     first = start(urls, ckpt, out, gate=gate)
     wait_for(Path(str(gate) + ".entered"), first)
-    second = start(urls, ckpt, out, "--force-unlock")  # the user thinks the first is gone
-    _, err = second.communicate(timeout=300)
-    assert second.returncode == 0, err
+    breaker = second(urls, ckpt, out, "--force-unlock")  # the user thinks the first is gone
+    assert breaker.returncode == 0, breaker.stderr
     Path(str(gate) + ".open").touch()
     _, err = first.communicate(timeout=300)
     assert first.returncode == 2, err  # both can never finish
