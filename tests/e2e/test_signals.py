@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from here import cli_here
 from paths import HELPERS, child_env
 from runs import assert_same_outputs, output_files
@@ -97,17 +98,21 @@ def test_sigterm_to_a_ray_driver_stops_cleanly_and_resumes(job, ray_cluster, tmp
     """`ray.init` installs its own SIGTERM handler in the driver, which aborted the process with
     OUT still locked; the executor puts the CLI's back. Stopped while both workers sketch, the
     driver exits 143 and leaves OUT unlocked; the same command then finishes with the bytes of
-    an uninterrupted local run (one torch thread in every process). Both drivers join the
-    session's cluster as `ray job submit` has them join one: RAY_ADDRESS, and the job's
-    runtime_env (its workers' environment) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    an uninterrupted local run (one torch thread in every process; the local run in this one).
+    Both drivers join the session's cluster as `ray job submit` has them join one: RAY_ADDRESS,
+    and the job's runtime_env (its workers' environment) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
     root, urls, ckpt = job
     args = [sys.executable, "-m", "sage_stream.cli", "run", *urls, "--model", "tiny:mlp",
             "--checkpoint", ckpt, "--keep", "0.5", "--ell", "8", "--batch-size", "16",
             "--device", "cpu", "--loader-workers", "0", "--preprocess", "pausing:decode",
             "--checkpoint-every", "0", "--no-progress"]  # fmt: skip
     env = child_env(OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
-    local = subprocess.run([*args, "--out", str(tmp_path / "local")], env=env,
-                           capture_output=True, text=True, cwd=str(HELPERS))  # fmt: skip
+    threads = torch.get_num_threads()  # the local run in this process, on one thread too
+    torch.set_num_threads(1)
+    try:
+        local = cli_here([*args[3:], "--out", str(tmp_path / "local")], cwd=HELPERS)
+    finally:
+        torch.set_num_threads(threads)
     assert local.returncode == 0, local.stderr
 
     out, counter = tmp_path / "out", tmp_path / "calls"
