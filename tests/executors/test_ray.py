@@ -224,9 +224,10 @@ def test_two_workers_write_the_local_bytes(two_workers_out, local_out):
 UNEVEN = (7, 61, 23, 2, 40, 27)  # samples per shard
 
 
-def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(ray_cluster, data, tmp_path):
+def test_two_three_workers_and_a_slow_one_write_the_local_bytes(ray_cluster, data, tmp_path):
     """Uneven shards; on Ray the first worker to decode is slowed down, so groups go to the
-    workers in an order that differs from run to run: every output is the local run's."""
+    workers in an order that differs from run to run: every output is the local run's. (One
+    worker has one unit and nothing to reorder: the killed-twice test above runs one.)"""
     urls, start = [], 0
     for s, n in enumerate(UNEVEN):
         idx = range(start, start + n)
@@ -235,7 +236,7 @@ def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(ray_cluster,
         urls.append(make_tar_shard(tmp_path / "in" / f"part-{s:03d}.tar", samples))
         start += n
     outs = {}
-    for workers in (0, 1, 2, 3):
+    for workers in (0, 2, 3):
         decoder = CountingDecoder(str(tmp_path / f"calls-{workers}"), slow_worker=workers > 0)
         options = dict(checkpoint=data["ckpt"], preprocess=decoder)
         out = tmp_path / f"out-{workers}"
@@ -249,7 +250,7 @@ def test_one_two_three_workers_and_a_slow_one_write_the_local_bytes(ray_cluster,
         else:
             ray_run(urls, out, workers=workers, **options)
         outs[workers] = out
-    for workers in (1, 2, 3):
+    for workers in (2, 3):
         assert_same_outputs(outs[0], outs[workers])
 
 
