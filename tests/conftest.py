@@ -9,13 +9,13 @@ environment at it; ``s3_bucket`` gives each test an empty bucket and resets the 
 inject the faults object storage really produces: connection resets part-way through a body,
 503 SlowDown, 500.
 
-The suite runs in parallel (pyproject.toml: pytest-xdist's ``-n auto --dist worksteal``, one
-worker process per core; ``-n 0`` runs it in one process). Each worker starts with one half of
-the tests in their order and takes tests from the end of the other's list when its own runs
-out, so a module's tests mostly stay in one worker and its module fixtures are built once.
-Session fixtures (moto, the Ray cluster) are one per worker that needs them, and each worker
-computes on one thread (below). The tests that take longest run first (`pytest_collection_
-modifyitems`), so that the two workers end together.
+The suite runs in parallel (pyproject.toml: pytest-xdist's ``-n auto --dist worksteal``; auto
+is one worker process per core and one more, `pytest_xdist_auto_num_workers`; ``-n 0`` runs it
+in one process). Each worker starts with its share of the tests in their order and takes tests
+from the end of another's list when its own runs out, so a module's tests mostly stay in one
+worker and its module fixtures are built once. Session fixtures (moto, the Ray cluster) are one
+per worker that needs them, and each worker computes on one thread (below). The tests that take
+longest run first (`pytest_collection_modifyitems`), so that the workers end together.
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # of two workers only contend, in this process and in the ones it starts (CLI runs, loader
     # workers, Ray). Set before torch is imported; a test that wants more threads sets them.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto`: a worker per core and one more. Much of a worker's time is waiting, not
+    computing: for a CLI process or a Ray worker to start (each imports torch), for a Ray
+    cluster, a browser, a child's exit; the extra worker computes meanwhile. The variable
+    PYTEST_XDIST_AUTO_NUM_WORKERS, when set, decides instead (xdist's own hook)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) + 1
 
 
 # The modules whose tests take longest, in groups that share a session fixture, with their
