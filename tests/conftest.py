@@ -54,23 +54,23 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 
 # The modules whose tests take longest, in groups that share a session fixture, with their
-# seconds under xdist (--durations, two workers, 1,081 tests, a busy 2-core machine). They run
-# first, each group on one worker: a worker's long tests start at once and end early, and the
-# tail of the run is short tests that the workers steal from each other.
+# seconds under xdist (setup, call and teardown; three workers, 1,081 tests, a 2-core machine
+# shared with another session's work). They run first, each group on one worker: a worker's
+# long tests start at once and end early, and the tail of the run is short tests that the
+# workers steal from each other.
 LONG_GROUPS = {
-    ("tests/executors/test_ray.py", "tests/e2e/test_signals.py", "tests/e2e/test_readers.py"): 462,
-    ("tests/test_benchmarks.py",): 152,
-    ("tests/e2e/test_resume.py",): 87,
-    ("tests/passes/test_loader.py",): 76,
-    ("tests/e2e/test_s3.py",): 63,
-    ("tests/select/test_bounded.py",): 57,
-    ("tests/e2e/test_faults.py",): 51,
-    ("tests/e2e/test_bad_input.py",): 40,
-    ("tests/test_demo.py",): 35,
-    ("tests/feed/test_feed.py",): 35,
-    ("tests/e2e/test_writers.py",): 28,
-    ("tests/test_setup_errors.py",): 25,
-    ("tests/report/test_report.py",): 23,
+    ("tests/executors/test_ray.py", "tests/e2e/test_signals.py", "tests/e2e/test_readers.py"): 227,
+    ("tests/test_benchmarks.py",): 161,
+    ("tests/passes/test_loader.py",): 88,
+    ("tests/e2e/test_s3.py",): 62,
+    ("tests/e2e/test_resume.py",): 44,
+    ("tests/select/test_bounded.py",): 33,
+    ("tests/test_demo.py",): 28,
+    ("tests/feed/test_feed.py",): 21,
+    ("tests/e2e/test_bad_input.py",): 19,
+    ("tests/e2e/test_faults.py",): 16,
+    ("tests/e2e/test_writers.py",): 13,
+    ("tests/test_imports.py",): 12,
 }  # fmt: skip
 
 
