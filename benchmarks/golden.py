@@ -173,19 +173,21 @@ def record(path: str, cases: list[str]) -> None:
     print(f"wrote {path}")
 
 
-def compare_case(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
+def compare_case(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
+    """("identical", "encoded" (the same content, some Parquet encoded otherwise) or "differ",
+    the line that says so)."""
     if "error" in a or "error" in b:
-        same = a.get("error") == b.get("error")
+        same = "identical" if a.get("error") == b.get("error") else "differ"
         return same, f"error before: {a.get('error')!r:.80} / after: {b.get('error')!r:.80}"
     differ = sorted(
         n for n in a["files"].keys() | b["files"].keys() if a["files"].get(n) != b["files"].get(n)
     )
     if not differ:
-        return True, f"identical ({len(a['files'])} files)"
+        return "identical", f"identical ({len(a['files'])} files)"
     ta, tb = a.get("tables", {}), b.get("tables", {})
     same_rows = a["scores"] == b["scores"] and a["kept"] == b["kept"]
     if same_rows and all(n in ta and ta[n] == tb.get(n) for n in differ):  # older: no tables
-        return True, (f"same content ({len(a['files'])} files); encoded otherwise: "
+        return "encoded", (f"same content ({len(a['files'])} files); encoded otherwise: "
                       f"{', '.join(differ)}")  # fmt: skip
     keys = a["scores"].keys() & b["scores"].keys()
     diffs = [
@@ -196,7 +198,7 @@ def compare_case(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
     ka, kb = set(a["kept"]), set(b["kept"])
     overlap = len(ka & kb) / max(len(ka | kb), 1)
     shown = ", ".join(differ[:6]) + (f" (+{len(differ) - 6})" if len(differ) > 6 else "")
-    return False, (
+    return "differ", (
         f"DIFFER in {len(differ)} files: {shown}; score rows {len(a['scores'])} -> "
         f"{len(b['scores'])}, max |Δscore| {max(diffs, default=0.0):.3g}; kept "
         f"{len(ka)} -> {len(kb)}, {'same set' if ka == kb else f'overlap {overlap:.3f}'}"
@@ -205,19 +207,17 @@ def compare_case(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
 
 def compare(before: str, after: str) -> int:
     a, b = json.loads(Path(before).read_text()), json.loads(Path(after).read_text())
-    failed = encoded = 0
+    counts = {"identical": 0, "encoded": 0, "differ": 0}
     for name in sorted(a.keys() | b.keys()):
         if name not in a or name not in b:
             print(f"{name}: only in {'after' if name in b else 'before'}")
             continue
-        same, text = compare_case(a[name], b[name])
-        failed += not same
-        encoded += same and text.startswith("same content")
+        status, text = compare_case(a[name], b[name])
+        counts[status] += 1
         print(f"{name}: {text}")
-    both = len(a.keys() & b.keys())
-    print(f"{both - failed - encoded} cases identical, {encoded} the same content encoded "
-          f"otherwise, {failed} differ")  # fmt: skip
-    return 1 if failed else 0
+    print(f"{counts['identical']} cases identical, {counts['encoded']} the same content encoded "
+          f"otherwise, {counts['differ']} differ")  # fmt: skip
+    return 1 if counts["differ"] else 0
 
 
 def main() -> int:

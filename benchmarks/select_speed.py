@@ -94,6 +94,10 @@ def _cpu(results: list[dict]) -> list[float | None]:
     return [r["cpu_s"] if r.get("status") == "ok" else None for r in results]
 
 
+def _ratios(select: list[float | None], base: list[float | None]) -> list[float]:
+    return [round(s / b, 2) for s, b in zip(select, base, strict=True) if s and b]
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
@@ -132,14 +136,13 @@ def main() -> None:
     base = _cpu(got["baseline"])
     for name in ("rows", "rows_signed"):
         cpu = _cpu(got[name])
-        ratios = [round(s / b, 2) for s, b in zip(cpu, base, strict=True) if s and b]
+        ratios = _ratios(cpu, base)
         body[name] = {"n": n, "parts": parts, "select": got[name], "baseline": got["baseline"],
                       "select_cpu_s_median": _median([c for c in cpu if c]),
                       "baseline_cpu_s_median": _median([b for b in base if b]),
                       "ratios": ratios, "ratio_median": _median(ratios)}  # fmt: skip
     signed_base = _cpu(got["baseline_signed"])
-    ratios = [round(s / b, 2) for s, b in zip(_cpu(got["rows_signed"]), signed_base, strict=True)
-              if s and b]  # fmt: skip
+    ratios = _ratios(_cpu(got["rows_signed"]), signed_base)
     body["rows_signed"].update({
         "baseline_signed": got["baseline_signed"],
         "baseline_signed_cpu_s_median": _median([b for b in signed_base if b]),

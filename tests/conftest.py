@@ -34,6 +34,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from faultproxy import FaultProxy, fault_proxy  # noqa: E402
+from paths import environ  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # A worker has a core, not the machine: torch's intra-op threads (and the BLAS threads)
@@ -139,21 +140,11 @@ def s3() -> Iterator[S3Server]:
     server.start()
     host, port = server.get_host_and_port()
     env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {name: os.environ.get(name) for name in env}
-    _set_env(env)
     try:
-        yield S3Server(env["AWS_ENDPOINT_URL"])
+        with environ(env):
+            yield S3Server(env["AWS_ENDPOINT_URL"])
     finally:
-        _set_env(saved)
         server.stop()
-
-
-def _set_env(values: dict[str, str | None]) -> None:
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -164,17 +155,15 @@ def ray_cluster() -> Iterator[str]:
     ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'sage-stream[ray]'")
     from paths import ray_runtime_env
 
-    saved = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token banner; restored after the session
-    # Ray starts its workers at nice 15: beside the other pytest worker's computing they got
-    # a few per cent of a core, and the Ray tests took 2-3 times as long. Here they run at 0.
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             runtime_env=ray_runtime_env(), _system_config={"worker_niceness": 0})  # fmt: skip
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        _set_env(saved)
+    with environ({"RAY_AUTH_MODE": "disabled"}):  # no token banner; restored after the session
+        # Ray starts its workers at nice 15: beside the other pytest worker's computing they
+        # got a few per cent of a core, and the Ray tests took 2-3 times as long. Here at 0.
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+                 runtime_env=ray_runtime_env(), _system_config={"worker_niceness": 0})  # fmt: skip
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture

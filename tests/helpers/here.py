@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from paths import environ
 
 
 def cli_here(
@@ -31,35 +32,11 @@ def cli_here(
 
     out, err = io.StringIO(), io.StringIO()
     with (
-        _environ(env or {}), _chdir(cwd), _syspath(), _hostname(hostname), _own_root_logger(),
-        contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+        environ(env or {}), contextlib.chdir(cwd), _syspath(), _hostname(hostname),
+        _own_root_logger(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
     ):  # fmt: skip
         code = main(list(args))
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
-
-
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _chdir(cwd: str | Path) -> Iterator[None]:
-    saved = os.getcwd()
-    os.chdir(cwd)
-    try:
-        yield
-    finally:
-        os.chdir(saved)
 
 
 @contextlib.contextmanager

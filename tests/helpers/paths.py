@@ -1,7 +1,9 @@
 """Where things are, for tests that start subprocesses or Ray workers (which need the helpers
 on their PYTHONPATH, so that `--model tiny:mlp` imports there too)."""
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parent
@@ -24,3 +26,23 @@ def _pythonpath(*first: Path) -> str:
     """`first`, then the PYTHONPATH the tests run with."""
     parts = (*map(str, first), os.environ.get("PYTHONPATH"))
     return os.pathsep.join(p for p in parts if p)
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """This process's environment with `values` set (None: removed) for the block, then as it
+    was."""
+    saved = {name: os.environ.get(name) for name in values}
+    _set(values)
+    try:
+        yield
+    finally:
+        _set(saved)
+
+
+def _set(values: Mapping[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
